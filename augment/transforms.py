@@ -1,0 +1,67 @@
+"""PIL/CPU augmentation pipelines (SPEC A1) that also report where each view came from."""
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from data.datasets import Preset
+
+
+def normalize_for(preset: Preset):
+    return T.Normalize(preset.mean, preset.std)
+
+
+class BoxedView:
+    """RandomResizedCrop + horizontal flip, then `post` (colour, normalise) on the result.
+
+    Returns (view [3, S, S], box [4] = (top, left, height, width) in source pixels, flipped: bool tensor).
+    """
+
+    def __init__(self, size: int, scale=(0.15, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5, post=None):
+        self.size, self.scale, self.ratio, self.flip_p = size, scale, ratio, flip_p
+        self.post = post
+
+    def __call__(self, img):
+        top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], InterpolationMode.BILINEAR,
+                              antialias=True)
+        flipped = bool(torch.rand(1) < self.flip_p)
+        if flipped:
+            img = TF.hflip(img)
+        if self.post is not None:
+            img = self.post(img)
+        box = torch.tensor([top, left, h, w], dtype=torch.float32)
+        return img, box, torch.tensor(flipped)
+
+
+class TwoViews:
+    """Two independent views of one image, as a dict: view1/view2 tensors, box1/box2, flip1/flip2."""
+
+    def __init__(self, view_transform):
+        self.view = view_transform
+
+    def __call__(self, img):
+        x1, b1, f1 = self.view(img)
+        x2, b2, f2 = self.view(img)
+        return {"view1": x1, "box1": b1, "flip1": f1, "view2": x2, "box2": b2, "flip2": f2}
+
+
+def aps_view_transform(preset: Preset, img_size: int, scale=(0.15, 1.0)) -> BoxedView:
+    """SPEC A1: crop (scale 0.15-1) + flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, normalise."""
+    post = T.Compose([
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.ToTensor(),
+        normalize_for(preset),
+    ])
+    return BoxedView(img_size, scale=scale, post=post)
+
+
+def eval_transform(preset: Preset, img_size: int):
+    """Deterministic view for kNN / evaluation: resize (+ centre crop at 224-style sizes), normalise."""
+    if preset.img_size >= 96:  # ImageNet-style: resize the short side to size/0.875, then centre crop
+        resize = [T.Resize(int(round(img_size / 0.875)), interpolation=InterpolationMode.BICUBIC),
+                  T.CenterCrop(img_size)]
+    else:
+        resize = [T.Resize((img_size, img_size), interpolation=InterpolationMode.BILINEAR, antialias=True)]
+    return T.Compose(resize + [T.ToTensor(), normalize_for(preset)])

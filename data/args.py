@@ -1,0 +1,22 @@
+"""The data flags, one argument group shared by all four scripts."""
+from data.datasets import PRESETS
+
+
+def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: str = "./output"):
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default=dataset, choices=sorted(PRESETS),
+                   help="dataset; 'digits' is embedded (scikit-learn's 8x8 digits upscaled to 32 px) and needs no "
+                        "files; 'imagefolder' reads <data-root>/train and <data-root>/val")
+    g.add_argument("--data-root", default=None,
+                   help="dataset folder (default ./dataset/<dataset>); CIFAR in torchvision's layout, "
+                        "MNIST/Fashion-MNIST as the idx files (*-ubyte or *-ubyte.gz)")
+    g.add_argument("--download", action="store_true",
+                   help="let torchvision download CIFAR/MNIST/Fashion-MNIST into --data-root if missing")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="training resolution (default: the dataset's preset, 32 px small sets, 224 px folders)")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="global batch size, split evenly over the processes")
+    g.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes per GPU/process")
+    g.add_argument("--output-dir", default=output_dir,
+                   help="where checkpoints, log.txt, log.jsonl and tensorboard/ go; a checkpoint there is resumed")
+    return g

@@ -1,0 +1,196 @@
+"""Datasets with presets. Every dataset yields (PIL RGB image, int label) and has `.targets`."""
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from utils.errors import UserError
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preset:
+    img_size: int          # training resolution
+    patch_size: int        # ViT patch size at that resolution
+    mean: tuple
+    std: tuple
+    num_classes: int       # 0: read from the data (image folders)
+    note: str
+
+
+PRESETS = {
+    "digits": Preset(32, 2, (0.3054,) * 3, (0.3233,) * 3, 10,
+                     "embedded: scikit-learn's 1797 handwritten digits, 8x8 upscaled to 32x32, fixed 80/20 split"),
+    "mnist": Preset(32, 2, (0.1307,) * 3, (0.3081,) * 3, 10, "idx files in --data-root, 28 px upscaled to 32"),
+    "fashion-mnist": Preset(32, 2, (0.2860,) * 3, (0.3530,) * 3, 10,
+                            "idx files in --data-root, 28 px upscaled to 32"),
+    "cifar10": Preset(32, 2, CIFAR_MEAN, CIFAR_STD, 10, "torchvision layout in --data-root"),
+    "cifar100": Preset(32, 2, CIFAR_MEAN, CIFAR_STD, 100, "torchvision layout in --data-root"),
+    "imagefolder": Preset(224, 16, IMAGENET_MEAN, IMAGENET_STD, 0, "<data-root>/train/<class>/*.jpg and val/"),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UserError(f"unknown --dataset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def default_root(name: str) -> str:
+    return os.path.join(".", "dataset", name)
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Images held in memory as uint8 [N, H, W] (grey, shown as RGB) with integer labels."""
+
+    def __init__(self, images: np.ndarray, targets, transform=None):
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[i], mode="L").convert("RGB")
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+
+def upscale(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of uint8 [N, h, w] to [N, size, size]."""
+    x = torch.from_numpy(images).float().unsqueeze(1)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return x.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def load_digits_arrays(train: bool):
+    """scikit-learn's digits (values 0..16 at 8x8) as uint8 32x32, split 80/20 with a fixed permutation."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    perm = np.random.RandomState(0).permutation(len(images))
+    n_train = int(round(0.8 * len(images)))
+    sel = perm[:n_train] if train else perm[n_train:]
+    return upscale(images[sel], 32), d.target[sel]
+
+
+IDX_NAMES = {True: "train", False: "t10k"}
+IDX_SUBDIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def _find_idx(root: str, name: str, stem: str) -> str:
+    folders = [root, os.path.join(root, "raw"), os.path.join(root, IDX_SUBDIRS[name], "raw")]
+    for folder in folders:
+        for suffix in ("", ".gz"):
+            path = os.path.join(folder, stem + suffix)
+            if os.path.isfile(path):
+                return path
+    raise UserError(f"{name}: {stem}[.gz] not found in {root} (looked in {', '.join(folders)}); put the four idx "
+                    "files (train/t10k images and labels) there, or pass --download")
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Parse an idx file (the MNIST format: magic, dims, big-endian uint8 payload), gzipped or not."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path} ({e}); re-download the file") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"{path} is not a uint8 idx file (bad magic number); re-download it")
+    ndim = data[3]
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(data) - offset != expected:
+        raise UserError(f"{path} is truncated or corrupt (header says {dims}, file has {len(data) - offset} "
+                        f"bytes of data); re-download it")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def load_idx_arrays(name: str, root: str, train: bool):
+    split = IDX_NAMES[train]
+    images = read_idx(_find_idx(root, name, f"{split}-images-idx3-ubyte"))
+    labels = read_idx(_find_idx(root, name, f"{split}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(f"{name} idx files in {root} do not match (images {images.shape}, labels {labels.shape}); "
+                        "re-download them")
+    return upscale(images, 32), labels
+
+
+def _torchvision_download(name: str, root: str):
+    import torchvision.datasets as tvd
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}[name]
+    try:
+        for train in (True, False):
+            cls(root, train=train, download=True)
+    except Exception as e:  # network errors come in many types
+        raise UserError(f"could not download {name} into {root} ({type(e).__name__}: {e}); fetch the idx files "
+                        f"elsewhere and put them in {root}") from e
+
+
+def build_cifar(name: str, root: str, train: bool, download: bool, transform=None):
+    import torchvision.datasets as tvd
+    cls, folder, url = {
+        "cifar10": (tvd.CIFAR10, "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+        "cifar100": (tvd.CIFAR100, "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+    }[name]
+    try:
+        return cls(root, train=train, transform=transform, download=download)
+    except RuntimeError as e:
+        if "not found or corrupted" not in str(e):
+            raise
+        raise UserError(f"{name} not found (or corrupt) at {os.path.join(root, folder)}; download {url}, extract it "
+                        f"into {root}, or pass --download") from e
+    except Exception as e:  # URLError, socket errors, ... when --download has no network
+        if not download:
+            raise
+        raise UserError(f"could not download {name} into {root} ({type(e).__name__}: {e}); download {url} "
+                        f"elsewhere and extract it into {root}") from e
+
+
+def build_imagefolder(root: str, train: bool, transform=None):
+    import torchvision.datasets as tvd
+    split = os.path.join(root, "train" if train else "val")
+    if not os.path.isdir(split):
+        raise UserError(f"imagefolder: {split} is not a folder; --data-root must hold train/<class>/*.jpg and "
+                        "val/<class>/*.jpg (the ImageNet layout)")
+    try:
+        return tvd.ImageFolder(split, transform=transform)
+    except FileNotFoundError as e:
+        raise UserError(f"imagefolder: {split} holds no images in class sub-folders ({e}); "
+                        "use the layout <split>/<class>/<image>.jpg") from e
+
+
+def build_dataset(name: str, root: str = None, train: bool = True, transform=None, download: bool = False):
+    """The train or test split of `name`, yielding (transform(PIL RGB image), label)."""
+    get_preset(name)
+    root = root or default_root(name)
+    if name == "digits":
+        return ArrayDataset(*load_digits_arrays(train), transform=transform)
+    if name in IDX_SUBDIRS:
+        if download:
+            _torchvision_download(name, root)
+        elif not os.path.isdir(root):
+            raise UserError(f"{name}: --data-root {root} does not exist; create it and put the idx files "
+                            "(train/t10k images and labels, *-ubyte or *-ubyte.gz) there, or pass --download")
+        return ArrayDataset(*load_idx_arrays(name, root, train), transform=transform)
+    if name in ("cifar10", "cifar100"):
+        return build_cifar(name, root, train, download, transform)
+    return build_imagefolder(root, train, transform)
+
+
+def num_classes_of(dataset) -> int:
+    if hasattr(dataset, "classes") and dataset.classes:
+        return len(dataset.classes)
+    return int(max(dataset.targets)) + 1

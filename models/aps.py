@@ -1,0 +1,48 @@
+"""APS: one ViT encoder, a projector and a predictor, trained with a symmetric contrastive loss (SPEC A3-A4)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.heads import mlp_bn_head
+from utils.dist import all_gather, get_rank
+
+
+def contrastive_loss(p: torch.Tensor, z: torch.Tensor, temperature: float):
+    """ctr(p, z) = CE(normalize(p) . normalize(sg(z))^T / T, arange(N) + rank * N), z gathered over ranks.
+
+    Returns (loss, mean cosine between each prediction and its own target).
+    """
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        p = F.normalize(p.float(), dim=1)                        # [N, d]
+        z = F.normalize(z.detach().float(), dim=1)               # [N, d]
+        z_all = all_gather(z)                                    # [N * world, d]
+        logits = p @ z_all.T / temperature                       # [N, N * world]
+        labels = torch.arange(p.shape[0], device=p.device) + get_rank() * p.shape[0]
+        return F.cross_entropy(logits, labels), (p * z).sum(dim=1).mean()
+
+
+class APS(nn.Module):
+    """forward(x1, x2, idx1, idx2) -> (loss, stats) for one sampling round.
+
+    x1, x2: [B, 3, H, W] the two views; idx1, idx2: [B, n] kept cells of each. Each view is encoded in
+    its own call, so BN statistics are per view.
+    """
+
+    def __init__(self, encoder: nn.Module, proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512,
+                 temperature=0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = mlp_bn_head(encoder.embed_dim, proj_hidden_dim, proj_dim)
+        self.predictor = mlp_bn_head(proj_dim, pred_hidden_dim, proj_dim)
+        self.temperature = temperature
+
+    def embed(self, x, idx):
+        z = self.projector(self.encoder.forward_kept(x, idx))   # [B, proj_dim]
+        return z, self.predictor(z)
+
+    def forward(self, x1, x2, idx1, idx2):
+        z1, p1 = self.embed(x1, idx1)
+        z2, p2 = self.embed(x2, idx2)
+        loss12, cos12 = contrastive_loss(p1, z2, self.temperature)
+        loss21, cos21 = contrastive_loss(p2, z1, self.temperature)
+        return loss12 + loss21, {"pos_cos": (cos12 + cos21) / 2}

@@ -1,0 +1,149 @@
+"""Backbones from checkpoints: format detection, pure state-dict conversion, strict checks.
+
+Formats (detected from the keys, see FORMATS):
+  ours-aps      a main_pretrain.py checkpoint: {"model": {encoder.*, projector.*, predictor.*}, "model_config", ...}
+  reference-aps the APS authors' pretraining file (SPEC A6): base_encoder.* + predictor.*, pos_embedding (L, 1, D)
+  timm-vit      a plain ViT state dict with timm keys (cls_token, pos_embed, patch_embed.proj.*, blocks.*, norm.*)
+Only `torch.load(weights_only=True)` is ever used: nothing in a file can run code.
+"""
+import math
+import re
+
+import torch
+
+from models.vit import ARCHS, create_vit
+from utils.checkpoint import load_file
+from utils.errors import UserError
+from utils.log import get_logger
+
+REFERENCE_BLOCK_PARTS = ("norm1.", "attn.qkv.", "attn.proj.", "norm2.", "mlp.fc1.", "mlp.fc2.")
+
+
+def split_prefix(state: dict, prefix: str):
+    """(entries under prefix with it removed, the other entries)."""
+    inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    outside = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    return inside, outside
+
+
+def convert_reference_aps(state: dict):
+    """Reference APS state dict (SPEC A6) -> (timm ViT state dict, dropped head keys). Pure function."""
+    backbone, dropped, unknown = {}, [], []
+    for key, value in state.items():
+        if key.startswith("base_encoder.fc.") or key.startswith("predictor."):
+            dropped.append(key)
+            continue
+        name = key[len("base_encoder."):] if key.startswith("base_encoder.") else None
+        m = re.fullmatch(r"transformer\.(\d+)\.(.+)", name or "")
+        if name == "cls_token":
+            backbone["cls_token"] = value
+        elif name == "pos_embedding":
+            if value.dim() != 3 or value.shape[1] != 1:
+                raise UserError(f"reference APS pos_embedding has shape {tuple(value.shape)}, expected (L, 1, D); "
+                                "the file is not an APS pretraining checkpoint")
+            backbone["pos_embed"] = value.permute(1, 0, 2).contiguous()  # (L, 1, D) -> (1, L, D)
+        elif name is not None and name.startswith("patchify."):
+            backbone["patch_embed.proj." + name[len("patchify."):]] = value
+        elif name is not None and name.startswith("layer_norm."):
+            backbone["norm." + name[len("layer_norm."):]] = value
+        elif m and m.group(2).startswith(REFERENCE_BLOCK_PARTS):
+            backbone[f"blocks.{m.group(1)}.{m.group(2)}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UserError(f"unexpected keys in a reference APS checkpoint: {', '.join(unknown[:5])}"
+                        f"{' ...' if len(unknown) > 5 else ''}; the file is not an APS pretraining checkpoint")
+    return backbone, dropped
+
+
+def infer_vit_config(state: dict, known: dict = None) -> dict:
+    """create_vit kwargs read off a timm ViT state dict's shapes; `known` (saved config) wins."""
+    if known:
+        return dict(known)
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
+        if key not in state:
+            raise UserError(f"not a ViT state dict: no {key}; pass a checkpoint of main_pretrain.py or an APS file")
+    dim = state["cls_token"].shape[-1]
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(state["pos_embed"].shape[1])
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    arch = next((a for a, c in ARCHS.items() if c["embed_dim"] == dim), None)
+    cfg = dict(arch=arch or "vit-small", img_size=grid * patch, patch_size=patch, depth=depth, mlp_ratio=mlp_ratio)
+    if arch is None:
+        cfg.update(embed_dim=dim, num_heads=max(1, dim // 64))
+    return cfg
+
+
+def _ours_aps(ckpt):
+    backbone, rest = split_prefix(ckpt["model"], "encoder.")
+    return backbone, sorted(rest), ckpt.get("model_config")
+
+
+def _reference_aps(ckpt):
+    backbone, dropped = convert_reference_aps(ckpt)
+    return backbone, dropped, None
+
+
+def _timm_vit(ckpt):
+    return ckpt, [], None
+
+
+# (name, detector over the loaded object, converter -> (backbone state, dropped keys, saved config or None))
+FORMATS = (
+    ("ours-aps", lambda c: isinstance(c.get("model"), dict) and any(k.startswith("encoder.") for k in c["model"]),
+     _ours_aps),
+    ("reference-aps", lambda c: any(isinstance(k, str) and k.startswith("base_encoder.") for k in c), _reference_aps),
+    ("timm-vit", lambda c: "pos_embed" in c and "patch_embed.proj.weight" in c, _timm_vit),
+)
+
+
+def detect_format(ckpt: dict, source: str = "checkpoint") -> str:
+    for name, detect, _ in FORMATS:
+        if detect(ckpt):
+            return name
+    keys = ", ".join(list(map(str, ckpt))[:4])
+    raise UserError(f"{source} is not a checkpoint format we know (first keys: {keys}); pass a main_pretrain.py "
+                    "checkpoint or a reference APS pretraining file")
+
+
+def load_strict(model: torch.nn.Module, state: dict, source: str):
+    """load_state_dict(strict=True), with missing/unexpected/mismatched keys named in one line."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                parts.append(f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
+        raise UserError(f"{source} does not fit the model ({'; '.join(parts)}); check --arch/--patch-size/--img-size")
+    model.load_state_dict(state, strict=True)
+
+
+def load_backbone(source, arch: str = None, patch_size: int = None, img_size: int = None, **overrides):
+    """A ViT whose forward gives the cls feature, from one of FORMATS (a path or an already loaded dict).
+
+    arch / patch_size / img_size, when given, must match the file (an error names the right flag).
+    `overrides` go to the model constructor (e.g. drop_path_rate, or num_heads for non-standard widths).
+    """
+    name = source if isinstance(source, str) else "checkpoint"
+    ckpt = load_file(source, "weights") if isinstance(source, str) else source
+    fmt = detect_format(ckpt, name)
+    convert = next(c for n, _, c in FORMATS if n == fmt)
+    state, dropped, saved = convert(ckpt)
+    cfg = infer_vit_config(state, saved)
+    found = ARCHS.get(cfg["arch"], {}).get("embed_dim") if "embed_dim" not in cfg else cfg["embed_dim"]
+    if arch is not None and ARCHS[arch]["embed_dim"] != found:
+        raise UserError(f"{name} holds a ViT of width {found} ({cfg['arch']}), not {arch}; pass --arch {cfg['arch']}")
+    for flag, want, have in (("--patch-size", patch_size, cfg["patch_size"]), ("--img-size", img_size, cfg["img_size"])):
+        if want is not None and want != have:
+            raise UserError(f"{name} was trained with {flag} {have}, not {want}; pass {flag} {have}")
+    model = create_vit(**{**cfg, **overrides})
+    load_strict(model, state, name)
+    if dropped:
+        heads = sorted({k.split(".")[0] if not k.startswith("base_encoder.") else "base_encoder.fc" for k in dropped})
+        get_logger().info(f"loaded {name} ({fmt}); dropped {len(dropped)} head keys ({', '.join(heads)})")
+    return model

@@ -1,0 +1,87 @@
+"""The APS Vision Transformer (SPEC A3), a timm VisionTransformer with a forward on kept patches.
+
+Layout: conv patch embedding, learned positional embedding for the L patches only (the cls token
+gets none: timm's `no_embed_class=True`), pre-norm blocks with qkv without bias, LayerNorm eps 1e-5,
+no drop path by default, a final LayerNorm; the feature is the cls output.
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from utils.errors import UserError
+
+ARCHS = {
+    "vit-tiny": dict(embed_dim=192, num_heads=3),
+    "vit-small": dict(embed_dim=384, num_heads=6),
+    "vit-base": dict(embed_dim=768, num_heads=12),
+}
+
+
+class APSViT(VisionTransformer):
+    """forward(x) -> cls feature [B, D]; forward_kept(x, idx) runs the blocks on cls + the kept patches."""
+
+    def __init__(self, **kwargs):
+        cfg = dict(depth=12, mlp_ratio=4.0, qkv_bias=False, class_token=True, no_embed_class=True,
+                   global_pool="token", num_classes=0, norm_layer=partial(nn.LayerNorm, eps=1e-5),
+                   drop_path_rate=0.0, init_values=None)
+        cfg.update(kwargs)
+        super().__init__(**cfg)
+        trunc_normal_(self.cls_token, std=0.02)  # timm uses std 1e-6; the reference uses 0.02
+        self.grid = self.patch_embed.grid_size[0]
+        self.patch = self.patch_embed.patch_size[0]
+
+    def embed_kept(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Patch + positional embedding of the kept cells only (equal to embedding all, then gathering)."""
+        B, C, H, W = x.shape                                              # x: [B, C, H, W]
+        P, G, D = self.patch, self.grid, self.embed_dim
+        if H != G * P or W != G * P:
+            raise ValueError(f"expected {G * P}x{G * P} images, got {H}x{W}")
+        patches = x.reshape(B, C, G, P, G, P).permute(0, 2, 4, 1, 3, 5)   # [B, G, G, C, P, P]
+        patches = patches.reshape(B, G * G, C * P * P)                    # [B, L, C*P*P]
+        kept = patches.gather(1, idx[..., None].expand(-1, -1, C * P * P))  # [B, n, C*P*P]
+        proj = self.patch_embed.proj
+        tokens = F.linear(kept, proj.weight.flatten(1), proj.bias)         # [B, n, D]
+        pos = self.pos_embed.expand(B, -1, -1).gather(1, idx[..., None].expand(-1, -1, D))  # [B, n, D]
+        return self.patch_embed.norm(tokens) + pos
+
+    def forward_kept(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """cls feature computed from cls + the patches at flat indices idx: [B, n] (in that order)."""
+        tokens = self.embed_kept(x, idx)                                  # [B, n, D]
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)              # [B, 1, D]
+        h = self.norm_pre(self.pos_drop(torch.cat([cls, tokens], dim=1)))  # [B, 1+n, D]
+        h = self.norm(self.blocks(h))
+        return h[:, 0]                                                    # [B, D]
+
+
+def create_vit(arch: str = "vit-small", img_size: int = 32, patch_size: int = 2, **overrides) -> APSViT:
+    """Build an APS ViT by name; `overrides` (depth, embed_dim, num_heads, drop_path_rate, ...) win."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if patch_size <= 0 or img_size % patch_size:
+        raise UserError(f"--img-size {img_size} is not a multiple of --patch-size {patch_size}; "
+                        "use e.g. patch 2 at 32 px or patch 16 at 224 px")
+    return APSViT(img_size=img_size, patch_size=patch_size, **{**ARCHS[arch], **overrides})
+
+
+def _register(arch: str, patch: int, size: int):
+    def fn(pretrained=False, **kwargs):
+        if pretrained:
+            raise ValueError("pretrained weights load through models.load_backbone, not timm")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's factory adds these
+            kwargs.pop(key, None)
+        return create_vit(arch, kwargs.pop("img_size", size), kwargs.pop("patch_size", patch), **kwargs)
+
+    fn.__name__ = f"aps_{arch.replace('-', '_')}_patch{patch}_{size}"
+    fn.__qualname__ = fn.__name__
+    fn.__module__ = __name__
+    return register_model(fn)
+
+
+for _arch in ARCHS:  # aps_vit_{tiny,small,base}_patch2_32 and _patch16_224
+    _register(_arch, 2, 32)
+    _register(_arch, 16, 224)

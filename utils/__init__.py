@@ -1,0 +1,1 @@
+"""Shared utilities: one small module per topic (dist, checkpoint, logging, schedule, knn, ...)."""

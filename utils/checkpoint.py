@@ -1,0 +1,76 @@
+"""Checkpoints: plain dicts of tensors and builtins, written atomically, read with weights_only=True."""
+import os
+import pickle
+import zipfile
+
+import torch
+
+from utils.errors import UserError
+
+LATEST = "checkpoint.pth"
+
+
+def save_checkpoint(state: dict, path: str):
+    """Write `state` to `path` atomically: a temporary file in the same folder, fsync, then rename.
+
+    A crash at any moment leaves either the previous file or the new one, never a partial file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; "
+                        "free disk space or choose a writable --output-dir (the previous checkpoint is intact)") from e
+
+
+def load_file(path: str, what: str = "checkpoint") -> dict:
+    """torch.load with weights_only=True, turning every failure into a one-line UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist; check the path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"{what} {path} contains pickled Python objects (e.g. a whole nn.Module), which we "
+                            "refuse to load because unpickling can run code; save and pass a state_dict instead") from e
+        raise UserError(f"{what} {path} is not a PyTorch checkpoint ({e}); pass a .pth file saved by torch.save") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what} {path} is unreadable (truncated or not a PyTorch file: {first}); "
+                        "re-download or re-create it") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} {path} holds a {type(obj).__name__}, not a dict of tensors; "
+                        "pass a state_dict or a checkpoint of this repo")
+    return obj
+
+
+TRAINING_KEYS = ("model", "optimizer", "epoch", "args")
+
+
+def load_training_checkpoint(path: str) -> dict:
+    ckpt = load_file(path)
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a training checkpoint of this repo (no {', '.join(missing)}); "
+                        "--resume takes a checkpoint.pth written by the same script")
+    return ckpt
+
+
+def find_resume_path(resume: str, output_dir: str):
+    """--resume wins; otherwise auto-resume from <output_dir>/checkpoint.pth when it exists."""
+    if resume:
+        return resume
+    path = os.path.join(output_dir, LATEST)
+    return path if os.path.isfile(path) else None

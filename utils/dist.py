@@ -1,0 +1,98 @@
+"""Distributed setup, read once from torchrun's environment, and the collectives the methods need.
+
+Every helper works without a process group (one process, CPU or one GPU): then it is the identity.
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' picks cuda:<local_rank> when a GPU is visible, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} was asked for but no CUDA device is visible; use --device cpu")
+        if name == "cuda":
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+
+
+def init_distributed(device_name: str = "auto") -> torch.device:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); return this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world_size > 1 and not is_dist():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return device
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+@torch.no_grad()
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0 (rank order). No gradient flows back."""
+    if not is_dist():
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def all_gather_uneven(x: torch.Tensor) -> torch.Tensor:
+    """Like all_gather, for tensors whose first dimension differs between ranks."""
+    if not is_dist():
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = all_gather(n).tolist()
+    pad = max(sizes) - x.shape[0]
+    if pad:
+        x = torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))])
+    gathered = all_gather(x).split(max(sizes))
+    return torch.cat([g[:s] for g, s in zip(gathered, sizes)])
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if not is_dist():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / get_world_size()

@@ -1,0 +1,25 @@
+"""User-facing errors: one line saying what is wrong and what to do, exit code 2, no traceback."""
+import functools
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input (path, flag, file) that they can fix.
+
+    The message must name the bad input and say how to fix it, on one line.
+    """
+
+
+def exit_on_user_error(fn):
+    """Decorator for script entry points: turn a UserError into `error: ...` on stderr and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            msg = " ".join(str(e).split())  # always one line
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,55 @@
+"""Weighted k-nearest-neighbour monitor (as in DINO's eval_knn), on L2-normalised features."""
+import torch
+import torch.nn.functional as F
+
+from utils.dist import all_gather_uneven
+from utils.runtime import autocast
+
+
+@torch.no_grad()
+def extract_features(model, loader, device, amp=None):
+    """Features and labels of this rank's shard of `loader`, gathered over ranks in shard order."""
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for images, target in loader:
+        with autocast(device, amp):
+            f = model(images.to(device, non_blocking=True))  # f: [B, D]
+        feats.append(F.normalize(f.float(), dim=1))
+        labels.append(target.to(device))
+    model.train(was_training)
+    dim = feats[0].shape[1] if feats else 0
+    f = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    return all_gather_uneven(f), all_gather_uneven(y)
+
+
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, num_classes, k=20, temperature=0.07, chunk=512):
+    """Top-1 and top-5 accuracy (%) of a similarity-weighted vote among the k nearest train features.
+
+    Each neighbour votes for its label with weight exp(cos / T). k is capped at the train-set size,
+    top-5 at the number of classes, so tiny sets are fine.
+    """
+    k = min(k, train_f.shape[0])
+    top5_k = min(5, num_classes)
+    correct1 = correct5 = 0
+    for start in range(0, test_f.shape[0], chunk):
+        q, y = test_f[start:start + chunk], test_y[start:start + chunk]
+        sim, idx = (q @ train_f.T).topk(k, dim=1)                   # sim, idx: [b, k]
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())  # votes: [b, C]
+        pred = votes.topk(top5_k, dim=1).indices                     # pred: [b, top5_k]
+        hit = pred == y[:, None]
+        correct1 += hit[:, 0].sum().item()
+        correct5 += hit.any(dim=1).sum().item()
+    n = max(test_f.shape[0], 1)
+    return 100.0 * correct1 / n, 100.0 * correct5 / n
+
+
+def knn_evaluate(model, train_loader, test_loader, num_classes, device, amp=None, k=20, temperature=0.07):
+    """kNN top-1/top-5 of `model`'s features: train-set features as the memory bank, test set as queries."""
+    train_f, train_y = extract_features(model, train_loader, device, amp)
+    test_f, test_y = extract_features(model, test_loader, device, amp)
+    top1, top5 = knn_classify(train_f, train_y, test_f, test_y, num_classes, k, temperature)
+    return {"knn_top1": top1, "knn_top5": top5}

@@ -1,0 +1,123 @@
+"""Logging on rank 0: a python logger (console + log.txt), TensorBoard scalars and a JSON-lines file."""
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+
+from utils.dist import all_reduce_mean, is_main_process
+
+LOGGER_NAME = "asym"
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def setup_logger(output_dir: str = None) -> logging.Logger:
+    """Console (rank 0 only; other ranks show warnings) and <output_dir>/log.txt."""
+    logger = get_logger()
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if output_dir and is_main_process():
+        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+class RunLog:
+    """TensorBoard + JSON lines in `output_dir`; a no-op on ranks other than 0 or without a folder."""
+
+    def __init__(self, output_dir: str = None):
+        self.enabled = bool(output_dir) and is_main_process()
+        self.tb = None
+        self.jsonl = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+            self.jsonl = open(os.path.join(output_dir, "log.jsonl"), "a")
+
+    def scalars(self, metrics: dict, step: int, prefix: str = "train/"):
+        if self.tb is None:
+            return
+        for k, v in metrics.items():
+            self.tb.add_scalar(prefix + k, v, step)
+
+    def record(self, entry: dict):
+        """One JSON line (per epoch, or per evaluation)."""
+        if self.jsonl is None:
+            return
+        self.jsonl.write(json.dumps(entry) + "\n")
+        self.jsonl.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+class MeanMeter:
+    """Running sums of scalar tensors, kept on the device so that updating never syncs with the host."""
+
+    def __init__(self):
+        self.sums = {}
+        self.count = 0
+
+    def update(self, **values):
+        for k, v in values.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def averages(self, sync: bool = False) -> dict:
+        """Mean of each value since the last reset (one host sync); averaged over ranks if `sync`."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        vec = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+        if sync:
+            vec = all_reduce_mean(vec)
+        return dict(zip(keys, vec.tolist()))
+
+    def reset(self):
+        self.sums = {}
+        self.count = 0
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class Progress:
+    """Prints `header [i/n] metrics img/s eta` every `every` iterations and at the end."""
+
+    def __init__(self, total: int, header: str, every: int, images_per_iter: int):
+        self.total, self.header, self.every = total, header, max(1, every)
+        self.images_per_iter = images_per_iter
+        self.start = time.perf_counter()
+        self.last_rate = 0.0
+
+    def due(self, i: int) -> bool:
+        return (i + 1) % self.every == 0 or i + 1 == self.total
+
+    def line(self, i: int, metrics: dict) -> str:
+        elapsed = time.perf_counter() - self.start
+        done = i + 1
+        self.last_rate = done * self.images_per_iter / max(elapsed, 1e-9)
+        eta = elapsed / done * (self.total - done)
+        w = len(str(self.total))
+        parts = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        return f"{self.header} [{done:>{w}}/{self.total}] {parts} img/s {self.last_rate:.1f} eta {format_eta(eta)}"

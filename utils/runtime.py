@@ -1,0 +1,40 @@
+"""Per-process runtime choices: seeding and numeric precision (autocast + grad scaler)."""
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+def seed_everything(seed: int):
+    """Seed python, numpy and torch (CPU and all GPUs)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int):
+    """DataLoader worker_init_fn: torch seeds each worker; give numpy and python the same seed."""
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+def amp_dtype(amp: str, device: torch.device):
+    """The autocast dtype for --amp (None = full fp32). 'auto' is bf16 on GPU, fp32 on CPU."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, dtype):
+    """A GradScaler that is active only for fp16 (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
