@@ -11,7 +11,6 @@ and Gumbel top-k draws the samples without replacement. No per-sample Python loo
 
 `python -m samplers.aps --show` draws a few pairs with the kept patches highlighted.
 """
-import argparse
 import math
 
 import torch
@@ -91,8 +90,9 @@ def sample_aps(box1, flip1, box2, flip2, grid: int, ratio: float, nsampling: int
     idx1 = perm[:, :K * n].reshape(B, K, n)                                              # [B, K, n]
     mask1 = torch.zeros(B, K, L, device=device).scatter_(2, idx1, 1.0)                   # [B, K, L]
 
-    # view 2: r^power weights, Gumbel top-k = sampling without replacement
-    r = uncovered_fraction(box1, flip1, box2, flip2, grid, mask1.view(B, K, grid, grid)).flatten(2)  # [B, K, L]
+    # view 2: r^power weights, Gumbel top-k = sampling without replacement (geometry in fp32, never autocast)
+    with torch.autocast(device_type=device.type, enabled=False):
+        r = uncovered_fraction(box1, flip1, box2, flip2, grid, mask1.view(B, K, grid, grid)).flatten(2)  # [B, K, L]
     positive = r > POSITIVE_EPS
     noise = gumbel_like((B, K, L), device, generator)                                    # [B, K, L]
     key = power * torch.log(r.clamp_min(POSITIVE_EPS)) + noise
@@ -194,8 +194,8 @@ def _show(args):
 
 def main():
     from data import PRESETS
-    from utils.errors import exit_on_user_error
-    p = argparse.ArgumentParser(description="Visualise asymmetric patch sampling (writes a PNG).")
+    from utils.errors import ArgumentParser, exit_on_user_error
+    p = ArgumentParser(description="Visualise asymmetric patch sampling (writes a PNG).")
     p.add_argument("--show", action="store_true", help="write the picture (the only action)")
     p.add_argument("--dataset", default="digits", choices=sorted(PRESETS), help="where the images come from")
     p.add_argument("--data-root", default=None, help="dataset folder (see main_pretrain.py --help)")

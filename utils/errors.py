@@ -1,4 +1,5 @@
 """User-facing errors: one line saying what is wrong and what to do, exit code 2, no traceback."""
+import argparse
 import functools
 import sys
 
@@ -23,3 +24,10 @@ def exit_on_user_error(fn):
             sys.exit(2)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line (`error: ... (see X --help)`) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -53,3 +53,12 @@ def knn_evaluate(model, train_loader, test_loader, num_classes, device, amp=None
     test_f, test_y = extract_features(model, test_loader, device, amp)
     top1, top5 = knn_classify(train_f, train_y, test_f, test_y, num_classes, k, temperature)
     return {"knn_top1": top1, "knn_top5": top5}
+
+
+def add_knn_args(parser):
+    g = parser.add_argument_group("kNN monitor")
+    g.add_argument("--knn-every", type=int, default=10,
+                   help="weighted kNN top-1 on the test set every N epochs and at the end (0: never)")
+    g.add_argument("--knn-k", type=int, default=20, help="neighbours (capped at the train-set size)")
+    g.add_argument("--knn-t", type=float, default=0.07, help="temperature of the exp(cos / T) vote weights")
+    return g

@@ -1,0 +1,206 @@
+"""The training loop shared by every script: lr per step, autocast, K optimizer steps per loaded batch,
+non-finite detection without host syncs, progress lines, TensorBoard/JSON logs, evaluation, atomic
+checkpoints and exact resume.
+
+A script supplies `train_steps(batch)`, a generator that yields (loss, stats) once per optimizer step
+(APS: one per sampling round; the other methods: one per batch). Every epoch reseeds all RNGs from
+(seed, epoch, rank), so resuming at an epoch boundary replays exactly the same data and augmentations.
+"""
+import os
+import time
+
+import numpy as np
+import torch
+
+from utils.checkpoint import LATEST, find_resume_path, load_training_checkpoint, save_checkpoint
+from utils.dist import get_rank, is_main_process
+from utils.errors import UserError
+from utils.log import MeanMeter, Progress, RunLog, get_logger
+from utils.runtime import AMP_CHOICES, autocast, seed_everything
+from utils.schedule import set_lr
+
+
+def add_runtime_args(parser):
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init, sampling)")
+    g.add_argument("--resume", default="", help="checkpoint to resume from (default: <output-dir>/checkpoint.pth "
+                                               "if it exists)")
+    g.add_argument("--device", default="auto", help="auto (GPU if visible), cpu, cuda or cuda:N")
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="autocast precision; auto = bf16 on GPU, off (fp32) on CPU; fp16 adds a grad scaler")
+    g.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines / TB points")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="also keep checkpoint-<epoch>.pth every N epochs (checkpoint.pth is updated every epoch)")
+    return g
+
+
+def prepare_output_dir(path: str):
+    """Create the output folder and make sure it is writable (rank 0)."""
+    if not is_main_process():
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--output-dir {path} is not writable ({e.strerror or e}); choose another folder") from e
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def to_device(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class Trainer:
+    """Runs epochs [start, epochs) of `train_steps` over `loader`, evaluating and checkpointing as it goes.
+
+    module: the unwrapped model (what is saved); model: what is called (DDP-wrapped or the same).
+    lr_at(fractional_epoch) -> lr. evaluate(epoch) -> dict of metrics (optional). extra_state: objects
+    with state_dict()/load_state_dict() saved alongside (EMA, ...). model_config: how to rebuild the model.
+    """
+
+    def __init__(self, *, args, module, model, optimizer, scaler, loader, train_steps, steps_per_batch, lr_at,
+                 epochs, device, amp, evaluate=None, eval_every=0, extra_state=None, model_config=None):
+        self.args, self.module, self.model = args, module, model
+        self.optimizer, self.scaler, self.loader = optimizer, scaler, loader
+        self.train_steps, self.steps_per_batch, self.lr_at = train_steps, steps_per_batch, lr_at
+        self.epochs, self.device, self.amp = epochs, device, amp
+        self.evaluate, self.eval_every = evaluate, eval_every
+        self.extra_state = extra_state or {}
+        self.model_config = model_config or {}
+        self.start_epoch, self.global_step = 0, 0
+        self.log = RunLog(args.output_dir)
+        self.logger = get_logger()
+        self.last_metrics = {}
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self, epoch: int) -> dict:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "args": {k: v for k, v in vars(self.args).items()},
+            "model_config": self.model_config,
+            "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
+            "metrics": self.last_metrics,
+        }
+
+    def save(self, epoch: int):
+        if not is_main_process():
+            return
+        state = self.state_dict(epoch)
+        save_checkpoint(state, os.path.join(self.args.output_dir, LATEST))
+        every = getattr(self.args, "save_every", 0)
+        if every and epoch % every == 0:
+            save_checkpoint(state, os.path.join(self.args.output_dir, f"checkpoint-{epoch:04d}.pth"))
+
+    def resume(self):
+        path = find_resume_path(self.args.resume, self.args.output_dir)
+        if path is None:
+            return
+        ckpt = load_training_checkpoint(path)
+        from models.loading import load_strict
+        load_strict(self.module, ckpt["model"], path)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: optimizer state does not fit this model ({e}); resume with the same flags "
+                            "or use another --output-dir") from e
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        for k, obj in self.extra_state.items():
+            if k in ckpt.get("extra", {}):
+                obj.load_state_dict(ckpt["extra"][k])
+        self.start_epoch = int(ckpt["epoch"])
+        self.global_step = int(ckpt.get("global_step", 0))
+        self.last_metrics = ckpt.get("metrics", {})
+        self.logger.info(f"resumed from {path}: {self.start_epoch} epochs done, step {self.global_step}")
+
+    # ---------------------------------------------------------------- loop
+    def train_one_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        n_iter = len(self.loader)
+        K = self.steps_per_batch
+        meter, window = MeanMeter(), MeanMeter()
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        progress = Progress(n_iter, f"epoch {epoch + 1}/{self.epochs}", self.args.print_freq,
+                            self.args.batch_size)
+        start = time.perf_counter()
+        for it, batch in enumerate(self.loader):
+            steps = self.train_steps(to_device(batch, self.device))
+            for t in range(K):
+                lr = self.lr_at(epoch + (it * K + t) / (n_iter * K))
+                set_lr(self.optimizer, lr)
+                with autocast(self.device, self.amp):
+                    loss, stats = next(steps)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                        torch.full_like(first_bad, self.global_step), first_bad)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                values = {"loss": loss, **stats}
+                meter.update(**values)
+                window.update(**values)
+                self.global_step += 1
+            if progress.due(it):
+                self._check_finite(first_bad, epoch)
+                avg = window.averages()
+                window.reset()
+                self.logger.info(progress.line(it, {**avg, "lr": lr}))
+                self.log.scalars({**avg, "lr": lr, "img_per_s": progress.last_rate}, self.global_step)
+        self._check_finite(first_bad, epoch)
+        out = meter.averages(sync=True)
+        out["lr"] = lr
+        out["img_per_s"] = n_iter * self.args.batch_size / max(time.perf_counter() - start, 1e-9)
+        return out
+
+    def _check_finite(self, first_bad: torch.Tensor, epoch: int):
+        bad = int(first_bad.item())
+        if bad >= 0:
+            ckpt = os.path.join(self.args.output_dir, LATEST)
+            kept = f"the last good checkpoint {ckpt} is kept" if os.path.exists(ckpt) else "no checkpoint was written"
+            raise NonFiniteLoss(f"loss became non-finite at step {bad} (epoch {epoch + 1}); {kept}; "
+                                "lower --base-lr or use --amp bf16/off")
+
+    def fit(self) -> dict:
+        self.resume()
+        if self.start_epoch >= self.epochs:
+            self.logger.info(f"nothing to train: {self.start_epoch} of {self.epochs} epochs already done")
+        for epoch in range(self.start_epoch, self.epochs):
+            seed_everything(epoch_seed(self.args.seed, epoch, get_rank()))
+            if hasattr(self.loader.sampler, "set_epoch"):
+                self.loader.sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
+            train = self.train_one_epoch(epoch)
+            metrics = {f"train_{k}": v for k, v in train.items()}
+            last = epoch + 1 == self.epochs
+            if self.evaluate is not None and self.eval_every > 0 and ((epoch + 1) % self.eval_every == 0 or last):
+                ev = self.evaluate(epoch)
+                metrics.update(ev)
+                self.log.scalars(ev, epoch + 1, prefix="eval/")
+                self.logger.info(f"epoch {epoch + 1}: " + " ".join(f"{k} {v:.2f}" for k, v in ev.items()))
+            self.last_metrics = metrics
+            self.log.record({"epoch": epoch + 1, "step": self.global_step,
+                             "epoch_time_s": round(time.perf_counter() - t0, 3), **metrics})
+            self.save(epoch + 1)
+        self.log.close()
+        return self.last_metrics
+

@@ -1,0 +1,126 @@
+"""APS pretraining of a ViT: asymmetric patch sampling + contrastive loss (SPEC part A)."""
+import os
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from augment import TwoViews, aps_view_transform, eval_transform
+from data import add_data_args, build_dataset, build_eval_loader, build_train_loader, get_preset
+from data.datasets import num_classes_of
+from engine import Trainer, add_runtime_args, prepare_output_dir
+from models import APS, ARCHS, create_vit
+from models.aps import aps_training_steps
+from samplers.aps import kept_per_view
+from utils.dist import cleanup, get_world_size, init_distributed
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.knn import add_knn_args, knn_evaluate
+from utils.log import setup_logger
+from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
+from utils.schedule import aps_factor
+from utils.syncbn import convert_sync_batchnorm
+
+BASE_LR = {"vit-tiny": 1e-3, "vit-small": 5e-4, "vit-base": 5e-4}
+
+
+def get_args_parser():
+    p = ArgumentParser(description=__doc__)
+    add_data_args(p, batch_size=512)
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="vit-small", choices=list(ARCHS), help="ViT size (depth 12)")
+    g.add_argument("--patch-size", type=int, default=None, help="patch size (default: 2 at 32 px, 16 at 224 px)")
+    g.add_argument("--depth", type=int, default=None, help="override the number of blocks (default 12)")
+    g.add_argument("--embed-dim", type=int, default=None, help="override the width (default: the arch's)")
+    g.add_argument("--num-heads", type=int, default=None, help="override the attention heads (default: the arch's)")
+    g.add_argument("--proj-hidden-dim", type=int, default=512, help="projector hidden width")
+    g.add_argument("--proj-dim", type=int, default=128, help="projector output width")
+    g.add_argument("--pred-hidden-dim", type=int, default=512, help="predictor hidden width")
+    g = p.add_argument_group("APS")
+    g.add_argument("--sampling-ratio", type=float, default=0.25, help="fraction of patches kept per view")
+    g.add_argument("--nsampling", type=int, default=4, help="sampling rounds (= optimizer steps) per batch")
+    g.add_argument("--power", type=float, default=3.0, help="view-2 cells drawn with probability ~ uncovered^power")
+    g.add_argument("--temperature", type=float, default=0.1, help="contrastive temperature T")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--nepoch", type=int, default=1600, help="pretraining epochs E")
+    g.add_argument("--warmup-epochs", type=float, default=20, help="linear warmup epochs")
+    g.add_argument("--base-lr", type=float, default=None,
+                   help="lr per 256 images (default 1e-3 tiny, 5e-4 small/base); lr = base * batch / 256")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (on all parameters)")
+    add_knn_args(p)
+    add_runtime_args(p)
+    return p
+
+
+def validate(args, grid: int):
+    for name in ("sampling_ratio", "temperature", "nepoch", "batch_size"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
+    if args.warmup_epochs < 0 or args.num_workers < 0:
+        raise UserError("--warmup-epochs and --num-workers must be >= 0")
+    try:
+        kept_per_view(grid * grid, args.sampling_ratio, args.nsampling)
+    except ValueError as e:
+        raise UserError(f"{e} (flags --sampling-ratio/--nsampling, {grid}x{grid} patches)") from e
+
+
+@exit_on_user_error
+def main(args):
+    device = init_distributed(args.device)
+    preset = get_preset(args.dataset)
+    args.img_size = args.img_size or preset.img_size
+    args.patch_size = args.patch_size or preset.patch_size
+    args.base_lr = args.base_lr or BASE_LR[args.arch]
+    overrides = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.embed_dim),
+                                   ("num_heads", args.num_heads)) if v is not None}
+    model_config = dict(arch=args.arch, img_size=args.img_size, patch_size=args.patch_size, **overrides)
+    encoder = create_vit(**model_config)  # validates arch / sizes before any work
+    validate(args, encoder.grid)
+    seed_everything(args.seed)
+    prepare_output_dir(args.output_dir)
+    logger = setup_logger(args.output_dir)
+    logger.info("args: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+
+    train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download,
+                              transform=TwoViews(aps_view_transform(preset, args.img_size)))
+    loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
+
+    model = APS(encoder, args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim, args.temperature).to(device)
+    module = model
+    if get_world_size() > 1:
+        module = model = convert_sync_batchnorm(model, device)
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    lr = args.base_lr * args.batch_size / 256
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    amp = amp_dtype(args.amp, device)
+    logger.info(f"{args.arch}/{args.patch_size} at {args.img_size} px, {len(train_set)} images, "
+                f"{len(loader)} batches x {args.nsampling} steps per epoch, lr {lr:.3g}, device {device}, "
+                f"{get_world_size()} process(es), precision {amp or torch.float32}")
+
+    evaluate = None
+    if args.knn_every > 0:
+        plain = eval_transform(preset, args.img_size)
+        knn_train = build_dataset(args.dataset, args.data_root, train=True, transform=plain)
+        knn_test = build_dataset(args.dataset, args.data_root, train=False, transform=plain)
+        bs = max(1, args.batch_size // get_world_size())
+        loaders = [build_eval_loader(d, bs, args.num_workers, device) for d in (knn_train, knn_test)]
+        evaluate = lambda epoch: knn_evaluate(module.encoder, *loaders, num_classes_of(knn_train), device,  # noqa
+                                              amp, args.knn_k, args.knn_t)
+
+    grid = encoder.grid
+    trainer = Trainer(
+        args=args, module=module, model=model, optimizer=optimizer, scaler=make_grad_scaler(device, amp),
+        loader=loader, steps_per_batch=args.nsampling,
+        train_steps=lambda batch: aps_training_steps(model, batch[0], grid, args.sampling_ratio, args.nsampling,
+                                                     args.power),
+        lr_at=lambda e: lr * aps_factor(e, args.warmup_epochs, args.nepoch),
+        epochs=args.nepoch, device=device, amp=amp, evaluate=evaluate, eval_every=args.knn_every,
+        model_config=model_config)
+    metrics = trainer.fit()
+    if "knn_top1" in metrics:
+        logger.info(f"final kNN top-1 {metrics['knn_top1']:.2f}% (top-5 {metrics['knn_top5']:.2f}%)")
+    logger.info(f"checkpoint: {os.path.join(args.output_dir, 'checkpoint.pth')}")
+    cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
