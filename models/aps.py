@@ -12,9 +12,10 @@ def contrastive_loss(p: torch.Tensor, z: torch.Tensor, temperature: float):
 
     Returns (loss, mean cosine between each prediction and its own target).
     """
+    dtype = torch.promote_types(p.dtype, torch.float32)          # fp32 at least (also under autocast)
     with torch.autocast(device_type=p.device.type, enabled=False):
-        p = F.normalize(p.float(), dim=1)                        # [N, d]
-        z = F.normalize(z.detach().float(), dim=1)               # [N, d]
+        p = F.normalize(p.to(dtype), dim=1)                      # [N, d]
+        z = F.normalize(z.detach().to(dtype), dim=1)             # [N, d]
         z_all = all_gather(z)                                    # [N * world, d]
         logits = p @ z_all.T / temperature                       # [N, N * world]
         labels = torch.arange(p.shape[0], device=p.device) + get_rank() * p.shape[0]

@@ -69,8 +69,8 @@ def infer_vit_config(state: dict, known: dict = None) -> dict:
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
     arch = next((a for a, c in ARCHS.items() if c["embed_dim"] == dim), None)
-    cfg = dict(arch=arch or "vit-small", img_size=grid * patch, patch_size=patch, depth=depth, mlp_ratio=mlp_ratio)
-    if arch is None:
+    cfg = dict(arch=arch, img_size=grid * patch, patch_size=patch, depth=depth, mlp_ratio=mlp_ratio)
+    if arch is None:  # a non-standard width: heads as in the standard sizes (64 per head) unless told
         cfg.update(embed_dim=dim, num_heads=max(1, dim // 64))
     return cfg
 
@@ -135,13 +135,14 @@ def load_backbone(source, arch: str = None, patch_size: int = None, img_size: in
     convert = next(c for n, _, c in FORMATS if n == fmt)
     state, dropped, saved = convert(ckpt)
     cfg = infer_vit_config(state, saved)
-    found = ARCHS.get(cfg["arch"], {}).get("embed_dim") if "embed_dim" not in cfg else cfg["embed_dim"]
-    if arch is not None and ARCHS[arch]["embed_dim"] != found:
-        raise UserError(f"{name} holds a ViT of width {found} ({cfg['arch']}), not {arch}; pass --arch {cfg['arch']}")
+    if arch is not None and cfg["arch"] != arch:
+        width = cfg.get("embed_dim") or ARCHS[cfg["arch"]]["embed_dim"]
+        hint = f"pass --arch {cfg['arch']}" if cfg["arch"] else "it is not a standard size"
+        raise UserError(f"{name} holds a ViT of width {width} ({cfg['arch'] or 'custom'}), not {arch}; {hint}")
     for flag, want, have in (("--patch-size", patch_size, cfg["patch_size"]), ("--img-size", img_size, cfg["img_size"])):
         if want is not None and want != have:
             raise UserError(f"{name} was trained with {flag} {have}, not {want}; pass {flag} {have}")
-    model = create_vit(**{**cfg, **overrides})
+    model = create_vit(**{**cfg, "arch": cfg["arch"] or "vit-small", **overrides})
     load_strict(model, state, name)
     if dropped:
         heads = sorted({k.split(".")[0] if not k.startswith("base_encoder.") else "base_encoder.fc" for k in dropped})

@@ -1,7 +1,7 @@
 """Checkpoints: plain dicts of tensors and builtins, written atomically, read with weights_only=True."""
 import os
 import pickle
-import zipfile
+import warnings
 
 import torch
 
@@ -40,13 +40,15 @@ def load_file(path: str, what: str = "checkpoint") -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist; check the path")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes about pickle protocols are noise to a user here
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise UserError(f"{what} {path} contains pickled Python objects (e.g. a whole nn.Module), which we "
                             "refuse to load because unpickling can run code; save and pass a state_dict instead") from e
         raise UserError(f"{what} {path} is not a PyTorch checkpoint ({e}); pass a .pth file saved by torch.save") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # a damaged or foreign file can fail anywhere inside the unpickler
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{what} {path} is unreadable (truncated or not a PyTorch file: {first}); "
                         "re-download or re-create it") from e

@@ -5,17 +5,33 @@ module elsewhere, so a CPU `torchrun` job computes BN over the global batch exac
 """
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks of a group; the gradient of a sum is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class DistBatchNorm(_BatchNorm):
     """BatchNorm over the union of the batches of all ranks in `process_group` (autograd-aware)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
 
     def _check_input_dim(self, x):
@@ -26,14 +42,17 @@ class DistBatchNorm(_BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
         c = x.shape[1]
+        group = self.process_group or dist.group.WORLD
         dims = [0] + list(range(2, x.dim()))
-        xf = x.float()
-        count = torch.full((1,), x.numel() / c, device=x.device, dtype=torch.float32)
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])  # [2C + 1]
-        stats = dist_fn.all_reduce(stats, group=self.process_group or dist.group.WORLD)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least, fp64 stays fp64
+        count = torch.full((1,), x.numel() / c, device=x.device, dtype=xf.dtype)
+        # two passes (mean, then squared deviations) for the numerics of a plain BN
+        stats = _AllReduceSum.apply(torch.cat([xf.sum(dims), count]), group)          # [C + 1]
         n = stats[-1]
         mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        centred = xf - mean.view(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dims), group) / n           # [C] biased
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -41,8 +60,7 @@ class DistBatchNorm(_BatchNorm):
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
                 unbiased = var * n / (n - 1).clamp_min(1)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
@@ -54,8 +72,10 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device, process_grou
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, DistBatchNorm):
+        like = next(iter(module.parameters()), None)
+        like = like if like is not None else module.running_mean
         out = DistBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group)
+                            module.track_running_stats, process_group, device=like.device, dtype=like.dtype)
         if module.affine:
             with torch.no_grad():
                 out.weight.copy_(module.weight)

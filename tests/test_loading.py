@@ -1,0 +1,139 @@
+"""load_backbone: our checkpoints, the reference APS format (SPEC A6), strict checks, hostile files."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from models import APS, create_vit, load_backbone
+from models.loading import detect_format
+from utils.checkpoint import load_file
+from utils.errors import UserError
+
+TINY = dict(depth=2, embed_dim=32, num_heads=2)
+
+
+def tiny_aps():
+    torch.manual_seed(0)
+    return APS(create_vit("vit-tiny", img_size=16, patch_size=4, **TINY), 24, 8, 20)
+
+
+def reference_state(model: APS) -> dict:
+    """The reference's key layout, written out by hand from SPEC A6."""
+    enc = model.encoder
+    sd = {
+        "base_encoder.cls_token": enc.cls_token.detach().clone(),
+        "base_encoder.pos_embedding": enc.pos_embed.detach()[0].unsqueeze(1).clone(),  # (L, 1, D)
+        "base_encoder.patchify.weight": enc.patch_embed.proj.weight.detach().clone(),
+        "base_encoder.patchify.bias": enc.patch_embed.proj.bias.detach().clone(),
+        "base_encoder.layer_norm.weight": enc.norm.weight.detach().clone(),
+        "base_encoder.layer_norm.bias": enc.norm.bias.detach().clone(),
+    }
+    for i, blk in enumerate(enc.blocks):
+        parts = {"norm1": blk.norm1, "attn.proj": blk.attn.proj, "norm2": blk.norm2, "mlp.fc1": blk.mlp.fc1,
+                 "mlp.fc2": blk.mlp.fc2}
+        for name, mod in parts.items():
+            sd[f"base_encoder.transformer.{i}.{name}.weight"] = mod.weight.detach().clone()
+            sd[f"base_encoder.transformer.{i}.{name}.bias"] = mod.bias.detach().clone()
+        sd[f"base_encoder.transformer.{i}.attn.qkv.weight"] = blk.attn.qkv.weight.detach().clone()
+    for k, v in model.projector.state_dict().items():
+        sd[f"base_encoder.fc.{k}"] = v.clone()
+    for k, v in model.predictor.state_dict().items():
+        sd[f"predictor.{k}"] = v.clone()
+    return sd
+
+
+def features(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_reference_format_gives_the_same_features(tmp_path):
+    model = tiny_aps()
+    sd = reference_state(model)
+    assert sd["base_encoder.pos_embedding"].shape == (16, 1, 32)
+    path = tmp_path / "ref.pth"
+    torch.save(sd, path)
+    assert detect_format(sd) == "reference-aps"
+    backbone = load_backbone(str(path), num_heads=2)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(features(backbone, x), features(model.encoder, x), atol=1e-6)
+
+
+def test_our_checkpoint_gives_the_same_features(tmp_path):
+    model = tiny_aps()
+    cfg = dict(arch="vit-tiny", img_size=16, patch_size=4, **TINY)
+    path = tmp_path / "ours.pth"
+    torch.save({"model": model.state_dict(), "model_config": cfg, "args": {}, "epoch": 1, "optimizer": {}}, path)
+    backbone = load_backbone(str(path), arch="vit-tiny", patch_size=4)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(features(backbone, x), features(model.encoder, x), atol=1e-6)
+
+
+def test_standard_width_is_inferred_and_wrong_flags_are_named(tmp_path):
+    torch.manual_seed(0)
+    model = APS(create_vit("vit-tiny", img_size=16, patch_size=4, depth=1), 16, 8, 16)
+    path = tmp_path / "ref.pth"
+    torch.save(reference_state(model), path)
+    backbone = load_backbone(str(path))
+    assert backbone.embed_dim == 192 and backbone.blocks[0].attn.num_heads == 3 and len(backbone.blocks) == 1
+    with pytest.raises(UserError, match="pass --arch vit-tiny"):
+        load_backbone(str(path), arch="vit-small")
+    with pytest.raises(UserError, match="pass --patch-size 4"):
+        load_backbone(str(path), patch_size=2)
+
+
+def test_strict_keys(tmp_path):
+    sd = reference_state(tiny_aps())
+    extra = dict(sd, **{"base_encoder.something.weight": torch.zeros(1)})
+    with pytest.raises(UserError, match="unexpected keys.*something"):
+        load_backbone(extra, num_heads=2)
+    missing = {k: v for k, v in sd.items() if k != "base_encoder.transformer.1.mlp.fc2.weight"}
+    with pytest.raises(UserError, match="missing: blocks.1.mlp.fc2.weight"):
+        load_backbone(missing, num_heads=2)
+    bad_pos = dict(sd, **{"base_encoder.pos_embedding": torch.zeros(1, 16, 32)})
+    with pytest.raises(UserError, match=r"\(L, 1, D\)"):
+        load_backbone(bad_pos, num_heads=2)
+    with pytest.raises(UserError, match="not a checkpoint format we know"):
+        load_backbone({"foo": torch.zeros(1)})
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_hostile_and_broken_files_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": Payload()}, evil)
+    with pytest.raises(UserError, match="refuse"):
+        load_backbone(str(evil))
+    raw = tmp_path / "raw.pkl"
+    with open(raw, "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    with pytest.raises(UserError):
+        load_backbone(str(raw))
+    module_file = tmp_path / "module.pth"
+    torch.save(torch.nn.Linear(2, 2), module_file)  # a pickled whole module, like the reference fine-tune files
+    with pytest.raises(UserError, match="refuse"):
+        load_backbone(str(module_file))
+    assert not (tmp_path / "PWNED").exists()
+
+    good = tmp_path / "good.pth"
+    torch.save(reference_state(tiny_aps()), good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(UserError, match="unreadable"):
+        load_backbone(str(truncated))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(UserError):
+        load_backbone(str(text))
+    with pytest.raises(UserError, match="does not exist"):
+        load_backbone(str(tmp_path / "nope.pth"))
+    tensor_file = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), tensor_file)
+    with pytest.raises(UserError, match="not a dict"):
+        load_file(str(tensor_file))
