@@ -1,0 +1,159 @@
+"""Benchmark: APS training-step throughput and memory per arch, and the sampler against a per-pair loop.
+
+    python -m utils.bench                  # all archs; batch 512 on GPU, 32 on CPU
+    python -m utils.bench --archs vit-small --batch-size 256 --steps 20
+
+Prints one JSON line per measurement. The model step uses synthetic data already on the device, so it
+measures the model (forward of both views on the kept patches, backward, AdamW), not the data pipeline.
+"""
+import json
+import resource
+import time
+
+import numpy as np
+import torch
+
+from models import APS, ARCHS, create_vit
+from samplers.aps import kept_per_view, random_boxes, sample_aps
+from utils.dist import resolve_device
+from utils.errors import ArgumentParser, exit_on_user_error
+from utils.runtime import AMP_CHOICES, amp_dtype, autocast, make_grad_scaler
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def bench_step(arch, batch, img_size, patch, ratio, device, amp, steps, warmup):
+    """Pairs/s of one APS optimizer step (one sampling round) at `batch` pairs."""
+    torch.manual_seed(0)
+    model = APS(create_vit(arch, img_size, patch)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    scaler = make_grad_scaler(device, amp)
+    grid = img_size // patch
+    n = kept_per_view(grid * grid, ratio, 1)
+    x1 = torch.randn(batch, 3, img_size, img_size, device=device)
+    x2 = torch.randn(batch, 3, img_size, img_size, device=device)
+    idx1 = torch.rand(batch, grid * grid, device=device).argsort(1)[:, :n]
+    idx2 = torch.rand(batch, grid * grid, device=device).argsort(1)[:, :n]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        with autocast(device, amp):
+            loss, _ = model(x1, x2, idx1, idx2)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return {"bench": "aps_step", "arch": arch, "patch": patch, "img_size": img_size, "batch": batch,
+            "kept": n, "device": str(device), "amp": str(amp).replace("torch.", ""),
+            "pairs_per_s": round(steps * batch / elapsed, 1), "step_ms": round(1000 * elapsed / steps, 2),
+            "peak_mem_mib": round(peak_memory_mib(device), 1)}
+
+
+def numpy_per_pair_sampler(box1, flip1, box2, flip2, grid, n, K, power, rng):
+    """The per-pair loop the reference uses, in numpy: the baseline the batched sampler is compared with."""
+    def spans(box, flip, axis):
+        start, length = box[axis], box[axis + 2]
+        e = start + length * np.arange(grid + 1) / grid
+        s = np.stack([e[:-1], e[1:]], 1)
+        return s[::-1] if (axis == 1 and flip) else s
+
+    def overlap(a, b):
+        return np.clip(np.minimum(a[:, None, 1], b[None, :, 1]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+
+    oy = overlap(spans(box1, flip1, 0), spans(box2, flip2, 0))
+    ox = overlap(spans(box1, flip1, 1), spans(box2, flip2, 1))
+    area = box2[2] * box2[3] / grid ** 2
+    perm = rng.permutation(grid * grid)
+    out1, out2 = [], []
+    for t in range(K):
+        sel = perm[t * n:(t + 1) * n]
+        covered = np.zeros((grid, grid))
+        for c in sel:
+            covered += np.outer(oy[c // grid], ox[c % grid])
+        r = np.clip(1 - covered / area, 0, 1).ravel()
+        p = r ** power
+        if (p > 0).sum() < n:
+            p = p + 1e-12
+        out1.append(sel)
+        out2.append(rng.choice(grid * grid, n, replace=False, p=p / p.sum()))
+    return out1, out2
+
+
+def bench_sampler(batch, grid, ratio, K, power, device, loop_pairs, repeats):
+    n = kept_per_view(grid * grid, ratio, K)
+    boxes = [b.to(device) for b in random_boxes(batch, grid * 2)]
+    for _ in range(2):
+        sample_aps(*boxes, grid, ratio, K, power)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        sample_aps(*boxes, grid, ratio, K, power)
+    sync(device)
+    batched = repeats * batch / (time.perf_counter() - start)
+    rng = np.random.default_rng(0)
+    cpu = [b.cpu().numpy() for b in boxes]
+    start = time.perf_counter()
+    for i in range(loop_pairs):
+        numpy_per_pair_sampler(cpu[0][i], cpu[1][i], cpu[2][i], cpu[3][i], grid, n, K, power, rng)
+    loop = loop_pairs / (time.perf_counter() - start)
+    return {"bench": "aps_sampler", "device": str(device), "batch": batch, "grid": grid, "nsampling": K,
+            "kept": n, "pairs_per_s": round(batched, 1), "loop_pairs_per_s": round(loop, 1),
+            "loop_ms_per_pair": round(1000 / loop, 3), "speedup": round(batched / loop, 1)}
+
+
+def get_args_parser():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="precision (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated archs to time")
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 512 on GPU, 32 on CPU)")
+    p.add_argument("--img-size", type=int, default=32, help="image size (32 px CIFAR shapes)")
+    p.add_argument("--patch-size", type=int, default=2, help="patch size")
+    p.add_argument("--sampling-ratio", type=float, default=0.25, help="fraction of patches kept")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on GPU, 1 on CPU)")
+    p.add_argument("--sampler-batch", type=int, default=512, help="pairs per sampler call")
+    p.add_argument("--loop-pairs", type=int, default=200, help="pairs timed with the per-pair numpy loop")
+    p.add_argument("--skip-model", action="store_true", help="only time the sampler")
+    return p
+
+
+@exit_on_user_error
+def main(args):
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    amp = amp_dtype(args.amp, device)
+    batch = args.batch_size or (512 if gpu else 32)
+    steps = args.steps or (20 if gpu else 3)
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    grid = args.img_size // args.patch_size
+    results = [bench_sampler(args.sampler_batch, grid, args.sampling_ratio, 4, 3.0, device, args.loop_pairs,
+                             50 if gpu else 10)]
+    print(json.dumps(results[-1]), flush=True)
+    if not args.skip_model:
+        for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
+            if arch not in ARCHS:
+                from utils.errors import UserError
+                raise UserError(f"unknown arch {arch!r} in --archs; choose from {', '.join(ARCHS)}")
+            results.append(bench_step(arch, batch, args.img_size, args.patch_size, args.sampling_ratio, device,
+                                      amp, steps, warmup))
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
