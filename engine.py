@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from utils.checkpoint import LATEST, find_resume_path, load_training_checkpoint, save_checkpoint
+from utils.checkpoint import LATEST, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
 from utils.dist import get_rank, is_main_process
 from utils.errors import UserError
 from utils.log import MeanMeter, Progress, RunLog, get_logger
@@ -116,7 +116,6 @@ class Trainer:
         if path is None:
             return
         ckpt = load_training_checkpoint(path)
-        from models.loading import load_strict
         load_strict(self.module, ckpt["model"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])

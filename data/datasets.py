@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from utils.errors import UserError
+from utils.errors import UserError, describe
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -115,7 +115,7 @@ def read_idx(path: str) -> np.ndarray:
     if len(data) - offset != expected:
         raise UserError(f"{path} is truncated or corrupt (header says {dims}, file has {len(data) - offset} "
                         f"bytes of data); re-download it")
-    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()
 
 
 def load_idx_arrays(name: str, root: str, train: bool):
@@ -135,7 +135,7 @@ def _torchvision_download(name: str, root: str):
         for train in (True, False):
             cls(root, train=train, download=True)
     except Exception as e:  # network errors come in many types
-        raise UserError(f"could not download {name} into {root} ({type(e).__name__}: {e}); fetch the idx files "
+        raise UserError(f"could not download {name} into {root} ({describe(e)}); fetch the idx files "
                         f"elsewhere and put them in {root}") from e
 
 
@@ -147,16 +147,14 @@ def build_cifar(name: str, root: str, train: bool, download: bool, transform=Non
     }[name]
     try:
         return cls(root, train=train, transform=transform, download=download)
-    except RuntimeError as e:
-        if "not found or corrupted" not in str(e):
-            raise
-        raise UserError(f"{name} not found (or corrupt) at {os.path.join(root, folder)}; download {url}, extract it "
-                        f"into {root}, or pass --download") from e
-    except Exception as e:  # URLError, socket errors, ... when --download has no network
-        if not download:
-            raise
-        raise UserError(f"could not download {name} into {root} ({type(e).__name__}: {e}); download {url} "
-                        f"elsewhere and extract it into {root}") from e
+    except Exception as e:  # URLError, socket errors, checksum failures, a missing folder, ...
+        if download:
+            raise UserError(f"could not download {name} into {root} ({describe(e)}); download {url} "
+                            f"elsewhere and extract it into {root}") from e
+        if isinstance(e, RuntimeError) and "not found or corrupted" in str(e):
+            raise UserError(f"{name} not found (or corrupt) at {os.path.join(root, folder)}; download {url}, "
+                            f"extract it into {root}, or pass --download") from e
+        raise
 
 
 def build_imagefolder(root: str, train: bool, transform=None):

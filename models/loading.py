@@ -12,7 +12,7 @@ import re
 import torch
 
 from models.vit import ARCHS, create_vit
-from utils.checkpoint import load_file
+from utils.checkpoint import load_file, load_strict
 from utils.errors import UserError
 from utils.log import get_logger
 
@@ -105,22 +105,6 @@ def detect_format(ckpt: dict, source: str = "checkpoint") -> str:
     keys = ", ".join(list(map(str, ckpt))[:4])
     raise UserError(f"{source} is not a checkpoint format we know (first keys: {keys}); pass a main_pretrain.py "
                     "checkpoint or a reference APS pretraining file")
-
-
-def load_strict(model: torch.nn.Module, state: dict, source: str):
-    """load_state_dict(strict=True), with missing/unexpected/mismatched keys named in one line."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-              if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if items:
-                parts.append(f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
-        raise UserError(f"{source} does not fit the model ({'; '.join(parts)}); check --arch/--patch-size/--img-size")
-    model.load_state_dict(state, strict=True)
 
 
 def load_backbone(source, arch: str = None, patch_size: int = None, img_size: int = None, **overrides):

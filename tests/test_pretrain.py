@@ -2,6 +2,7 @@
 import gzip
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -141,3 +142,37 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error: cifar100 not found") and len(res.stderr.strip().splitlines()) == 1
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_paths_run_on_cpu(tmp_path, tiny_flags, amp):
+    """The autocast + grad-scaler code that GPUs use, exercised on the CPU."""
+    metrics = run(tiny_flags + FAST + ["--nepoch", "1", "--knn-every", "1", "--amp", amp,
+                                       "--output-dir", str(tmp_path / amp)])
+    assert math.isfinite(metrics["train_loss"]) and metrics["knn_top1"] > 0
+    ckpt = torch.load(tmp_path / amp / "checkpoint.pth", weights_only=True)
+    assert ("scale" in ckpt["scaler"]) == (amp == "fp16")  # a grad scaler only for fp16
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_download_failure_is_one_line(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torchvision.datasets.utils as tvu
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tvu, "download_url", offline)
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    import torchvision.datasets.cifar as tvc
+    import torchvision.datasets.mnist as tvm
+    monkeypatch.setattr(tvc, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tvm, "download_and_extract_archive", offline)
+    for dataset in ("cifar10", "fashion-mnist"):
+        with pytest.raises(SystemExit) as e:
+            run(["--dataset", dataset, "--data-root", str(tmp_path / dataset), "--download", "--nepoch", "1",
+                 "--output-dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: could not download {dataset}") and "elsewhere" in err

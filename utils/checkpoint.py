@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, describe
 
 LATEST = "checkpoint.pth"
 
@@ -49,8 +49,7 @@ def load_file(path: str, what: str = "checkpoint") -> dict:
                             "refuse to load because unpickling can run code; save and pass a state_dict instead") from e
         raise UserError(f"{what} {path} is not a PyTorch checkpoint ({e}); pass a .pth file saved by torch.save") from e
     except Exception as e:  # a damaged or foreign file can fail anywhere inside the unpickler
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {path} is unreadable (truncated or not a PyTorch file: {first}); "
+        raise UserError(f"{what} {path} is unreadable (truncated or not a PyTorch file: {describe(e)}); "
                         "re-download or re-create it") from e
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} holds a {type(obj).__name__}, not a dict of tensors; "
@@ -76,3 +75,19 @@ def find_resume_path(resume: str, output_dir: str):
         return resume
     path = os.path.join(output_dir, LATEST)
     return path if os.path.isfile(path) else None
+
+
+def load_strict(model: torch.nn.Module, state: dict, source: str):
+    """load_state_dict(strict=True), with missing/unexpected/mismatched keys named in one line."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                parts.append(f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
+        raise UserError(f"{source} does not fit the model ({'; '.join(parts)}); check --arch/--patch-size/--img-size")
+    model.load_state_dict(state, strict=True)

@@ -11,6 +11,12 @@ class UserError(Exception):
     """
 
 
+def describe(e: BaseException) -> str:
+    """`Type: first line of the message`, for quoting an exception inside a one-line error."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 def exit_on_user_error(fn):
     """Decorator for script entry points: turn a UserError into `error: ...` on stderr and exit 2."""
 

@@ -38,7 +38,8 @@ def knn_classify(train_f, train_y, test_f, test_y, num_classes, k=20, temperatur
         q, y = test_f[start:start + chunk], test_y[start:start + chunk]
         sim, idx = (q @ train_f.T).topk(k, dim=1)                   # sim, idx: [b, k]
         votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())  # votes: [b, C]
+        weights = ((sim - sim[:, :1]) / temperature).exp()            # exp(cos / T), scaled to avoid overflow
+        votes.scatter_add_(1, train_y[idx], weights)                    # votes: [b, C]
         pred = votes.topk(top5_k, dim=1).indices                     # pred: [b, top5_k]
         hit = pred == y[:, None]
         correct1 += hit[:, 0].sum().item()

@@ -1,0 +1,52 @@
+"""The sampler picture, the benchmark, and the image-folder data path."""
+import os
+
+import torch
+from PIL import Image
+
+import main_pretrain
+from samplers import aps as aps_sampler
+from utils import bench
+
+
+def test_show_writes_a_png(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "pairs.png"
+    monkeypatch.setattr("sys.argv", ["aps", "--show", "--num-pairs", "2", "--tile", "64", "--out", str(out)])
+    aps_sampler.main()
+    img = Image.open(out)
+    assert img.size[0] > 3 * 64 and img.size[1] > 2 * 64
+    line = capsys.readouterr().out
+    assert "covered fraction" in line and "uniform" in line
+
+
+def test_bench_prints_json_lines(capsys):
+    args = bench.get_args_parser().parse_args(
+        ["--device", "cpu", "--archs", "vit-tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+         "--sampler-batch", "16", "--loop-pairs", "4", "--img-size", "16", "--patch-size", "4"])
+    results = bench.main(args)
+    assert [r["bench"] for r in results] == ["aps_sampler", "aps_step"]
+    assert results[0]["pairs_per_s"] > 0 and results[0]["loop_pairs_per_s"] > 0
+    assert results[1]["pairs_per_s"] > 0 and results[1]["peak_mem_mib"] > 0
+    assert capsys.readouterr().out.count("{") == 2
+
+
+def make_folder(root, classes=2, per_class=6, size=(40, 48)):
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(d / f"{i}.jpg")
+
+
+def test_imagefolder_pretraining_runs(tmp_path, tiny_flags):
+    make_folder(tmp_path / "data")
+    flags = [f for f in tiny_flags]
+    argv = flags + ["--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--img-size", "32",
+                    "--batch-size", "4", "--num-workers", "0", "--nepoch", "1", "--warmup-epochs", "1",
+                    "--knn-every", "1", "--output-dir", str(tmp_path / "out")]
+    metrics = main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+    assert 0.0 <= metrics["knn_top1"] <= 100.0
+    assert os.path.isfile(tmp_path / "out" / "checkpoint.pth")
