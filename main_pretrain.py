@@ -4,7 +4,7 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from augment import TwoViews, aps_view_transform, eval_transform
+from augment import TwoViews, add_aps_augment_args, aps_augment_kwargs, aps_view_transform, eval_transform
 from data import add_data_args, build_dataset, build_eval_loader, build_train_loader, get_preset
 from data.datasets import num_classes_of
 from engine import Trainer, add_runtime_args, prepare_output_dir
@@ -45,6 +45,8 @@ def get_args_parser():
     g.add_argument("--base-lr", type=float, default=None,
                    help="lr per 256 images (default 1e-3 tiny, 5e-4 small/base); lr = base * batch / 256")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (on all parameters)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    add_aps_augment_args(p)
     add_knn_args(p)
     add_runtime_args(p)
     return p
@@ -56,6 +58,11 @@ def validate(args, grid: int):
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
     if args.warmup_epochs < 0 or args.num_workers < 0:
         raise UserError("--warmup-epochs and --num-workers must be >= 0")
+    for name in ("flip_prob", "color_jitter_prob", "grayscale_prob"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must lie in [0, 1]")
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        raise UserError(f"--crop-scale {args.crop_scale[0]} {args.crop_scale[1]} must satisfy 0 < MIN <= MAX <= 1")
     try:
         kept_per_view(grid * grid, args.sampling_ratio, args.nsampling)
     except ValueError as e:
@@ -79,8 +86,8 @@ def main(args):
     logger = setup_logger(args.output_dir)
     logger.info("args: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
 
-    train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download,
-                              transform=TwoViews(aps_view_transform(preset, args.img_size)))
+    views = TwoViews(aps_view_transform(preset, args.img_size, **aps_augment_kwargs(args)))
+    train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download, transform=views)
     loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
 
     model = APS(encoder, args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim, args.temperature).to(device)
@@ -89,7 +96,8 @@ def main(args):
         module = model = convert_sync_batchnorm(model, device)
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     lr = args.base_lr * args.batch_size / 256
-    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, betas=tuple(args.betas),
+                                  weight_decay=args.weight_decay)
     amp = amp_dtype(args.amp, device)
     logger.info(f"{args.arch}/{args.patch_size} at {args.img_size} px, {len(train_set)} images, "
                 f"{len(loader)} batches x {args.nsampling} steps per epoch, lr {lr:.3g}, device {device}, "

@@ -46,15 +46,16 @@ class TwoViews:
         return {"view1": x1, "box1": b1, "flip1": f1, "view2": x2, "box2": b2, "flip2": f2}
 
 
-def aps_view_transform(preset: Preset, img_size: int, scale=(0.15, 1.0)) -> BoxedView:
+def aps_view_transform(preset: Preset, img_size: int, scale=(0.15, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
+                       jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2) -> BoxedView:
     """SPEC A1: crop (scale 0.15-1) + flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, normalise."""
     post = T.Compose([
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
+        T.RandomGrayscale(p=gray_p),
         T.ToTensor(),
         normalize_for(preset),
     ])
-    return BoxedView(img_size, scale=scale, post=post)
+    return BoxedView(img_size, scale=scale, ratio=ratio, flip_p=flip_p, post=post)
 
 
 def eval_transform(preset: Preset, img_size: int):

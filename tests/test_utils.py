@@ -111,3 +111,24 @@ def test_embedded_digits_dataset():
     img, label = train[0]
     assert img.size == (32, 32) and 0 <= label < 10
     assert set(train.targets) == set(range(10))
+
+
+def test_view_reports_its_crop_box_and_flip():
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from augment import BoxedView
+    src = torch.arange(3 * 20 * 28, dtype=torch.float32).reshape(3, 20, 28)
+    view = BoxedView(8, scale=(0.2, 1.0))
+    torch.manual_seed(0)
+    flips = set()
+    for _ in range(12):
+        x, box, flipped = view(src)
+        top, left, h, w = [int(v) for v in box]
+        assert 0 <= top and top + h <= 20 and 0 <= left and left + w <= 28
+        expected = TF.resized_crop(src, top, left, h, w, [8, 8], InterpolationMode.BILINEAR, antialias=True)
+        if flipped:
+            expected = expected.flip(-1)
+        assert torch.allclose(x, expected)
+        flips.add(bool(flipped))
+    assert flips == {True, False}
