@@ -4,16 +4,15 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from augment import TwoViews, add_aps_augment_args, aps_augment_kwargs, aps_view_transform, eval_transform
-from data import add_data_args, build_dataset, build_eval_loader, build_train_loader, get_preset
-from data.datasets import num_classes_of
+from augment import TwoViews, add_aps_augment_args, aps_augment_kwargs, aps_view_transform
+from data import add_data_args, build_dataset, build_train_loader, get_preset
 from engine import Trainer, add_runtime_args, prepare_output_dir
 from models import APS, ARCHS, create_vit
 from models.aps import aps_training_steps
 from samplers.aps import kept_per_view
 from utils.dist import cleanup, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.knn import add_knn_args, knn_evaluate
+from utils.knn import add_knn_args, knn_monitor
 from utils.log import setup_logger
 from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
 from utils.schedule import aps_factor
@@ -79,9 +78,9 @@ def main(args):
     overrides = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.embed_dim),
                                    ("num_heads", args.num_heads)) if v is not None}
     model_config = dict(arch=args.arch, img_size=args.img_size, patch_size=args.patch_size, **overrides)
+    seed_everything(args.seed)  # same initial weights on every rank and every run
     encoder = create_vit(**model_config)  # validates arch / sizes before any work
     validate(args, encoder.grid)
-    seed_everything(args.seed)
     prepare_output_dir(args.output_dir)
     logger = setup_logger(args.output_dir)
     logger.info("args: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
@@ -103,16 +102,7 @@ def main(args):
                 f"{len(loader)} batches x {args.nsampling} steps per epoch, lr {lr:.3g}, device {device}, "
                 f"{get_world_size()} process(es), precision {amp or torch.float32}")
 
-    evaluate = None
-    if args.knn_every > 0:
-        plain = eval_transform(preset, args.img_size)
-        knn_train = build_dataset(args.dataset, args.data_root, train=True, transform=plain)
-        knn_test = build_dataset(args.dataset, args.data_root, train=False, transform=plain)
-        bs = max(1, args.batch_size // get_world_size())
-        loaders = [build_eval_loader(d, bs, args.num_workers, device) for d in (knn_train, knn_test)]
-        evaluate = lambda epoch: knn_evaluate(module.encoder, *loaders, num_classes_of(knn_train), device,  # noqa
-                                              amp, args.knn_k, args.knn_t)
-
+    evaluate = knn_monitor(args, preset, module.encoder, device, amp)
     grid = encoder.grid
     trainer = Trainer(
         args=args, module=module, model=model, optimizer=optimizer, scaler=make_grad_scaler(device, amp),

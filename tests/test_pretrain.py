@@ -176,3 +176,13 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1, err
         assert err.startswith(f"error: could not download {dataset}") and "elsewhere" in err
+
+
+def test_same_seed_same_run(tmp_path, tiny_flags):
+    flags = tiny_flags + FAST + ["--nepoch", "1", "--knn-every", "0"]
+    run(flags + ["--output-dir", str(tmp_path / "a")])
+    run(flags + ["--output-dir", str(tmp_path / "b")])
+    run(flags + ["--output-dir", str(tmp_path / "c"), "--seed", "1"])
+    a, b, c = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=True)["model"] for d in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

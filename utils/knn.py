@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from utils.dist import all_gather_uneven
+from utils.dist import all_gather_uneven, get_world_size
 from utils.runtime import autocast
 
 
@@ -63,3 +63,20 @@ def add_knn_args(parser):
     g.add_argument("--knn-k", type=int, default=20, help="neighbours (capped at the train-set size)")
     g.add_argument("--knn-t", type=float, default=0.07, help="temperature of the exp(cos / T) vote weights")
     return g
+
+
+def knn_monitor(args, preset, backbone, device, amp):
+    """evaluate(epoch) -> kNN metrics of `backbone` on args.dataset (deterministic views), or None if
+    --knn-every is 0. Each rank embeds a shard; the features are gathered."""
+    if args.knn_every <= 0:
+        return None
+    from augment import eval_transform
+    from data import build_dataset, build_eval_loader
+    from data.datasets import num_classes_of
+    plain = eval_transform(preset, args.img_size)
+    train = build_dataset(args.dataset, args.data_root, train=True, transform=plain)
+    test = build_dataset(args.dataset, args.data_root, train=False, transform=plain)
+    batch = max(1, args.batch_size // get_world_size())
+    loaders = [build_eval_loader(d, batch, args.num_workers, device) for d in (train, test)]
+    classes = num_classes_of(train)
+    return lambda epoch: knn_evaluate(backbone, *loaders, classes, device, amp, args.knn_k, args.knn_t)
