@@ -164,28 +164,32 @@ def _show(args):
     cov = covered_fraction_of(idx1, idx2, box1, flip1, box2, flip2, grid)[:, 0]
 
     tile = args.tile
-    canvas = Image.new("RGB", (3 * tile + 20, len(picks) * (tile + 24) + 30), "white")
+    top_margin = 44
+    canvas = Image.new("RGB", (3 * tile + 20, top_margin + len(picks) * (tile + 20)), "white")
     draw = ImageDraw.Draw(canvas)
     stats = coverage_stats(*random_boxes(512, size), grid, args.sampling_ratio, args.nsampling, args.power)
-    draw.text((10, 8), "covered fraction of view-2 kept cells (512 pairs): APS {aps:.3f}  flip ignored "
-              "{aps_flip_ignored:.3f}  uniform {uniform:.3f}".format(**stats), fill="black")
+    draw.text((4, 4), "covered fraction of view-2 kept cells (512 pairs):", fill="black")
+    draw.text((4, 20), "APS {aps:.3f} | flip ignored {aps_flip_ignored:.3f} | uniform {uniform:.3f}".format(**stats),
+              fill="black")
     for row, src in enumerate(sources):
-        y = 30 + row * (tile + 24)
+        y = top_margin + row * (tile + 20)
         s = tile / src.width
         canvas.paste(src.resize((tile, tile), Image.NEAREST), (0, y))
         for (b, colour) in zip(boxes[row], ("red", "blue")):
             top, left, h, w = b.tolist()
             draw.rectangle([left * s, y + top * s, (left + w) * s - 1, y + (top + h) * s - 1], outline=colour)
+        draw.text((2, y + tile + 3), "source: 1 red, 2 blue", fill="black")
         for col, (x, idx) in enumerate(zip(views[row], (idx1[row, 0], idx2[row, 0]))):
             lit = torch.full((grid * grid,), 0.25)
             lit[idx] = 1.0
             lit = lit.view(1, 1, grid, grid)
             mask = torch.nn.functional.interpolate(lit, size=(size, size), mode="nearest")[0]
             img = T.ToPILImage()((x * mask).clamp(0, 1)).resize((tile, tile), Image.NEAREST)
-            canvas.paste(img, ((col + 1) * (tile + 10), y))
-        flip_txt = "".join("F" if f else "-" for f in flips[row])
-        draw.text((4, y + tile + 4), f"source (red=view1, blue=view2)   view1 kept   view2 kept: "
-                  f"{cov[row]:.2f} covered, flips {flip_txt}", fill="black")
+            x0 = (col + 1) * (tile + 10)
+            canvas.paste(img, (x0, y))
+            flip = " (flip)" if flips[row][col] else ""
+            label = f"view 1{flip}" if col == 0 else f"view 2{flip}: {cov[row]:.2f} seen"
+            draw.text((x0 + 2, y + tile + 3), label, fill="black")
     canvas.save(args.out)
     print(f"wrote {args.out}: {len(picks)} pairs, grid {grid}x{grid}, ratio {args.sampling_ratio}; "
           "covered fraction of view-2 kept cells: APS {aps:.3f}, flip ignored {aps_flip_ignored:.3f}, "
