@@ -62,6 +62,9 @@ def to_device(batch, device):
     return batch
 
 
+RUN_IDENTITY = ("dataset", "arch", "patch_size", "img_size")  # what auto-resume must find unchanged
+
+
 class NonFiniteLoss(UserError):
     pass
 
@@ -116,6 +119,13 @@ class Trainer:
         if path is None:
             return
         ckpt = load_training_checkpoint(path)
+        if not self.args.resume:  # auto-resume: refuse a checkpoint left there by a different run
+            saved, now = ckpt["args"], vars(self.args)
+            diff = [f"--{k.replace('_', '-')} {saved[k]} vs {now[k]}" for k in RUN_IDENTITY
+                    if k in saved and k in now and saved[k] != now[k]]
+            if diff:
+                raise UserError(f"{path} belongs to a different run ({', '.join(diff)}); use another --output-dir "
+                                "or pass --resume explicitly")
         load_strict(self.module, ckpt["model"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])

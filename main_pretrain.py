@@ -44,7 +44,7 @@ def get_args_parser():
     g.add_argument("--base-lr", type=float, default=None,
                    help="lr per 256 images (default 1e-3 tiny, 5e-4 small/base); lr = base * batch / 256")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (on all parameters)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"), help="AdamW betas")
     add_aps_augment_args(p)
     add_knn_args(p)
     add_runtime_args(p)

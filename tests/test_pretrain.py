@@ -133,6 +133,13 @@ def test_checkpoint_of_another_model_is_refused_and_left_untouched(tmp_path, tin
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "does not fit the model" in err and len(err.splitlines()) == 1
     assert digest(out / "checkpoint.pth") == before
+    # auto-resume refuses a checkpoint of another run in the same folder (here: another patch size)
+    other = [f if f != "4" else "8" for f in tiny_flags]  # --patch-size 8
+    with pytest.raises(SystemExit):
+        run(other + FAST + ["--nepoch", "2", "--knn-every", "0", "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert "belongs to a different run (--patch-size 4 vs 8)" in err and len(err.splitlines()) == 1
+    assert digest(out / "checkpoint.pth") == before
 
 
 def test_cli_error_has_no_traceback(tmp_path):
