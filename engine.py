@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from utils.checkpoint import LATEST, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
-from utils.dist import get_rank, is_main_process
+from utils.dist import all_reduce_min, get_rank, is_main_process
 from utils.errors import UserError
 from utils.log import MeanMeter, Progress, RunLog, get_logger
 from utils.runtime import AMP_CHOICES, autocast, seed_everything
@@ -62,6 +62,7 @@ def to_device(batch, device):
     return batch
 
 
+NO_STEP = 2**62  # "no non-finite loss seen"
 RUN_IDENTITY = ("dataset", "arch", "patch_size", "img_size")  # what auto-resume must find unchanged
 
 
@@ -148,7 +149,7 @@ class Trainer:
         n_iter = len(self.loader)
         K = self.steps_per_batch
         meter, window = MeanMeter(), MeanMeter()
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        first_bad = torch.full((), NO_STEP, dtype=torch.long, device=self.device)  # first non-finite step
         progress = Progress(n_iter, f"epoch {epoch + 1}/{self.epochs}", self.args.print_freq,
                             self.args.batch_size)
         start = time.perf_counter()
@@ -159,7 +160,7 @@ class Trainer:
                 set_lr(self.optimizer, lr)
                 with autocast(self.device, self.amp):
                     loss, stats = next(steps)
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                first_bad = torch.where((first_bad == NO_STEP) & ~torch.isfinite(loss.detach()),
                                         torch.full_like(first_bad, self.global_step), first_bad)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
@@ -182,8 +183,9 @@ class Trainer:
         return out
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int):
-        bad = int(first_bad.item())
-        if bad >= 0:
+        """Stop (on every rank together) if any rank saw a non-finite loss since the start of the epoch."""
+        bad = int(all_reduce_min(first_bad).item())
+        if bad != NO_STEP:
             ckpt = os.path.join(self.args.output_dir, LATEST)
             kept = f"the last good checkpoint {ckpt} is kept" if os.path.exists(ckpt) else "no checkpoint was written"
             raise NonFiniteLoss(f"loss became non-finite at step {bad} (epoch {epoch + 1}); {kept}; "

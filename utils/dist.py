@@ -96,3 +96,12 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / get_world_size()
+
+
+@torch.no_grad()
+def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
+    if not is_dist():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x

@@ -1,0 +1,60 @@
+"""The shared training loop: per-step lr at fractional epochs, K steps per batch, non-finite stop."""
+import argparse
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from engine import NonFiniteLoss, Trainer
+from utils.checkpoint import load_file
+
+
+def make_trainer(tmp_path, steps_fn, K, epochs, lr_log):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    data = TensorDataset(torch.randn(10, 2), torch.zeros(10))
+    loader = DataLoader(data, batch_size=2, shuffle=False)
+    args = argparse.Namespace(output_dir=str(tmp_path), print_freq=1, batch_size=2, seed=0, resume="",
+                              save_every=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def lr_at(e):
+        lr_log.append(e)
+        return 0.1 * (1 - e / epochs)
+
+    return Trainer(args=args, module=model, model=model, optimizer=opt,
+                   scaler=torch.amp.GradScaler("cpu", enabled=False), loader=loader,
+                   train_steps=lambda batch: steps_fn(model, batch), steps_per_batch=K, lr_at=lr_at,
+                   epochs=epochs, device=torch.device("cpu"), amp=None), opt
+
+
+def test_k_steps_per_batch_and_lr_at_fractional_epochs(tmp_path):
+
+    def steps(model, batch):
+        for _ in range(2):
+            yield model(batch[0]).pow(2).mean(), {}
+
+    lr_log = []
+    trainer, opt = make_trainer(tmp_path, steps, K=2, epochs=2, lr_log=lr_log)
+    trainer.fit()
+    # 5 batches x 2 steps per epoch: e = epoch + (it * K + t) / (n_iter * K)
+    assert lr_log == pytest.approx([e + i / 10 for e in range(2) for i in range(10)])
+    assert trainer.global_step == 20
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1 - 1.9 / 2))
+    assert load_file(str(tmp_path / "checkpoint.pth"))["global_step"] == 20
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+    counter = {"step": 0}
+
+    def steps(model, batch):
+        loss = model(batch[0]).pow(2).mean()
+        counter["step"] += 1
+        yield (loss * float("nan") if counter["step"] == 8 else loss), {}
+
+    trainer, _ = make_trainer(tmp_path, steps, K=1, epochs=3, lr_log=[])
+    with pytest.raises(NonFiniteLoss, match=r"non-finite at step 7 \(epoch 2\).*last good checkpoint"):
+        trainer.fit()
+    ckpt = load_file(str(tmp_path / "checkpoint.pth"))
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
