@@ -63,6 +63,7 @@ def to_device(batch, device):
 
 
 NO_STEP = 2**62  # "no non-finite loss seen"
+BEST = "checkpoint-best.pth"
 RUN_IDENTITY = ("dataset", "arch", "patch_size", "img_size")  # what auto-resume must find unchanged
 
 
@@ -79,7 +80,8 @@ class Trainer:
     """
 
     def __init__(self, *, args, module, model, optimizer, scaler, loader, train_steps, steps_per_batch, lr_at,
-                 epochs, device, amp, evaluate=None, eval_every=0, extra_state=None, model_config=None):
+                 epochs, device, amp, evaluate=None, eval_every=0, extra_state=None, model_config=None,
+                 after_step=None, select_metric=None):
         self.args, self.module, self.model = args, module, model
         self.optimizer, self.scaler, self.loader = optimizer, scaler, loader
         self.train_steps, self.steps_per_batch, self.lr_at = train_steps, steps_per_batch, lr_at
@@ -87,6 +89,9 @@ class Trainer:
         self.evaluate, self.eval_every = evaluate, eval_every
         self.extra_state = extra_state or {}
         self.model_config = model_config or {}
+        self.after_step = after_step            # called after every optimizer step (e.g. an EMA update)
+        self.select_metric = select_metric      # evaluation key whose best value writes checkpoint-best.pth
+        self.best = None
         self.start_epoch, self.global_step = 0, 0
         self.log = RunLog(args.output_dir)
         self.logger = get_logger()
@@ -104,6 +109,7 @@ class Trainer:
             "model_config": self.model_config,
             "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
             "metrics": self.last_metrics,
+            "best": self.best,
         }
 
     def save(self, epoch: int):
@@ -141,6 +147,7 @@ class Trainer:
         self.start_epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt.get("global_step", 0))
         self.last_metrics = ckpt.get("metrics", {})
+        self.best = ckpt.get("best")
         self.logger.info(f"resumed from {path}: {self.start_epoch} epochs done, step {self.global_step}")
 
     # ---------------------------------------------------------------- loop
@@ -166,6 +173,8 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if self.after_step is not None:
+                    self.after_step(self.global_step)
                 values = {"loss": loss, **stats}
                 meter.update(**values)
                 window.update(**values)
@@ -211,7 +220,13 @@ class Trainer:
             self.last_metrics = metrics
             self.log.record({"epoch": epoch + 1, "step": self.global_step,
                              "epoch_time_s": round(time.perf_counter() - t0, 3), **metrics})
+            improved = self.select_metric in metrics and (self.best is None or metrics[self.select_metric] > self.best)
+            if improved:
+                self.best = metrics[self.select_metric]
             self.save(epoch + 1)
+            if improved and is_main_process():
+                save_checkpoint(self.state_dict(epoch + 1), os.path.join(self.args.output_dir, BEST))
+                self.logger.info(f"best {self.select_metric} so far: {self.best:.2f} (epoch {epoch + 1})")
         self.log.close()
         return self.last_metrics
 

@@ -58,11 +58,50 @@ def aps_view_transform(preset: Preset, img_size: int, scale=(0.15, 1.0), ratio=(
     return BoxedView(img_size, scale=scale, ratio=ratio, flip_p=flip_p, post=post)
 
 
-def eval_transform(preset: Preset, img_size: int):
+def eval_transform(preset: Preset, img_size: int, mean=None, std=None):
     """Deterministic view for kNN / evaluation: resize (+ centre crop at 224-style sizes), normalise."""
     if preset.img_size >= 96:  # ImageNet-style: resize the short side to size/0.875, then centre crop
         resize = [T.Resize(int(round(img_size / 0.875)), interpolation=InterpolationMode.BICUBIC),
                   T.CenterCrop(img_size)]
     else:
         resize = [T.Resize((img_size, img_size), interpolation=InterpolationMode.BILINEAR, antialias=True)]
-    return T.Compose(resize + [T.ToTensor(), normalize_for(preset)])
+    norm = T.Normalize(mean, std) if mean is not None else normalize_for(preset)
+    return T.Compose(resize + [T.ToTensor(), norm])
+
+
+def _posterize_at_least_1_bit(img, bits_to_keep, **_):
+    from PIL import ImageOps
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(1, bits_to_keep))
+
+
+def safe_posterize(rand_augment):
+    """timm's increasing posterize asks for 0 bits at the top magnitude, which current Pillow rejects
+    (old Pillow returned a black image); keep 1 bit instead."""
+    for op in rand_augment.ops:
+        if "posterize" in op.name.lower():
+            op.aug_fn = _posterize_at_least_1_bit
+    return rand_augment
+
+
+def finetune_transforms(preset: Preset, img_size: int, auto_augment: str = "rand-m9-mstd0.5-inc1",
+                        reprob: float = 0.25, remode: str = "pixel"):
+    """SPEC B: RandomCrop(size, padding 4) (RandomResizedCrop for 224-style data), flip, RandAugment,
+    normalisation, random erasing. Returns (train, eval) transforms. CIFAR and folders use ImageNet
+    statistics as the reference does; the small grey datasets keep their own."""
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+
+    from data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if preset.finetune_imagenet_norm else (preset.mean, preset.std)
+    if preset.img_size >= 96:
+        crop = T.RandomResizedCrop(img_size, interpolation=InterpolationMode.BICUBIC)
+    else:
+        crop = T.Compose([T.Resize((img_size, img_size), antialias=True), T.RandomCrop(img_size, padding=4)])
+    ops = [crop, T.RandomHorizontalFlip()]
+    if auto_augment and auto_augment != "none":
+        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in mean))
+        ops.append(safe_posterize(rand_augment_transform(auto_augment, hparams)))
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    if reprob > 0:
+        ops.append(RandomErasing(reprob, mode=remode, device="cpu"))
+    return T.Compose(ops), eval_transform(preset, img_size, mean, std)

@@ -23,6 +23,7 @@ class Preset:
     std: tuple
     num_classes: int       # 0: read from the data (image folders)
     note: str
+    finetune_imagenet_norm: bool = False  # the reference fine-tunes CIFAR/ImageNet with ImageNet statistics
 
 
 PRESETS = {
@@ -31,9 +32,10 @@ PRESETS = {
     "mnist": Preset(32, 2, (0.1307,) * 3, (0.3081,) * 3, 10, "idx files in --data-root, 28 px upscaled to 32"),
     "fashion-mnist": Preset(32, 2, (0.2860,) * 3, (0.3530,) * 3, 10,
                             "idx files in --data-root, 28 px upscaled to 32"),
-    "cifar10": Preset(32, 2, CIFAR_MEAN, CIFAR_STD, 10, "torchvision layout in --data-root"),
-    "cifar100": Preset(32, 2, CIFAR_MEAN, CIFAR_STD, 100, "torchvision layout in --data-root"),
-    "imagefolder": Preset(224, 16, IMAGENET_MEAN, IMAGENET_STD, 0, "<data-root>/train/<class>/*.jpg and val/"),
+    "cifar10": Preset(32, 2, CIFAR_MEAN, CIFAR_STD, 10, "torchvision layout in --data-root", True),
+    "cifar100": Preset(32, 2, CIFAR_MEAN, CIFAR_STD, 100, "torchvision layout in --data-root", True),
+    "imagefolder": Preset(224, 16, IMAGENET_MEAN, IMAGENET_STD, 0, "<data-root>/train/<class>/*.jpg and val/",
+                          True),
 }
 
 

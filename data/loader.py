@@ -49,3 +49,12 @@ class ShardSampler(Sampler):
 def build_eval_loader(dataset, batch: int, num_workers: int, device: torch.device):
     return DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset)), num_workers=num_workers,
                       pin_memory=device.type == "cuda", drop_last=False)
+
+
+def holdout_split(n: int, fraction: float, seed: int):
+    """(train indices, held-out indices): a fixed random `fraction` of range(n) held out for validation."""
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"--val-split {fraction} must lie in (0, 1)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = max(1, int(round(n * fraction)))
+    return sorted(perm[k:]), sorted(perm[:k])

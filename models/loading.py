@@ -80,6 +80,11 @@ def _ours_aps(ckpt):
     return backbone, sorted(rest), ckpt.get("model_config")
 
 
+def _ours_vit(ckpt):
+    state = {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}
+    return state, sorted(k for k in ckpt["model"] if k.startswith("head.")), ckpt.get("model_config")
+
+
 def _reference_aps(ckpt):
     backbone, dropped = convert_reference_aps(ckpt)
     return backbone, dropped, None
@@ -93,6 +98,7 @@ def _timm_vit(ckpt):
 FORMATS = (
     ("ours-aps", lambda c: isinstance(c.get("model"), dict) and any(k.startswith("encoder.") for k in c["model"]),
      _ours_aps),
+    ("ours-vit", lambda c: isinstance(c.get("model"), dict) and "pos_embed" in c["model"], _ours_vit),
     ("reference-aps", lambda c: any(isinstance(k, str) and k.startswith("base_encoder.") for k in c), _reference_aps),
     ("timm-vit", lambda c: "pos_embed" in c and "patch_embed.proj.weight" in c, _timm_vit),
 )
@@ -107,18 +113,14 @@ def detect_format(ckpt: dict, source: str = "checkpoint") -> str:
                     "checkpoint or a reference APS pretraining file")
 
 
-def load_backbone(source, arch: str = None, patch_size: int = None, img_size: int = None, **overrides):
-    """A ViT whose forward gives the cls feature, from one of FORMATS (a path or an already loaded dict).
-
-    arch / patch_size / img_size, when given, must match the file (an error names the right flag).
-    `overrides` go to the model constructor (e.g. drop_path_rate, or num_heads for non-standard widths).
-    """
+def read_backbone(source, arch: str = None, patch_size: int = None, img_size: int = None):
+    """(timm ViT state dict, create_vit config, format, dropped keys) of `source`, checked against the flags."""
     name = source if isinstance(source, str) else "checkpoint"
     ckpt = load_file(source, "weights") if isinstance(source, str) else source
     fmt = detect_format(ckpt, name)
     convert = next(c for n, _, c in FORMATS if n == fmt)
     state, dropped, saved = convert(ckpt)
-    cfg = infer_vit_config(state, saved)
+    cfg = {k: v for k, v in infer_vit_config(state, saved).items() if k not in ("num_classes", "drop_path_rate")}
     if arch is not None and cfg["arch"] != arch:
         width = cfg.get("embed_dim") or ARCHS[cfg["arch"]]["embed_dim"]
         hint = f"pass --arch {cfg['arch']}" if cfg["arch"] else "it is not a standard size"
@@ -126,9 +128,43 @@ def load_backbone(source, arch: str = None, patch_size: int = None, img_size: in
     for flag, want, have in (("--patch-size", patch_size, cfg["patch_size"]), ("--img-size", img_size, cfg["img_size"])):
         if want is not None and want != have:
             raise UserError(f"{name} was trained with {flag} {have}, not {want}; pass {flag} {have}")
-    model = create_vit(**{**cfg, "arch": cfg["arch"] or "vit-small", **overrides})
-    load_strict(model, state, name)
+    cfg["arch"] = cfg["arch"] or "vit-small"
+    return state, cfg, fmt, dropped
+
+
+def report_dropped(name: str, fmt: str, dropped):
     if dropped:
-        heads = sorted({k.split(".")[0] if not k.startswith("base_encoder.") else "base_encoder.fc" for k in dropped})
+        heads = sorted({"base_encoder.fc" if k.startswith("base_encoder.fc.") else k.split(".")[0] for k in dropped})
         get_logger().info(f"loaded {name} ({fmt}); dropped {len(dropped)} head keys ({', '.join(heads)})")
+
+
+def load_backbone(source, arch: str = None, patch_size: int = None, img_size: int = None, **overrides):
+    """A ViT whose forward gives the cls feature, from one of FORMATS (a path or an already loaded dict).
+
+    arch / patch_size / img_size, when given, must match the file (an error names the right flag).
+    `overrides` go to the model constructor (e.g. drop_path_rate, or num_heads for non-standard widths).
+    """
+    name = source if isinstance(source, str) else "checkpoint"
+    state, cfg, fmt, dropped = read_backbone(source, arch, patch_size, img_size)
+    model = create_vit(**{**cfg, **overrides})
+    load_strict(model, state, name)
+    report_dropped(name, fmt, dropped)
     return model
+
+
+def load_classifier(source, num_classes: int, arch: str = None, patch_size: int = None, img_size: int = None,
+                    **overrides):
+    """A ViT with a new Linear(D, num_classes) head on the cls feature, backbone from `source`.
+
+    The missing keys must be exactly the head; anything else missing or unexpected is an error.
+    Returns (model, model config).
+    """
+    name = source if isinstance(source, str) else "checkpoint"
+    state, cfg, fmt, dropped = read_backbone(source, arch, patch_size, img_size)
+    cfg = {**cfg, **overrides, "num_classes": num_classes}
+    model = create_vit(**cfg)
+    head = {k for k in model.state_dict() if k.startswith("head.")}
+    load_strict(model, {**state, **{k: v for k, v in model.state_dict().items() if k in head}}, name)
+    report_dropped(name, fmt, dropped)
+    get_logger().info(f"new head: {', '.join(sorted(head))} ({num_classes} classes)")
+    return model, cfg
