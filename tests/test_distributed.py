@@ -83,3 +83,18 @@ def test_torchrun_two_process_pretraining_runs(tmp_path, tiny_flags):
     assert "2 process(es)" in res.stdout and "final kNN top-1" in res.stdout
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 4 * (1438 // 128)
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_finetuning_runs(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           "main_finetune.py", "--dataset", "digits", "--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32",
+           "--num-heads", "2", "--patch-size", "8", "--batch-size", "64", "--epochs", "1", "--warmup-epochs", "0",
+           "--num-workers", "0", "--device", "cpu", "--model-ema", "--val-split", "0.1",
+           "--output-dir", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "final-epoch test top-1" in res.stdout
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and "ema" in ckpt["extra"]

@@ -126,3 +126,21 @@ def test_bad_finetune_inputs(tmp_path, capsys):
             run(FAST + ["--epochs", "1", "--output-dir", str(tmp_path / "out")] + flags)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and expected in err, (flags, err)
+
+
+@pytest.mark.slow
+def test_resume_with_ema_and_mixup_equals_uninterrupted(tmp_path):
+    import shutil
+    flags = FAST + ["--epochs", "2", "--warmup-epochs", "1", "--model-ema", "--model-ema-decay", "0.9",
+                    "--batch-size", "128"]
+    run(flags + ["--output-dir", str(tmp_path / "full"), "--save-every", "1"])
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "full" / "checkpoint-0001.pth", tmp_path / "resumed" / "checkpoint.pth")
+    run(flags + ["--output-dir", str(tmp_path / "resumed")])
+    full = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    assert resumed["global_step"] == full["global_step"]
+    for k, v in full["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    for k, v in full["extra"]["ema"].items():
+        assert torch.equal(v, resumed["extra"]["ema"][k]), k
