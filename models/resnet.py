@@ -1,0 +1,30 @@
+"""torchvision ResNets for MoCo: optional CIFAR stem, the MoCo v2 projector in place of fc (SPEC C1)."""
+from functools import partial
+
+import torch.nn as nn
+import torchvision.models as tvm
+
+from models.norm import SplitBatchNorm
+from utils.errors import UserError
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def moco_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> nn.Sequential:
+    """Linear-BN-ReLU-Linear-ReLU-Linear (BN after the first layer only); keys fc.0, fc.1, fc.3, fc.5."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+def create_resnet(arch: str = "resnet50", cifar_stem: bool = False, bn_splits: int = 1, num_classes: int = 0):
+    """A torchvision ResNet; fc is Identity (features) unless num_classes > 0. `bn_splits` > 1 uses split BN."""
+    if arch not in RESNETS:
+        raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(RESNETS)}")
+    norm = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
+    model = getattr(tvm, arch)(weights=None, norm_layer=norm)
+    if cifar_stem:  # 32 px images: 3x3 stride-1 first conv, no max-pool
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    model.feature_dim = model.fc.in_features
+    model.fc = nn.Linear(model.feature_dim, num_classes) if num_classes else nn.Identity()
+    return model

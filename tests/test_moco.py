@@ -1,0 +1,114 @@
+"""MoCo core (SPEC C1/C2): loss, momentum update, queue, split BN, MultiCrop and MeanEnc composition."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.moco import MoCo, moco_loss
+from models.norm import SplitBatchNorm
+from models.resnet import create_resnet, moco_projector
+
+
+def reference_moco_loss(q, k, queue, T):
+    q, k, queue = q.double().numpy(), k.double().numpy(), queue.double().numpy()
+    total = 0.0
+    for i in range(len(q)):
+        logits = [float(q[i] @ k[i]) / T] + [float(q[i] @ queue[:, j]) / T for j in range(queue.shape[1])]
+        m = max(logits)
+        total += -(logits[0] - m - math.log(sum(math.exp(v - m) for v in logits)))
+    return total / len(q)
+
+
+def test_loss_against_hand_written_with_a_known_queue():
+    torch.manual_seed(0)
+    q, k = F.normalize(torch.randn(5, 8), dim=1), F.normalize(torch.randn(5, 8), dim=1)
+    queue = F.normalize(torch.randn(8, 12), dim=0)
+    assert moco_loss(q, k, queue, 0.2).item() == pytest.approx(reference_moco_loss(q, k, queue, 0.2), rel=1e-5)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_momentum_update_formula_and_bn_buffers_untouched():
+    torch.manual_seed(1)
+    moco = MoCo(Tiny(), dim=4, queue_size=8, momentum=0.9)
+    with torch.no_grad():
+        for p in moco.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    k_before = {n: p.clone() for n, p in moco.encoder_k.named_parameters()}
+    q_now = dict(moco.encoder_q.named_parameters())
+    moco.encoder_k.body[2].running_mean.fill_(3.0)
+    moco.momentum_update()
+    for n, p in moco.encoder_k.named_parameters():
+        assert torch.allclose(p, 0.9 * k_before[n] + 0.1 * q_now[n]), n
+    assert torch.all(moco.encoder_k.body[2].running_mean == 3.0)
+    assert not any(p.requires_grad for p in moco.encoder_k.parameters())
+
+
+def test_enqueue_wraps_around():
+    moco = MoCo(Tiny(), dim=4, queue_size=8)
+    batches = [torch.full((4, 4), float(i)) for i in (1, 2, 3)]
+    for b in batches:
+        moco.enqueue(b)
+    assert int(moco.queue_ptr) == 4
+    assert torch.all(moco.queue[:, :4] == 3.0) and torch.all(moco.queue[:, 4:] == 2.0)
+    with pytest.raises(ValueError, match="multiple"):
+        moco.enqueue(torch.zeros(3, 4))
+
+
+def test_split_bn_equals_per_chunk_bn_by_hand():
+    torch.manual_seed(2)
+    bn = SplitBatchNorm(3, num_splits=2)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 1.0]))
+    x = torch.randn(8, 3, 2, 2)
+    y = bn(x)
+    for j in range(2):
+        chunk = x[j::2]                                            # the chunks are strided
+        mean = chunk.mean(dim=(0, 2, 3), keepdim=True)
+        var = chunk.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        expected = (chunk - mean) / torch.sqrt(var + 1e-5) * bn.weight.view(1, 3, 1, 1) + bn.bias.view(1, 3, 1, 1)
+        assert torch.allclose(y[j::2], expected, atol=1e-5)
+    chunk_means = torch.stack([x[j::2].mean(dim=(0, 2, 3)) for j in range(2)]).mean(dim=0)
+    assert torch.allclose(bn.running_mean, 0.1 * chunk_means, atol=1e-6)
+    bn.eval()
+    assert torch.allclose(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias), atol=1e-6)
+
+
+def test_multicrop_and_mean_encoding_compose_as_specified():
+    torch.manual_seed(3)
+    moco = MoCo(Tiny(), dim=4, queue_size=8, momentum=1.0, temperature=0.2).eval()  # m = 1: fixed key encoder
+    query = torch.randn(4, 3, 2, 2)
+    keys = torch.randn(2, 4, 3, 2, 2)                              # two key views (MeanEnc)
+    minis = torch.randn(3, 4, 3, 2, 2)                             # three mini queries (MultiCrop)
+    queue = moco.queue.clone()
+    loss, stats = moco(query, keys, minis)
+    with torch.no_grad():
+        k = F.normalize((moco.encoder_k(keys[0]) + moco.encoder_k(keys[1])) / 2, dim=1)
+        q = F.normalize(moco.encoder_q(query), dim=1)
+        large = reference_moco_loss(q, k, queue, 0.2)
+        mini = np.mean([reference_moco_loss(F.normalize(moco.encoder_q(m), dim=1), k, queue, 0.2) for m in minis])
+    assert loss.item() == pytest.approx(large + mini, rel=1e-5)
+    assert stats["loss_large"].item() == pytest.approx(large, rel=1e-5)
+    assert torch.allclose(moco.queue[:, :4], k.T, atol=1e-6)      # the mean key is what is enqueued
+    assert int(moco.queue_ptr) == 4
+
+
+def test_resnet_cifar_stem_and_projector_keys():
+    model = create_resnet("resnet18", cifar_stem=True, bn_splits=2)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity) and isinstance(model.bn1, SplitBatchNorm)
+    model.fc = moco_projector(model.feature_dim, 64, 16)
+    keys = {k.split(".")[1] for k in model.state_dict() if k.startswith("fc.")}
+    assert keys == {"0", "1", "3", "5"}
+    assert model(torch.randn(4, 3, 32, 32)).shape == (4, 16)
