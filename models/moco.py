@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.dist import all_gather, get_world_size
+from utils.dist import all_gather, broadcast, get_rank, get_world_size
 
 
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,11 +59,29 @@ class MoCo(nn.Module):
         """keys: [V, N, ...] -> [N, d], normalised mean over the V views' projections."""
         V, N = keys.shape[:2]
         x = keys.flatten(0, 1)                                       # [V * N, ...], one batch (MeanEnc)
-        # single process: shuffle before the key encoder so that split-BN chunks differ from the query's
-        # (the stand-in for MoCo's shuffle-BN across GPUs)
-        perm = torch.randperm(x.shape[0], device=x.device)
-        z = self.encoder_k(x[perm]).float()[perm.argsort()]          # [V * N, d]
+        z = self.shuffled_key_encoder(x)                             # [V * N, d]
         return F.normalize(z.view(V, N, -1).mean(dim=0), dim=1)
+
+    @torch.no_grad()
+    def shuffled_key_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        """Shuffle-BN: encode the keys in a random order so that no BN batch holds a query's own key.
+
+        Many processes: shuffle across ranks (all-gather, one permutation from rank 0, each rank encodes
+        its slice, gather back, unshuffle). One process: shuffle locally; split BN stands in for GPUs.
+        """
+        world = get_world_size()
+        if world == 1:
+            perm = torch.randperm(x.shape[0], device=x.device)
+            return self.encoder_k(x[perm]).float()[perm.argsort()]
+        n = x.shape[0]
+        x_all = all_gather(x)                                        # [n * world, ...]
+        perm = broadcast(torch.randperm(x_all.shape[0], device=x.device))
+        rank = get_rank()
+        mine = perm[rank * n:(rank + 1) * n]
+        z_all = all_gather(self.encoder_k(x_all[mine]).float())      # [n * world, d], in shuffled order
+        z = torch.empty_like(z_all)
+        z[perm] = z_all                                              # unshuffle
+        return z[rank * n:(rank + 1) * n]
 
     def forward(self, query, keys, mini_queries=None):
         q = F.normalize(self.encoder_q(query).float(), dim=1)        # [N, d]

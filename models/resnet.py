@@ -28,3 +28,17 @@ def create_resnet(arch: str = "resnet50", cifar_stem: bool = False, bn_splits: i
     model.feature_dim = model.fc.in_features
     model.fc = nn.Linear(model.feature_dim, num_classes) if num_classes else nn.Identity()
     return model
+
+
+class ResNetTrunk(nn.Module):
+    """The pooled features of a ResNet whose fc holds something else (the MoCo projector). Shares weights."""
+
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        self.resnet = resnet
+
+    def forward(self, x):
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        return r.avgpool(x).flatten(1)

@@ -112,3 +112,48 @@ def test_resnet_cifar_stem_and_projector_keys():
     keys = {k.split(".")[1] for k in model.state_dict() if k.startswith("fc.")}
     assert keys == {"0", "1", "3", "5"}
     assert model(torch.randn(4, 3, 32, 32)).shape == (4, 16)
+
+
+def moco_run(argv):
+    import main_moco
+    return main_moco.main(main_moco.get_args_parser().parse_args(argv))
+
+
+TINY_MOCO = ["-a", "resnet18", "--img-size", "16", "--batch-size", "8", "--moco-k", "16", "--moco-dim", "8",
+             "--mlp-hidden-dim", "16", "--bn-splits", "2", "--epochs", "1", "--num-workers", "0", "--lr", "0.03"]
+
+
+@pytest.mark.slow
+def test_seed_command_shape_runs_on_a_folder(tmp_path):
+    from test_tools import make_folder
+    make_folder(tmp_path / "data", per_class=12)
+    out = tmp_path / "out"
+    metrics = moco_run(TINY_MOCO + ["--dist-url", "tcp://localhost:10001", "--multiprocessing-distributed",
+                                    "--world-size", "1", "--rank", "0", "--knn-every", "1",
+                                    "--output-dir", str(out), str(tmp_path / "data")])
+    assert 0 <= metrics["knn_top1"] <= 100
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["args"]["dataset"] == "imagefolder" and ckpt["args"]["cifar_stem"] is True
+    assert int(ckpt["model"]["queue_ptr"]) == (3 * 8) % 16       # 24 images, batch 8: 3 enqueues
+    assert {"encoder_q.fc.0.weight", "encoder_q.fc.1.running_mean", "encoder_k.fc.5.weight", "queue"} <= set(
+        ckpt["model"])
+
+
+@pytest.mark.slow
+def test_multicrop_and_mean_encoding_run(tmp_path):
+    from test_tools import make_folder
+    make_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "out"
+    metrics = moco_run(TINY_MOCO + ["--enable-multicrop", "--num-mini-crops", "2", "--mini-crop-size", "8",
+                                    "--enable-mean-encoding", "--num-key-views", "2", "--knn-every", "0",
+                                    "--data-root", str(tmp_path / "data"), "--dataset", "imagefolder",
+                                    "--output-dir", str(out)])
+    assert metrics["train_loss"] > metrics["train_loss_large"] > 0  # minis add their mean loss
+    assert "train_loss_mini" in metrics
+
+
+def test_queue_must_be_a_multiple_of_the_batch(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        moco_run(TINY_MOCO + ["--moco-k", "20", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--moco-k 20 is not a multiple of the global batch 8" in err

@@ -1,0 +1,132 @@
+"""MoCo v2 pretraining of a ResNet with the Asym-Siam asymmetries (SPEC part C).
+
+Implemented so far: the baseline, MultiCrop and MeanEnc. Launch many processes with torchrun; the
+reference's --dist-url/--multiprocessing-distributed/--world-size/--rank flags are accepted and ignored.
+"""
+import math
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from augment.moco import moco_views
+from data import add_data_args, build_dataset, build_train_loader, get_preset
+from engine import Trainer, add_runtime_args, prepare_output_dir
+from models.moco import MoCo, check_queue
+from models.resnet import RESNETS, ResNetTrunk, create_resnet, moco_projector
+from utils.dist import cleanup, get_world_size, init_distributed
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.knn import add_knn_args, knn_monitor
+from utils.log import setup_logger
+from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
+
+
+def get_args_parser():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("data_dir", nargs="?", default=None,
+                   help="ImageNet-style folder (train/ and val/), as in the reference; same as --data-root "
+                        "with --dataset imagefolder")
+    add_data_args(p, batch_size=256, dataset=None)
+    g = p.add_argument_group("model")
+    g.add_argument("-a", "--arch", default="resnet50", choices=RESNETS, help="torchvision ResNet")
+    g.add_argument("--cifar-stem", default=None, action="store_true",
+                   help="3x3 stride-1 first conv, no max-pool (default: on for 32 px datasets)")
+    g.add_argument("--mlp-hidden-dim", type=int, default=2048, help="projector hidden width")
+    g.add_argument("--moco-dim", type=int, default=128, help="key dimension")
+    g.add_argument("--moco-k", type=int, default=65536, help="queue size (a multiple of the global batch)")
+    g.add_argument("--moco-m", type=float, default=0.999, help="key-encoder momentum")
+    g.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature")
+    g.add_argument("--bn-splits", type=int, default=8,
+                   help="one process: BN statistics per chunk of the batch (stand-in for shuffle-BN); 1 = off")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=100, help="pretraining epochs")
+    g.add_argument("--lr", type=float, default=0.03, help="lr per 256 images (scaled by batch / 256)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4, help="weight decay")
+    g = p.add_argument_group("augmentation and asymmetries")
+    g.add_argument("--blur-prob", type=float, default=0.5, help="Gaussian blur probability")
+    g.add_argument("--enable-multicrop", action="store_true", help="MultiCrop: small query crops")
+    g.add_argument("--num-mini-crops", type=int, default=6, help="mini query crops with MultiCrop")
+    g.add_argument("--mini-crop-size", type=int, default=None, help="mini crop size (default 96/224 of the image)")
+    g.add_argument("--mini-crop-scale", type=float, nargs=2, default=(0.05, 0.14), metavar=("MIN", "MAX"),
+                   help="mini crop area range; the large crops then use (MAX, 1)")
+    g.add_argument("--enable-mean-encoding", action="store_true", help="MeanEnc: average several key views")
+    g.add_argument("--num-key-views", type=int, default=2, help="key views with MeanEnc")
+    g = p.add_argument_group("reference launcher flags (accepted, ignored: use torchrun)")
+    for flag in ("--dist-url", "--dist-backend", "--world-size", "--rank", "--gpu"):
+        g.add_argument(flag, default=None, help="ignored")
+    g.add_argument("--multiprocessing-distributed", action="store_true", help="ignored")
+    add_knn_args(p)
+    add_runtime_args(p)
+    return p
+
+
+def resolve_data(args):
+    if args.data_dir:
+        if args.data_root and args.data_root != args.data_dir:
+            raise UserError(f"DATA_DIR {args.data_dir} and --data-root {args.data_root} disagree; give one")
+        args.data_root, args.dataset = args.data_dir, args.dataset or "imagefolder"
+    args.dataset = args.dataset or "digits"
+
+
+@exit_on_user_error
+def main(args):
+    device = init_distributed(args.device)
+    resolve_data(args)
+    preset = get_preset(args.dataset)
+    args.img_size = args.img_size or preset.img_size
+    args.cifar_stem = args.img_size <= 64 if args.cifar_stem is None else args.cifar_stem
+    args.mini_crop_size = args.mini_crop_size or max(8, round(args.img_size * 96 / 224))
+    check_queue(args.moco_k, args.batch_size)
+    world = get_world_size()
+    bn_splits = args.bn_splits if world == 1 else 1  # many processes: real shuffle-BN across ranks
+    if bn_splits > 1 and (args.batch_size % bn_splits or args.batch_size // bn_splits < 2):
+        raise UserError(f"--batch-size {args.batch_size} does not split into --bn-splits {bn_splits} chunks of "
+                        "2 or more; change one of them (--bn-splits 1 turns split BN off)")
+    seed_everything(args.seed)
+    prepare_output_dir(args.output_dir)
+    logger = setup_logger(args.output_dir)
+    logger.info("args: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+
+    views = moco_views(preset, args.img_size, args.blur_prob,
+                       num_key_views=args.num_key_views if args.enable_mean_encoding else 1,
+                       num_minis=args.num_mini_crops if args.enable_multicrop else 0,
+                       mini_size=args.mini_crop_size, mini_scale=tuple(args.mini_crop_scale))
+    train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download, transform=views)
+    loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
+
+    encoder = create_resnet(args.arch, args.cifar_stem, bn_splits)
+    encoder.fc = moco_projector(encoder.feature_dim, args.mlp_hidden_dim, args.moco_dim)
+    module = MoCo(encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t).to(device)
+    model = module
+    if world > 1:
+        model = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+    lr = args.lr * args.batch_size / 256
+    optimizer = torch.optim.SGD(module.encoder_q.parameters(), lr=lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    amp = amp_dtype(args.amp, device)
+    logger.info(f"MoCo v2 {args.arch}{' (CIFAR stem)' if args.cifar_stem else ''} at {args.img_size} px, "
+                f"{len(train_set)} images, queue {args.moco_k}, lr {lr:.3g}, {world} process(es), "
+                f"split BN {bn_splits}, multicrop {args.enable_multicrop}, mean-enc {args.enable_mean_encoding}")
+
+    def train_steps(batch):
+        v = batch[0]
+        minis = v["mini_queries"].transpose(0, 1) if "mini_queries" in v else None  # [M, N, ...]
+        yield model(v["query"], v["keys"].transpose(0, 1), minis)                   # keys: [V, N, ...]
+
+    trainer = Trainer(
+        args=args, module=module, model=model, optimizer=optimizer, scaler=make_grad_scaler(device, amp),
+        loader=loader, train_steps=train_steps, steps_per_batch=1,
+        lr_at=lambda e: lr * 0.5 * (1.0 + math.cos(math.pi * math.floor(e) / args.epochs)),  # cosine per epoch
+        epochs=args.epochs, device=device, amp=amp,
+        evaluate=knn_monitor(args, preset, ResNetTrunk(module.encoder_q), device, amp), eval_every=args.knn_every,
+        model_config=dict(arch=args.arch, cifar_stem=args.cifar_stem, mlp_hidden_dim=args.mlp_hidden_dim,
+                          moco_dim=args.moco_dim))
+    metrics = trainer.fit()
+    if "knn_top1" in metrics:
+        logger.info(f"final kNN top-1 {metrics['knn_top1']:.2f}% (top-5 {metrics['knn_top5']:.2f}%)")
+    cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
