@@ -1,6 +1,6 @@
 """MoCo v2 pretraining of a ResNet with the Asym-Siam asymmetries (SPEC part C).
 
-Implemented so far: the baseline, MultiCrop and MeanEnc. Launch many processes with torchrun; the
+Implemented so far: the baseline, MultiCrop, AsymAug and MeanEnc. Launch many processes with torchrun; the
 reference's --dist-url/--multiprocessing-distributed/--world-size/--rank flags are accepted and ignored.
 """
 import math
@@ -49,6 +49,8 @@ def get_args_parser():
     g.add_argument("--mini-crop-size", type=int, default=None, help="mini crop size (default 96/224 of the image)")
     g.add_argument("--mini-crop-scale", type=float, nargs=2, default=(0.05, 0.14), metavar=("MIN", "MAX"),
                    help="mini crop area range; the large crops then use (MAX, 1)")
+    g.add_argument("--enable-asymm-aug", action="store_true",
+                   help="AsymAug: RandAugment on the query side, crop + flip only on the key side")
     g.add_argument("--enable-mean-encoding", action="store_true", help="MeanEnc: average several key views")
     g.add_argument("--num-key-views", type=int, default=2, help="key views with MeanEnc")
     g = p.add_argument_group("reference launcher flags (accepted, ignored: use torchrun)")
@@ -90,7 +92,8 @@ def main(args):
     views = moco_views(preset, args.img_size, args.blur_prob,
                        num_key_views=args.num_key_views if args.enable_mean_encoding else 1,
                        num_minis=args.num_mini_crops if args.enable_multicrop else 0,
-                       mini_size=args.mini_crop_size, mini_scale=tuple(args.mini_crop_scale))
+                       mini_size=args.mini_crop_size, mini_scale=tuple(args.mini_crop_scale),
+                       asym_aug=args.enable_asymm_aug)
     train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download, transform=views)
     loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
 
@@ -106,7 +109,8 @@ def main(args):
     amp = amp_dtype(args.amp, device)
     logger.info(f"MoCo v2 {args.arch}{' (CIFAR stem)' if args.cifar_stem else ''} at {args.img_size} px, "
                 f"{len(train_set)} images, queue {args.moco_k}, lr {lr:.3g}, {world} process(es), "
-                f"split BN {bn_splits}, multicrop {args.enable_multicrop}, mean-enc {args.enable_mean_encoding}")
+                f"split BN {bn_splits}, multicrop {args.enable_multicrop}, asym-aug {args.enable_asymm_aug}, "
+                f"mean-enc {args.enable_mean_encoding}")
 
     def train_steps(batch):
         v = batch[0]

@@ -32,6 +32,26 @@ def moco_v2_transform(preset: Preset, size: int, scale=(0.2, 1.0), blur_prob: fl
     ])
 
 
+def asym_query_transform(preset: Preset, size: int, scale=(0.2, 1.0), blur_prob: float = 0.5):
+    """AsymAug's stronger source side: the v2 pipeline plus RandAugment rand-m10-n2-mstd0.5 after the flip
+    (translate_const 100 at 224 px, scaled with the image size)."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    from augment.transforms import safe_posterize
+    hparams = dict(translate_const=max(1, round(100 * size / 224)),
+                   img_mean=tuple(round(255 * m) for m in preset.mean))
+    v2 = moco_v2_transform(preset, size, scale, blur_prob).transforms
+    flip_at = next(i for i, t in enumerate(v2) if isinstance(t, T.RandomHorizontalFlip))
+    ra = safe_posterize(rand_augment_transform("rand-m10-n2-mstd0.5", hparams))
+    return T.Compose(v2[:flip_at + 1] + [ra] + v2[flip_at + 1:])
+
+
+def asym_key_transform(preset: Preset, size: int):
+    """AsymAug's weaker target side: RandomResizedCrop (scale 0.08-1) and flip only, then normalise."""
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
+                      normalize_for(preset)])
+
+
 class MoCoViews:
     """One image -> {"query": [3, S, S], "keys": [V, 3, S, S], "mini_queries": [M, 3, s, s]} (M may be 0)."""
 
@@ -48,10 +68,13 @@ class MoCoViews:
 
 
 def moco_views(preset: Preset, size: int, blur_prob=0.5, num_key_views=1, num_minis=0, mini_size=96,
-               mini_scale=(0.05, 0.14)) -> MoCoViews:
+               mini_scale=(0.05, 0.14), asym_aug=False) -> MoCoViews:
     """The baseline views; MultiCrop (num_minis > 0) adds small query crops and moves the large crops' scale
-    to (0.14, 1) on both sides, as the reference does; MeanEnc (num_key_views > 1) adds key views."""
+    to (0.14, 1) on both sides, as the reference does; MeanEnc (num_key_views > 1) adds key views; AsymAug
+    makes the query stronger and the key weaker."""
     scale = (mini_scale[1], 1.0) if num_minis else (0.2, 1.0)
     large = moco_v2_transform(preset, size, scale, blur_prob)
+    query = asym_query_transform(preset, size, scale, blur_prob) if asym_aug else large
+    key = asym_key_transform(preset, size) if asym_aug else large
     mini = moco_v2_transform(preset, mini_size, mini_scale, blur_prob) if num_minis else None
-    return MoCoViews(large, large, num_key_views, mini, num_minis)
+    return MoCoViews(query, key, num_key_views, mini, num_minis)

@@ -140,12 +140,13 @@ def test_seed_command_shape_runs_on_a_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_multicrop_and_mean_encoding_run(tmp_path):
+def test_multicrop_asym_aug_and_mean_encoding_run_together(tmp_path):
     from test_tools import make_folder
     make_folder(tmp_path / "data", per_class=4)
     out = tmp_path / "out"
     metrics = moco_run(TINY_MOCO + ["--enable-multicrop", "--num-mini-crops", "2", "--mini-crop-size", "8",
-                                    "--enable-mean-encoding", "--num-key-views", "2", "--knn-every", "0",
+                                    "--enable-mean-encoding", "--num-key-views", "2", "--enable-asymm-aug",
+                                    "--knn-every", "0",
                                     "--data-root", str(tmp_path / "data"), "--dataset", "imagefolder",
                                     "--output-dir", str(out)])
     assert metrics["train_loss"] > metrics["train_loss_large"] > 0  # minis add their mean loss
@@ -157,3 +158,28 @@ def test_queue_must_be_a_multiple_of_the_batch(tmp_path, capsys):
         moco_run(TINY_MOCO + ["--moco-k", "20", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "--moco-k 20 is not a multiple of the global batch 8" in err
+
+
+def test_asym_aug_query_and_key_pipelines_differ_as_specified():
+    import torchvision.transforms as T
+    from timm.data.auto_augment import RandAugment
+
+    from augment.moco import moco_views
+    from data import get_preset
+    preset = get_preset("imagefolder")
+    views = moco_views(preset, 224, asym_aug=True)
+    q = [type(t) for t in views.query_tf.transforms]
+    k = views.key_tf.transforms
+    flip = q.index(T.RandomHorizontalFlip)
+    assert q[flip + 1] is RandAugment and q[flip + 2] is T.ToTensor          # RandAugment right after the flip
+    assert T.RandomApply in q and T.RandomGrayscale in q                        # colour and blur as in v2
+    assert [type(t) for t in k] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    assert k[0].scale == (0.08, 1.0)
+    ra = views.query_tf.transforms[flip + 1]
+    assert ra.num_layers == 2 and all(op.magnitude == 10 for op in ra.ops)
+    assert all(op.hparams["translate_const"] == 100 for op in ra.ops)
+    base = moco_views(preset, 224)
+    assert base.query_tf is base.key_tf                                          # symmetric baseline
+    from PIL import Image
+    out = views(Image.new("RGB", (256, 240), (120, 60, 30)))
+    assert out["query"].shape == (3, 224, 224) and out["keys"].shape == (1, 3, 224, 224)
