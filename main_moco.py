@@ -1,6 +1,6 @@
 """MoCo v2 pretraining of a ResNet with the Asym-Siam asymmetries (SPEC part C).
 
-Implemented so far: the baseline, MultiCrop, AsymAug and MeanEnc. Launch many processes with torchrun; the
+Implemented so far: the baseline, MultiCrop, ScaleMix, AsymAug and MeanEnc. Launch many processes with torchrun; the
 reference's --dist-url/--multiprocessing-distributed/--world-size/--rank flags are accepted and ignored.
 """
 import math
@@ -8,6 +8,7 @@ import math
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from augment.mix import scalemix
 from augment.moco import moco_views
 from data import add_data_args, build_dataset, build_train_loader, get_preset
 from engine import Trainer, add_runtime_args, prepare_output_dir
@@ -49,6 +50,8 @@ def get_args_parser():
     g.add_argument("--mini-crop-size", type=int, default=None, help="mini crop size (default 96/224 of the image)")
     g.add_argument("--mini-crop-scale", type=float, nargs=2, default=(0.05, 0.14), metavar=("MIN", "MAX"),
                    help="mini crop area range; the large crops then use (MAX, 1)")
+    g.add_argument("--enable-scalemix", action="store_true",
+                   help="ScaleMix: the query pastes a box of a second query view into the first")
     g.add_argument("--enable-asymm-aug", action="store_true",
                    help="AsymAug: RandAugment on the query side, crop + flip only on the key side")
     g.add_argument("--enable-mean-encoding", action="store_true", help="MeanEnc: average several key views")
@@ -93,7 +96,7 @@ def main(args):
                        num_key_views=args.num_key_views if args.enable_mean_encoding else 1,
                        num_minis=args.num_mini_crops if args.enable_multicrop else 0,
                        mini_size=args.mini_crop_size, mini_scale=tuple(args.mini_crop_scale),
-                       asym_aug=args.enable_asymm_aug)
+                       asym_aug=args.enable_asymm_aug, scalemix=args.enable_scalemix)
     train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download, transform=views)
     loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
 
@@ -109,13 +112,15 @@ def main(args):
     amp = amp_dtype(args.amp, device)
     logger.info(f"MoCo v2 {args.arch}{' (CIFAR stem)' if args.cifar_stem else ''} at {args.img_size} px, "
                 f"{len(train_set)} images, queue {args.moco_k}, lr {lr:.3g}, {world} process(es), "
-                f"split BN {bn_splits}, multicrop {args.enable_multicrop}, asym-aug {args.enable_asymm_aug}, "
+                f"split BN {bn_splits}, multicrop {args.enable_multicrop}, scalemix {args.enable_scalemix}, "
+                f"asym-aug {args.enable_asymm_aug}, "
                 f"mean-enc {args.enable_mean_encoding}")
 
     def train_steps(batch):
         v = batch[0]
+        query = scalemix(v["query"], v["query_mix"])[0] if "query_mix" in v else v["query"]
         minis = v["mini_queries"].transpose(0, 1) if "mini_queries" in v else None  # [M, N, ...]
-        yield model(v["query"], v["keys"].transpose(0, 1), minis)                   # keys: [V, N, ...]
+        yield model(query, v["keys"].transpose(0, 1), minis)                        # keys: [V, N, ...]
 
     trainer = Trainer(
         args=args, module=module, model=model, optimizer=optimizer, scaler=make_grad_scaler(device, amp),

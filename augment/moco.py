@@ -53,22 +53,26 @@ def asym_key_transform(preset: Preset, size: int):
 
 
 class MoCoViews:
-    """One image -> {"query": [3, S, S], "keys": [V, 3, S, S], "mini_queries": [M, 3, s, s]} (M may be 0)."""
+    """One image -> {"query": [3, S, S], "keys": [V, 3, S, S]}, plus "query_mix": [3, S, S] (a second query
+    view, for ScaleMix) and "mini_queries": [M, 3, s, s] (MultiCrop) when asked for."""
 
-    def __init__(self, query_tf, key_tf, num_key_views: int = 1, mini_tf=None, num_minis: int = 0):
+    def __init__(self, query_tf, key_tf, num_key_views: int = 1, mini_tf=None, num_minis: int = 0,
+                 scalemix: bool = False):
         self.query_tf, self.key_tf, self.num_key_views = query_tf, key_tf, num_key_views
-        self.mini_tf, self.num_minis = mini_tf, num_minis
+        self.mini_tf, self.num_minis, self.scalemix = mini_tf, num_minis, scalemix
 
     def __call__(self, img):
         out = {"query": self.query_tf(img),
                "keys": torch.stack([self.key_tf(img) for _ in range(self.num_key_views)])}
+        if self.scalemix:
+            out["query_mix"] = self.query_tf(img)
         if self.num_minis:
             out["mini_queries"] = torch.stack([self.mini_tf(img) for _ in range(self.num_minis)])
         return out
 
 
 def moco_views(preset: Preset, size: int, blur_prob=0.5, num_key_views=1, num_minis=0, mini_size=96,
-               mini_scale=(0.05, 0.14), asym_aug=False) -> MoCoViews:
+               mini_scale=(0.05, 0.14), asym_aug=False, scalemix=False) -> MoCoViews:
     """The baseline views; MultiCrop (num_minis > 0) adds small query crops and moves the large crops' scale
     to (0.14, 1) on both sides, as the reference does; MeanEnc (num_key_views > 1) adds key views; AsymAug
     makes the query stronger and the key weaker."""
@@ -77,4 +81,4 @@ def moco_views(preset: Preset, size: int, blur_prob=0.5, num_key_views=1, num_mi
     query = asym_query_transform(preset, size, scale, blur_prob) if asym_aug else large
     key = asym_key_transform(preset, size) if asym_aug else large
     mini = moco_v2_transform(preset, mini_size, mini_scale, blur_prob) if num_minis else None
-    return MoCoViews(query, key, num_key_views, mini, num_minis)
+    return MoCoViews(query, key, num_key_views, mini, num_minis, scalemix)

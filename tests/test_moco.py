@@ -140,12 +140,12 @@ def test_seed_command_shape_runs_on_a_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_multicrop_asym_aug_and_mean_encoding_run_together(tmp_path):
+def test_all_implemented_switches_run_together(tmp_path):
     from test_tools import make_folder
     make_folder(tmp_path / "data", per_class=4)
     out = tmp_path / "out"
     metrics = moco_run(TINY_MOCO + ["--enable-multicrop", "--num-mini-crops", "2", "--mini-crop-size", "8",
-                                    "--enable-mean-encoding", "--num-key-views", "2", "--enable-asymm-aug",
+                                    "--enable-mean-encoding", "--num-key-views", "2", "--enable-asymm-aug", "--enable-scalemix",
                                     "--knn-every", "0",
                                     "--data-root", str(tmp_path / "data"), "--dataset", "imagefolder",
                                     "--output-dir", str(out)])
@@ -183,3 +183,32 @@ def test_asym_aug_query_and_key_pipelines_differ_as_specified():
     from PIL import Image
     out = views(Image.new("RGB", (256, 240), (120, 60, 30)))
     assert out["query"].shape == (3, 224, 224) and out["keys"].shape == (1, 3, 224, 224)
+
+
+def test_scalemix_pastes_the_box_on_non_square_inputs():
+    from augment.mix import scalemix
+    g = torch.Generator().manual_seed(0)
+    N, H, W = 64, 6, 10
+    x1, x2 = torch.zeros(N, 3, H, W), torch.ones(N, 3, H, W)
+    mixed, boxes, lam = scalemix(x1, x2, generator=g)
+    for i in range(N):
+        top, bottom, left, right = boxes[i].tolist()
+        assert 0 <= top <= bottom <= H and 0 <= left <= right <= W
+        expected = torch.zeros(H, W)
+        expected[top:bottom, left:right] = 1.0                      # rows are H, columns are W (no swap)
+        assert torch.equal(mixed[i, 0], expected) and torch.equal(mixed[i, 2], expected)
+
+
+def test_scalemix_box_area_matches_lambda_on_average():
+    from augment.mix import scalemix
+    g = torch.Generator().manual_seed(1)
+    N, H, W = 4000, 64, 96
+    _, boxes, lam = scalemix(torch.zeros(N, 1, H, W), torch.ones(N, 1, H, W), generator=g)
+    top, bottom, left, right = boxes.T.float()
+    side = torch.sqrt(1 - lam)
+    # boxes whose centre keeps them inside the image: area fraction = 1 - lambda up to pixel rounding
+    inside = (bottom - top - side * H).abs().le(1.01) & (right - left - side * W).abs().le(1.01)
+    frac = ((bottom - top) * (right - left) / (H * W))[inside]
+    assert inside.float().mean() > 0.1
+    assert frac.mean().item() == pytest.approx((1 - lam[inside]).mean().item(), abs=0.01)
+    assert lam.mean().item() == pytest.approx(0.5, abs=0.03)
