@@ -1,6 +1,6 @@
 """MoCo v2 pretraining of a ResNet with the Asym-Siam asymmetries (SPEC part C).
 
-Implemented so far: the baseline, MultiCrop, ScaleMix, AsymAug and MeanEnc. Launch many processes with torchrun; the
+The baseline and all five switches: MultiCrop, ScaleMix, AsymAug, AsymBN and MeanEnc. Launch many processes with torchrun; the
 reference's --dist-url/--multiprocessing-distributed/--world-size/--rank flags are accepted and ignored.
 """
 import math
@@ -14,11 +14,12 @@ from data import add_data_args, build_dataset, build_train_loader, get_preset
 from engine import Trainer, add_runtime_args, prepare_output_dir
 from models.moco import MoCo, check_queue
 from models.resnet import RESNETS, ResNetTrunk, create_resnet, moco_projector
-from utils.dist import cleanup, get_world_size, init_distributed
+from utils.dist import cleanup, get_world_size, init_distributed, rank_group
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
 from utils.log import setup_logger
 from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
+from utils.syncbn import convert_sync_batchnorm
 
 
 def get_args_parser():
@@ -54,6 +55,9 @@ def get_args_parser():
                    help="ScaleMix: the query pastes a box of a second query view into the first")
     g.add_argument("--enable-asymm-aug", action="store_true",
                    help="AsymAug: RandAugment on the query side, crop + flip only on the key side")
+    g.add_argument("--enable-asym-bn", action="store_true",
+                   help="AsymBN: synchronise the target projector's BN over groups of processes")
+    g.add_argument("--syncbn-group-size", type=int, default=8, help="processes per AsymBN group (divides the world)")
     g.add_argument("--enable-mean-encoding", action="store_true", help="MeanEnc: average several key views")
     g.add_argument("--num-key-views", type=int, default=2, help="key views with MeanEnc")
     g = p.add_argument_group("reference launcher flags (accepted, ignored: use torchrun)")
@@ -103,6 +107,12 @@ def main(args):
     encoder = create_resnet(args.arch, args.cifar_stem, bn_splits)
     encoder.fc = moco_projector(encoder.feature_dim, args.mlp_hidden_dim, args.moco_dim)
     module = MoCo(encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t).to(device)
+    if args.enable_asym_bn:
+        if world == 1:
+            logger.warning("--enable-asym-bn does nothing with one process (there is nothing to synchronise)")
+        else:  # the target (key) projector's BN only, over groups of --syncbn-group-size ranks
+            group = rank_group(args.syncbn_group_size)
+            module.encoder_k.fc = convert_sync_batchnorm(module.encoder_k.fc, device, group)
     model = module
     if world > 1:
         model = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
@@ -113,7 +123,7 @@ def main(args):
     logger.info(f"MoCo v2 {args.arch}{' (CIFAR stem)' if args.cifar_stem else ''} at {args.img_size} px, "
                 f"{len(train_set)} images, queue {args.moco_k}, lr {lr:.3g}, {world} process(es), "
                 f"split BN {bn_splits}, multicrop {args.enable_multicrop}, scalemix {args.enable_scalemix}, "
-                f"asym-aug {args.enable_asymm_aug}, "
+                f"asym-aug {args.enable_asymm_aug}, asym-bn {args.enable_asym_bn and world > 1}, "
                 f"mean-enc {args.enable_mean_encoding}")
 
     def train_steps(batch):

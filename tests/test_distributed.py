@@ -114,3 +114,23 @@ def test_torchrun_two_process_moco_with_shuffle_bn_runs(tmp_path):
     assert "2 process(es), split BN 1" in res.stdout and "final kNN top-1" in res.stdout
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
     assert int(ckpt["model"]["queue_ptr"]) == (2 * 8) % 16   # 16 images, global batch 8: 2 enqueues of 8
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_moco_with_asym_bn(tmp_path):
+    from test_tools import make_folder
+    make_folder(tmp_path / "data", per_class=8)
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29520",
+            "main_moco.py", "-a", "resnet18", "--img-size", "16", "--batch-size", "8", "--moco-k", "16",
+            "--moco-dim", "8", "--mlp-hidden-dim", "16", "--epochs", "1", "--num-workers", "0", "--device", "cpu",
+            "--knn-every", "0", "--enable-asym-bn", str(tmp_path / "data")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(base + ["--syncbn-group-size", "2", "--output-dir", str(tmp_path / "out")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "asym-bn True" in res.stdout
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert "encoder_k.fc.1.running_mean" in ckpt["model"]     # synchronised BN keeps the BN state-dict keys
+    res = subprocess.run(base + ["--syncbn-group-size", "3", "--output-dir", str(tmp_path / "bad")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode != 0 and "--syncbn-group-size 3 does not divide the 2 processes" in res.stderr

@@ -112,3 +112,20 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_dist():
         dist.broadcast(x, src)
     return x
+
+
+def rank_group(group_size: int):
+    """This rank's process group when the ranks are cut into consecutive groups of `group_size`.
+
+    Every rank creates every group (new_group is collective). Raises UserError if the size does not divide
+    the world size.
+    """
+    world, rank = get_world_size(), get_rank()
+    if group_size < 1 or world % group_size:
+        raise UserError(f"--syncbn-group-size {group_size} does not divide the {world} processes; use a divisor")
+    mine = None
+    for start in range(0, world, group_size):
+        group = dist.new_group(list(range(start, start + group_size)))
+        if start <= rank < start + group_size:
+            mine = group
+    return mine

@@ -76,14 +76,11 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device, process_grou
         like = like if like is not None else module.running_mean
         out = DistBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group, device=like.device, dtype=like.dtype)
-        if module.affine:
-            with torch.no_grad():
-                out.weight.copy_(module.weight)
-                out.bias.copy_(module.bias)
+        if module.affine:  # the same Parameter objects (and so requires_grad), as torch's converter does
+            out.weight, out.bias = module.weight, module.bias
         if module.track_running_stats:
-            out.running_mean.copy_(module.running_mean)
-            out.running_var.copy_(module.running_var)
-            out.num_batches_tracked.copy_(module.num_batches_tracked)
+            out.running_mean, out.running_var = module.running_mean, module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
         out.train(module.training)
     for name, child in module.named_children():
         out.add_module(name, convert_sync_batchnorm(child, device, process_group))
