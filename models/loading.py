@@ -4,6 +4,9 @@ Formats (detected from the keys, see FORMATS):
   ours-aps      a main_pretrain.py checkpoint: {"model": {encoder.*, projector.*, predictor.*}, "model_config", ...}
   reference-aps the APS authors' pretraining file (SPEC A6): base_encoder.* + predictor.*, pos_embedding (L, 1, D)
   timm-vit      a plain ViT state dict with timm keys (cls_token, pos_embed, patch_embed.proj.*, blocks.*, norm.*)
+  ours-moco     a main_moco.py checkpoint: {"model": {encoder_q.*, encoder_k.*, queue, queue_ptr}, ...}
+  reference-moco the Asym-Siam authors' file (SPEC C4): {"arch", "state_dict": {module.encoder_q.*, ...}}
+ViT formats give an APS ViT (cls feature); MoCo formats give a torchvision ResNet with fc = Identity.
 Only `torch.load(weights_only=True)` is ever used: nothing in a file can run code.
 """
 import math
@@ -95,12 +98,49 @@ def _timm_vit(ckpt):
 
 
 # (name, detector over the loaded object, converter -> (backbone state, dropped keys, saved config or None))
+def _ours_moco(ckpt):
+    return _resnet_trunk(ckpt["model"], "encoder_q.")
+
+
+def _reference_moco(ckpt):
+    return _resnet_trunk(ckpt["state_dict"], "module.encoder_q.")
+
+
+def _resnet_trunk(state, prefix):
+    """encoder_q without its fc (the projector): (torchvision ResNet state, dropped keys, None)."""
+    inside, _ = split_prefix(state, prefix)
+    trunk = {k: v for k, v in inside.items() if not k.startswith("fc.")}
+    return trunk, sorted(prefix + k for k in inside if k.startswith("fc.")), None
+
+
+RESNET_LAYOUTS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
+                  (True, (3, 4, 6, 3)): "resnet50", (True, (3, 4, 23, 3)): "resnet101",
+                  (True, (3, 8, 36, 3)): "resnet152"}
+
+
+def infer_resnet_config(state: dict, source: str) -> dict:
+    """arch and stem read off a torchvision ResNet state dict (block counts, bottlenecks, conv1 kernel)."""
+    if "conv1.weight" not in state:
+        raise UserError(f"{source}: no conv1.weight in the encoder; not a ResNet MoCo checkpoint")
+    counts = tuple(1 + max([int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.")] or [-1])
+                   for i in range(1, 5))
+    bottleneck = "layer1.0.conv3.weight" in state
+    arch = RESNET_LAYOUTS.get((bottleneck, counts))
+    if arch is None:
+        raise UserError(f"{source}: a ResNet with blocks {counts} is not a torchvision resnet18/34/50/101/152")
+    return dict(arch=arch, cifar_stem=state["conv1.weight"].shape[-1] == 3)
+
+
 FORMATS = (
     ("ours-aps", lambda c: isinstance(c.get("model"), dict) and any(k.startswith("encoder.") for k in c["model"]),
      _ours_aps),
     ("ours-vit", lambda c: isinstance(c.get("model"), dict) and "pos_embed" in c["model"], _ours_vit),
     ("reference-aps", lambda c: any(isinstance(k, str) and k.startswith("base_encoder.") for k in c), _reference_aps),
     ("timm-vit", lambda c: "pos_embed" in c and "patch_embed.proj.weight" in c, _timm_vit),
+    ("ours-moco", lambda c: isinstance(c.get("model"), dict) and any(k.startswith("encoder_q.") for k in c["model"]),
+     _ours_moco),
+    ("reference-moco", lambda c: isinstance(c.get("state_dict"), dict) and any(
+        k.startswith("module.encoder_q.") for k in c["state_dict"]), _reference_moco),
 )
 
 
@@ -120,6 +160,8 @@ def read_backbone(source, arch: str = None, patch_size: int = None, img_size: in
     fmt = detect_format(ckpt, name)
     convert = next(c for n, _, c in FORMATS if n == fmt)
     state, dropped, saved = convert(ckpt)
+    if fmt in RESNET_FORMATS:
+        raise UserError(f"{name} holds a ResNet ({fmt}); this needs a ViT checkpoint (APS)")
     cfg = {k: v for k, v in infer_vit_config(state, saved).items() if k not in ("num_classes", "drop_path_rate")}
     if arch is not None and cfg["arch"] != arch:
         width = cfg.get("embed_dim") or ARCHS[cfg["arch"]]["embed_dim"]
@@ -132,21 +174,51 @@ def read_backbone(source, arch: str = None, patch_size: int = None, img_size: in
     return state, cfg, fmt, dropped
 
 
+def head_name(key: str) -> str:
+    """'module.encoder_q.fc.0.weight' -> 'module.encoder_q.fc', 'predictor.1.bias' -> 'predictor'."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in ("fc", "projector", "predictor", "head"):
+            return ".".join(parts[:i + 1])
+    return parts[0]
+
+
 def report_dropped(name: str, fmt: str, dropped):
     if dropped:
-        heads = sorted({"base_encoder.fc" if k.startswith("base_encoder.fc.") else k.split(".")[0] for k in dropped})
+        heads = sorted({head_name(k) for k in dropped})
         get_logger().info(f"loaded {name} ({fmt}); dropped {len(dropped)} head keys ({', '.join(heads)})")
 
 
 def load_backbone(source, arch: str = None, patch_size: int = None, img_size: int = None, **overrides):
-    """A ViT whose forward gives the cls feature, from one of FORMATS (a path or an already loaded dict).
+    """A backbone from one of FORMATS (a path or an already loaded dict): a ViT whose forward gives the cls
+    feature, or for MoCo checkpoints a ResNet whose forward gives the pooled feature.
 
     arch / patch_size / img_size, when given, must match the file (an error names the right flag).
     `overrides` go to the model constructor (e.g. drop_path_rate, or num_heads for non-standard widths).
     """
     name = source if isinstance(source, str) else "checkpoint"
-    state, cfg, fmt, dropped = read_backbone(source, arch, patch_size, img_size)
+    ckpt = load_file(source, "weights") if isinstance(source, str) else source
+    if detect_format(ckpt, name) in RESNET_FORMATS:
+        return load_resnet(ckpt, name, arch)
+    state, cfg, fmt, dropped = read_backbone(ckpt, arch, patch_size, img_size)
     model = create_vit(**{**cfg, **overrides})
+    load_strict(model, state, name)
+    report_dropped(name, fmt, dropped)
+    return model
+
+
+RESNET_FORMATS = ("ours-moco", "reference-moco")
+
+
+def load_resnet(ckpt: dict, name: str, arch: str = None):
+    """A ResNet feature extractor (fc = Identity) from a MoCo checkpoint, strict apart from the projector."""
+    from models.resnet import create_resnet
+    fmt = detect_format(ckpt, name)
+    state, dropped, _ = next(c for n, _, c in FORMATS if n == fmt)(ckpt)
+    cfg = infer_resnet_config(state, name)
+    if arch is not None and arch != cfg["arch"]:
+        raise UserError(f"{name} holds a {cfg['arch']}, not {arch}; pass -a {cfg['arch']}")
+    model = create_resnet(cfg["arch"], cfg["cifar_stem"])
     load_strict(model, state, name)
     report_dropped(name, fmt, dropped)
     return model

@@ -212,3 +212,28 @@ def test_scalemix_box_area_matches_lambda_on_average():
     assert inside.float().mean() > 0.1
     assert frac.mean().item() == pytest.approx((1 - lam[inside]).mean().item(), abs=0.01)
     assert lam.mean().item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_load_backbone_reads_our_and_the_reference_moco_checkpoints(tmp_path):
+    from models import load_backbone
+    from models.resnet import ResNetTrunk
+    from utils.errors import UserError
+    torch.manual_seed(4)
+    enc = create_resnet("resnet18", cifar_stem=True)
+    enc.fc = moco_projector(enc.feature_dim, 32, 8)
+    moco = MoCo(enc, dim=8, queue_size=16)
+    x = torch.randn(2, 3, 16, 16)
+    expected = ResNetTrunk(moco.encoder_q).eval()(x)
+    ref = {"epoch": 100, "arch": "resnet18", "optimizer": {},
+           "state_dict": {f"module.{k}": v for k, v in moco.state_dict().items()}}  # SPEC C4
+    torch.save(ref, tmp_path / "ref.pth")
+    torch.save({"model": moco.state_dict(), "args": {}, "epoch": 1, "optimizer": {}}, tmp_path / "ours.pth")
+    for name in ("ref.pth", "ours.pth"):
+        backbone = load_backbone(str(tmp_path / name)).eval()
+        assert isinstance(backbone.fc, nn.Identity) and backbone.conv1.kernel_size == (3, 3)
+        assert torch.allclose(backbone(x), expected, atol=1e-5), name
+    with pytest.raises(UserError, match="pass -a resnet18"):
+        load_backbone(str(tmp_path / "ref.pth"), arch="resnet50")
+    broken = dict(ref, state_dict={k: v for k, v in ref["state_dict"].items() if "layer2.0.conv1" not in k})
+    with pytest.raises(UserError, match="missing: layer2.0.conv1.weight"):
+        load_backbone(broken)
