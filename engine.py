@@ -15,7 +15,7 @@ import torch
 from utils.checkpoint import LATEST, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
 from utils.dist import all_reduce_min, get_rank, is_main_process
 from utils.errors import UserError
-from utils.log import MeanMeter, Progress, RunLog, get_logger
+from utils.log import MeanMeter, Progress, RunLog, get_logger, setup_logger
 from utils.runtime import AMP_CHOICES, autocast, seed_everything
 from utils.schedule import set_lr
 
@@ -46,6 +46,14 @@ def prepare_output_dir(path: str):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"--output-dir {path} is not writable ({e.strerror or e}); choose another folder") from e
+
+
+def start_run(args):
+    """Create the output folder, set up the logger and log every flag; returns the logger."""
+    prepare_output_dir(args.output_dir)
+    logger = setup_logger(args.output_dir)
+    logger.info("args: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    return logger
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

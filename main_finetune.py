@@ -11,14 +11,14 @@ from augment import finetune_transforms
 from data import add_data_args, build_dataset, build_eval_loader, build_train_loader, get_preset
 from data.datasets import num_classes_of
 from data.loader import holdout_split, per_rank_batch_size
-from engine import Trainer, add_runtime_args, prepare_output_dir
-from models import ARCHS, create_vit
+from engine import Trainer, add_runtime_args, start_run
+from models import create_vit
+from models.vit import add_vit_args, vit_overrides
 from models.loading import load_classifier
 from utils.accuracy import evaluate_classifier
 from utils.checkpoint import find_resume_path, load_strict, load_training_checkpoint
 from utils.dist import cleanup, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.log import setup_logger
 from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
 from utils.schedule import warmup_cosine
 
@@ -28,13 +28,7 @@ BASE_LR = {"vit-tiny": 2e-3, "vit-small": 1e-3, "vit-base": 5e-4}  # per 512 ima
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
     add_data_args(p, batch_size=128)
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit-small", choices=list(ARCHS), help="ViT size (depth 12)")
-    g.add_argument("--patch-size", type=int, default=None, help="patch size (default: 2 at 32 px, 16 at 224 px)")
-    g.add_argument("--depth", type=int, default=None, help="override the number of blocks (from scratch only)")
-    g.add_argument("--embed-dim", type=int, default=None, help="override the width (from scratch only)")
-    g.add_argument("--num-heads", type=int, default=None, help="override the heads (from scratch; or for a "
-                                                                 "non-standard width in --pretrained-weights)")
+    g = add_vit_args(p)
     g.add_argument("--pretrained-weights", default="", help="APS checkpoint (ours or the reference's); "
                                                             "empty: train from scratch")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (applied, unlike the reference)")
@@ -72,8 +66,7 @@ def get_args_parser():
 
 def build_model(args, num_classes):
     """(model, config): from --pretrained-weights with a new head, or from scratch."""
-    overrides = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.embed_dim),
-                                   ("num_heads", args.num_heads)) if v is not None}
+    overrides = vit_overrides(args)
     if args.pretrained_weights:
         extra = {"num_heads": args.num_heads} if args.num_heads else {}
         return load_classifier(args.pretrained_weights, num_classes, args.arch, args.patch_size, args.img_size,
@@ -119,9 +112,7 @@ def main(args):
         raise UserError(f"mixup/cutmix need an even batch per process (got {args.batch_size // get_world_size()}); "
                         "change --batch-size or pass --mixup 0 --cutmix 0")
     seed_everything(args.seed)
-    prepare_output_dir(args.output_dir)
-    logger = setup_logger(args.output_dir)
-    logger.info("args: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    logger = start_run(args)
     amp = amp_dtype(args.amp, device)
 
     train_tf, eval_tf = finetune_transforms(preset, args.img_size, args.aa, args.reprob, args.remode)

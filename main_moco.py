@@ -11,13 +11,12 @@ from torch.nn.parallel import DistributedDataParallel
 from augment.mix import scalemix
 from augment.moco import moco_views
 from data import add_data_args, build_dataset, build_train_loader, get_preset
-from engine import Trainer, add_runtime_args, prepare_output_dir
+from engine import Trainer, add_runtime_args, start_run
 from models.moco import MoCo, check_queue
 from models.resnet import RESNETS, ResNetTrunk, create_resnet, moco_projector
 from utils.dist import cleanup, get_world_size, init_distributed, rank_group
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
-from utils.log import setup_logger
 from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
 from utils.syncbn import convert_sync_batchnorm
 
@@ -92,9 +91,7 @@ def main(args):
         raise UserError(f"--batch-size {args.batch_size} does not split into --bn-splits {bn_splits} chunks of "
                         "2 or more; change one of them (--bn-splits 1 turns split BN off)")
     seed_everything(args.seed)
-    prepare_output_dir(args.output_dir)
-    logger = setup_logger(args.output_dir)
-    logger.info("args: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    logger = start_run(args)
 
     views = moco_views(preset, args.img_size, args.blur_prob,
                        num_key_views=args.num_key_views if args.enable_mean_encoding else 1,

@@ -6,14 +6,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from augment import TwoViews, add_aps_augment_args, aps_augment_kwargs, aps_view_transform
 from data import add_data_args, build_dataset, build_train_loader, get_preset
-from engine import Trainer, add_runtime_args, prepare_output_dir
-from models import APS, ARCHS, create_vit
+from engine import Trainer, add_runtime_args, start_run
+from models import APS, create_vit
+from models.vit import add_vit_args, vit_overrides
 from models.aps import aps_training_steps
 from samplers.aps import kept_per_view
 from utils.dist import cleanup, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
-from utils.log import setup_logger
 from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
 from utils.schedule import aps_factor
 from utils.syncbn import convert_sync_batchnorm
@@ -24,12 +24,7 @@ BASE_LR = {"vit-tiny": 1e-3, "vit-small": 5e-4, "vit-base": 5e-4}
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
     add_data_args(p, batch_size=512)
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit-small", choices=list(ARCHS), help="ViT size (depth 12)")
-    g.add_argument("--patch-size", type=int, default=None, help="patch size (default: 2 at 32 px, 16 at 224 px)")
-    g.add_argument("--depth", type=int, default=None, help="override the number of blocks (default 12)")
-    g.add_argument("--embed-dim", type=int, default=None, help="override the width (default: the arch's)")
-    g.add_argument("--num-heads", type=int, default=None, help="override the attention heads (default: the arch's)")
+    g = add_vit_args(p)
     g.add_argument("--proj-hidden-dim", type=int, default=512, help="projector hidden width")
     g.add_argument("--proj-dim", type=int, default=128, help="projector output width")
     g.add_argument("--pred-hidden-dim", type=int, default=512, help="predictor hidden width")
@@ -75,15 +70,11 @@ def main(args):
     args.img_size = args.img_size or preset.img_size
     args.patch_size = args.patch_size or preset.patch_size
     args.base_lr = args.base_lr or BASE_LR[args.arch]
-    overrides = {k: v for k, v in (("depth", args.depth), ("embed_dim", args.embed_dim),
-                                   ("num_heads", args.num_heads)) if v is not None}
-    model_config = dict(arch=args.arch, img_size=args.img_size, patch_size=args.patch_size, **overrides)
+    model_config = dict(arch=args.arch, img_size=args.img_size, patch_size=args.patch_size, **vit_overrides(args))
     seed_everything(args.seed)  # same initial weights on every rank and every run
     encoder = create_vit(**model_config)  # validates arch / sizes before any work
     validate(args, encoder.grid)
-    prepare_output_dir(args.output_dir)
-    logger = setup_logger(args.output_dir)
-    logger.info("args: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    logger = start_run(args)
 
     views = TwoViews(aps_view_transform(preset, args.img_size, **aps_augment_kwargs(args)))
     train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download, transform=views)

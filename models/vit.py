@@ -68,6 +68,25 @@ def create_vit(arch: str = "vit-small", img_size: int = 32, patch_size: int = 2,
     return APSViT(img_size=img_size, patch_size=patch_size, **{**ARCHS[arch], **overrides})
 
 
+def add_vit_args(parser):
+    """The ViT model flags shared by main_pretrain.py and main_finetune.py (an argument group)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--arch", default="vit-small", choices=list(ARCHS), help="ViT size (depth 12)")
+    g.add_argument("--patch-size", type=int, default=None, help="patch size (default: 2 at 32 px, 16 at 224 px)")
+    g.add_argument("--depth", type=int, default=None, help="override the number of blocks (default 12)")
+    g.add_argument("--embed-dim", type=int, default=None, help="override the width (default: the arch's)")
+    g.add_argument("--num-heads", type=int, default=None,
+                   help="override the attention heads (default: the arch's; 64 channels per head when reading "
+                        "a non-standard width from a file)")
+    return g
+
+
+def vit_overrides(args) -> dict:
+    """--depth / --embed-dim / --num-heads that were given, as create_vit keyword arguments."""
+    return {k: v for k, v in (("depth", args.depth), ("embed_dim", args.embed_dim), ("num_heads", args.num_heads))
+            if v is not None}
+
+
 def _register(arch: str, patch: int, size: int):
     def fn(pretrained=False, **kwargs):
         if pretrained:
