@@ -12,7 +12,6 @@ Only `torch.load(weights_only=True)` is ever used: nothing in a file can run cod
 import math
 import re
 
-
 from models.vit import ARCHS, create_vit
 from utils.checkpoint import load_file, load_strict
 from utils.errors import UserError
