@@ -237,3 +237,22 @@ def test_load_backbone_reads_our_and_the_reference_moco_checkpoints(tmp_path):
     broken = dict(ref, state_dict={k: v for k, v in ref["state_dict"].items() if "layer2.0.conv1" not in k})
     with pytest.raises(UserError, match="missing: layer2.0.conv1.weight"):
         load_backbone(broken)
+
+
+@pytest.mark.slow
+def test_resume_restores_weights_queue_and_pointer_exactly(tmp_path):
+    import shutil
+
+    from test_tools import make_folder
+    make_folder(tmp_path / "data", per_class=12)
+    flags = TINY_MOCO + ["--epochs", "2", "--knn-every", "0", "--moco-k", "32", "--enable-scalemix",
+                         str(tmp_path / "data")]
+    moco_run(flags + ["--output-dir", str(tmp_path / "full"), "--save-every", "1"])
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "full" / "checkpoint-0001.pth", tmp_path / "resumed" / "checkpoint.pth")
+    moco_run(flags + ["--output-dir", str(tmp_path / "resumed")])
+    full = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    assert int(full["model"]["queue_ptr"]) == (2 * 3 * 8) % 32
+    for k, v in full["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
