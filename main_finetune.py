@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from augment import finetune_transforms
-from data import add_data_args, build_dataset, build_eval_loader, build_train_loader, get_preset
+from data import add_data_args, apply_preset, build_dataset, build_eval_loader, build_train_loader
 from data.datasets import num_classes_of
 from data.loader import holdout_split, per_rank_batch_size
 from engine import Trainer, add_runtime_args, start_run
@@ -103,9 +103,7 @@ def evaluate_only(args, test_loader, device, amp, logger):
 @exit_on_user_error
 def main(args):
     device = init_distributed(args.device)
-    preset = get_preset(args.dataset)
-    args.img_size = args.img_size or preset.img_size
-    args.patch_size = args.patch_size or preset.patch_size
+    preset = apply_preset(args)
     args.base_lr = args.base_lr or BASE_LR[args.arch]
     mixing = args.mixup > 0 or args.cutmix > 0
     if mixing and per_rank_batch_size(args.batch_size) % 2:

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from augment.mix import scalemix
 from augment.moco import moco_views
-from data import add_data_args, build_dataset, build_train_loader, get_preset
+from data import add_data_args, apply_preset, build_dataset, build_train_loader
 from engine import Trainer, add_runtime_args, start_run
 from models.moco import MoCo, check_queue
 from models.resnet import RESNETS, ResNetTrunk, create_resnet, moco_projector
@@ -80,8 +80,7 @@ def resolve_data(args):
 def main(args):
     device = init_distributed(args.device)
     resolve_data(args)
-    preset = get_preset(args.dataset)
-    args.img_size = args.img_size or preset.img_size
+    preset = apply_preset(args)
     args.cifar_stem = args.img_size <= 64 if args.cifar_stem is None else args.cifar_stem
     args.mini_crop_size = args.mini_crop_size or max(8, round(args.img_size * 96 / 224))
     check_queue(args.moco_k, args.batch_size)

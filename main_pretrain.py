@@ -5,7 +5,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from augment import TwoViews, add_aps_augment_args, aps_augment_kwargs, aps_view_transform
-from data import add_data_args, build_dataset, build_train_loader, get_preset
+from data import add_data_args, apply_preset, build_dataset, build_train_loader
 from engine import Trainer, add_runtime_args, start_run
 from models import APS, create_vit
 from models.vit import add_vit_args, vit_overrides
@@ -66,9 +66,7 @@ def validate(args, grid: int):
 @exit_on_user_error
 def main(args):
     device = init_distributed(args.device)
-    preset = get_preset(args.dataset)
-    args.img_size = args.img_size or preset.img_size
-    args.patch_size = args.patch_size or preset.patch_size
+    preset = apply_preset(args)
     args.base_lr = args.base_lr or BASE_LR[args.arch]
     model_config = dict(arch=args.arch, img_size=args.img_size, patch_size=args.patch_size, **vit_overrides(args))
     seed_everything(args.seed)  # same initial weights on every rank and every run

@@ -1,7 +1,7 @@
 """Datasets, their presets (image size, normalisation) and loaders, shared by every script."""
-from data.args import add_data_args
+from data.args import add_data_args, apply_preset
 from data.datasets import PRESETS, build_dataset, get_preset
 from data.loader import build_eval_loader, build_train_loader, per_rank_batch_size
 
-__all__ = ["add_data_args", "PRESETS", "build_dataset", "get_preset", "build_eval_loader", "build_train_loader",
+__all__ = ["add_data_args", "apply_preset", "PRESETS", "build_dataset", "get_preset", "build_eval_loader", "build_train_loader",
            "per_rank_batch_size"]

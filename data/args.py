@@ -1,5 +1,5 @@
 """The data flags, one argument group shared by all four scripts."""
-from data.datasets import PRESETS
+from data.datasets import PRESETS, get_preset
 
 
 def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: str = "./output"):
@@ -20,3 +20,12 @@ def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: 
     g.add_argument("--output-dir", default=output_dir,
                    help="where checkpoints, log.txt, log.jsonl and tensorboard/ go; a checkpoint there is resumed")
     return g
+
+
+def apply_preset(args):
+    """Fill --img-size (and --patch-size, where the script has one) from the dataset's preset; return it."""
+    preset = get_preset(args.dataset)
+    args.img_size = args.img_size or preset.img_size
+    if hasattr(args, "patch_size"):
+        args.patch_size = args.patch_size or preset.patch_size
+    return preset

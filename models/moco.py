@@ -50,9 +50,9 @@ class MoCo(nn.Module):
         n = keys.shape[0]
         if self.queue_size % n:
             raise ValueError(f"queue size {self.queue_size} is not a multiple of the global batch {n}")
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + n] = keys.T
-        self.queue_ptr.fill_((ptr + n) % self.queue_size)
+        idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % self.queue_size  # no host sync
+        self.queue.index_copy_(1, idx, keys.T.to(self.queue.dtype))
+        self.queue_ptr.add_(n).remainder_(self.queue_size)
 
     @torch.no_grad()
     def encode_keys(self, keys: torch.Tensor) -> torch.Tensor:
