@@ -12,13 +12,12 @@ from augment.mix import scalemix
 from augment.moco import moco_views
 from data import add_data_args, apply_preset, build_dataset, build_train_loader
 from engine import Trainer, add_runtime_args, start_run
-from models.moco import MoCo, check_queue
+from models.moco import MoCo, check_queue, synchronise_key_projector
 from models.resnet import RESNETS, ResNetTrunk, create_resnet, moco_projector
-from utils.dist import cleanup, get_world_size, init_distributed, rank_group
+from utils.dist import cleanup, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
 from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
-from utils.syncbn import convert_sync_batchnorm
 
 
 def get_args_parser():
@@ -68,6 +67,13 @@ def get_args_parser():
     return p
 
 
+def moco_inputs(v: dict):
+    """Named views of a batch -> MoCo's (query [N, ...], keys [V, N, ...], mini queries [M, N, ...] or None)."""
+    query = scalemix(v["query"], v["query_mix"])[0] if "query_mix" in v else v["query"]
+    minis = v["mini_queries"].transpose(0, 1) if "mini_queries" in v else None
+    return query, v["keys"].transpose(0, 1), minis
+
+
 def resolve_data(args):
     if args.data_dir:
         if args.data_root and args.data_root != args.data_dir:
@@ -107,8 +113,7 @@ def main(args):
         if world == 1:
             logger.warning("--enable-asym-bn does nothing with one process (there is nothing to synchronise)")
         else:  # the target (key) projector's BN only, over groups of --syncbn-group-size ranks
-            group = rank_group(args.syncbn_group_size)
-            module.encoder_k.fc = convert_sync_batchnorm(module.encoder_k.fc, device, group)
+            synchronise_key_projector(module, device, args.syncbn_group_size)
     model = module
     if world > 1:
         model = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
@@ -123,10 +128,7 @@ def main(args):
                 f"mean-enc {args.enable_mean_encoding}")
 
     def train_steps(batch):
-        v = batch[0]
-        query = scalemix(v["query"], v["query_mix"])[0] if "query_mix" in v else v["query"]
-        minis = v["mini_queries"].transpose(0, 1) if "mini_queries" in v else None  # [M, N, ...]
-        yield model(query, v["keys"].transpose(0, 1), minis)                        # keys: [V, N, ...]
+        yield model(*moco_inputs(batch[0]))
 
     trainer = Trainer(
         args=args, module=module, model=model, optimizer=optimizer, scaler=make_grad_scaler(device, amp),

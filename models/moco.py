@@ -7,7 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.dist import all_gather, broadcast, get_rank, get_world_size
+from utils.dist import all_gather, broadcast, get_rank, get_world_size, rank_group
+from utils.syncbn import convert_sync_batchnorm
+
+
+def _fp32(z: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 autocast outputs go up, float64 stays float64)."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
 
 
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -72,19 +78,19 @@ class MoCo(nn.Module):
         world = get_world_size()
         if world == 1:
             perm = torch.randperm(x.shape[0], device=x.device)
-            return self.encoder_k(x[perm]).float()[perm.argsort()]
+            return _fp32(self.encoder_k(x[perm]))[perm.argsort()]
         n = x.shape[0]
         x_all = all_gather(x)                                        # [n * world, ...]
         perm = broadcast(torch.randperm(x_all.shape[0], device=x.device))
         rank = get_rank()
         mine = perm[rank * n:(rank + 1) * n]
-        z_all = all_gather(self.encoder_k(x_all[mine]).float())      # [n * world, d], in shuffled order
+        z_all = all_gather(_fp32(self.encoder_k(x_all[mine])))      # [n * world, d], in shuffled order
         z = torch.empty_like(z_all)
         z[perm] = z_all                                              # unshuffle
         return z[rank * n:(rank + 1) * n]
 
     def forward(self, query, keys, mini_queries=None):
-        q = F.normalize(self.encoder_q(query).float(), dim=1)        # [N, d]
+        q = F.normalize(_fp32(self.encoder_q(query)), dim=1)        # [N, d]
         with torch.no_grad():
             self.momentum_update()
             k = self.encode_keys(keys)                               # [N, d]
@@ -93,13 +99,19 @@ class MoCo(nn.Module):
         stats = {"loss_large": loss.detach()}
         if mini_queries is not None and mini_queries.shape[0] > 0:
             M, N = mini_queries.shape[:2]
-            qm = F.normalize(self.encoder_q(mini_queries.flatten(0, 1)).float(), dim=1).view(M, N, -1)
+            qm = F.normalize(_fp32(self.encoder_q(mini_queries.flatten(0, 1))), dim=1).view(M, N, -1)
             mini = torch.stack([moco_loss(qm[i], k, queue, self.temperature) for i in range(M)]).mean()
             loss = loss + mini
             stats["loss_mini"] = mini.detach()
         stats["pos_cos"] = (q * k).sum(dim=1).mean().detach()
         self.enqueue(k)
         return loss, stats
+
+
+def synchronise_key_projector(module: MoCo, device: torch.device, group_size: int):
+    """AsymBN: the target (key) projector's BN computes its statistics over groups of `group_size` ranks;
+    the query side keeps per-rank BN."""
+    module.encoder_k.fc = convert_sync_batchnorm(module.encoder_k.fc, device, rank_group(group_size))
 
 
 def check_queue(queue_size: int, global_batch: int):
