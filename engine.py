@@ -89,7 +89,7 @@ class Trainer:
 
     def __init__(self, *, args, module, model, optimizer, scaler, loader, train_steps, steps_per_batch, lr_at,
                  epochs, device, amp, evaluate=None, eval_every=0, extra_state=None, model_config=None,
-                 after_step=None, select_metric=None):
+                 after_step=None, after_epoch=None, select_metric=None):
         self.args, self.module, self.model = args, module, model
         self.optimizer, self.scaler, self.loader = optimizer, scaler, loader
         self.train_steps, self.steps_per_batch, self.lr_at = train_steps, steps_per_batch, lr_at
@@ -98,6 +98,7 @@ class Trainer:
         self.extra_state = extra_state or {}
         self.model_config = model_config or {}
         self.after_step = after_step            # called after every optimizer step (e.g. an EMA update)
+        self.after_epoch = after_epoch          # called with the epoch index after its training, before evaluation
         self.select_metric = select_metric      # evaluation key whose best value writes checkpoint-best.pth
         self.best = None
         self.start_epoch, self.global_step = 0, 0
@@ -218,6 +219,8 @@ class Trainer:
                 self.loader.sampler.set_epoch(epoch)
             t0 = time.perf_counter()
             train = self.train_one_epoch(epoch)
+            if self.after_epoch is not None:
+                self.after_epoch(epoch)
             metrics = {f"train_{k}": v for k, v in train.items()}
             last = epoch + 1 == self.epochs
             if self.evaluate is not None and self.eval_every > 0 and ((epoch + 1) % self.eval_every == 0 or last):

@@ -3,14 +3,13 @@
 The baseline and all five switches: MultiCrop, ScaleMix, AsymAug, AsymBN and MeanEnc. Launch many processes with torchrun; the
 reference's --dist-url/--multiprocessing-distributed/--world-size/--rank flags are accepted and ignored.
 """
-import math
-
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from augment.mix import scalemix
 from augment.moco import moco_views
 from data import add_data_args, apply_preset, build_dataset, build_train_loader
+from data.args import add_data_dir_arg, resolve_data_dir
 from engine import Trainer, add_runtime_args, start_run
 from models.moco import MoCo, check_queue, synchronise_key_projector
 from models.resnet import RESNETS, ResNetTrunk, create_resnet, moco_projector
@@ -18,13 +17,12 @@ from utils.dist import cleanup, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
 from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
+from utils.schedule import cosine_per_epoch
 
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("data_dir", nargs="?", default=None,
-                   help="ImageNet-style folder (train/ and val/), as in the reference; same as --data-root "
-                        "with --dataset imagefolder")
+    add_data_dir_arg(p)
     add_data_args(p, batch_size=256, dataset=None)
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", default="resnet50", choices=RESNETS, help="torchvision ResNet")
@@ -74,18 +72,10 @@ def moco_inputs(v: dict):
     return query, v["keys"].transpose(0, 1), minis
 
 
-def resolve_data(args):
-    if args.data_dir:
-        if args.data_root and args.data_root != args.data_dir:
-            raise UserError(f"DATA_DIR {args.data_dir} and --data-root {args.data_root} disagree; give one")
-        args.data_root, args.dataset = args.data_dir, args.dataset or "imagefolder"
-    args.dataset = args.dataset or "digits"
-
-
 @exit_on_user_error
 def main(args):
     device = init_distributed(args.device)
-    resolve_data(args)
+    resolve_data_dir(args)
     preset = apply_preset(args)
     args.cifar_stem = args.img_size <= 64 if args.cifar_stem is None else args.cifar_stem
     args.mini_crop_size = args.mini_crop_size or max(8, round(args.img_size * 96 / 224))
@@ -133,7 +123,7 @@ def main(args):
     trainer = Trainer(
         args=args, module=module, model=model, optimizer=optimizer, scaler=make_grad_scaler(device, amp),
         loader=loader, train_steps=train_steps, steps_per_batch=1,
-        lr_at=lambda e: lr * 0.5 * (1.0 + math.cos(math.pi * math.floor(e) / args.epochs)),  # cosine per epoch
+        lr_at=lambda e: cosine_per_epoch(e, args.epochs, lr),
         epochs=args.epochs, device=device, amp=amp,
         evaluate=knn_monitor(args, preset, ResNetTrunk(module.encoder_q), device, amp), eval_every=args.knn_every,
         model_config=dict(arch=args.arch, cifar_stem=args.cifar_stem, mlp_hidden_dim=args.mlp_hidden_dim,

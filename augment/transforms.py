@@ -105,3 +105,12 @@ def finetune_transforms(preset: Preset, img_size: int, auto_augment: str = "rand
     if reprob > 0:
         ops.append(RandomErasing(reprob, mode=remode, device="cpu"))
     return T.Compose(ops), eval_transform(preset, img_size, mean, std)
+
+
+def lincls_transforms(preset: Preset, img_size: int):
+    """SPEC D: train RandomResizedCrop(size, scale 0.08-1) + flip; eval Resize(size / 0.875) + CenterCrop at
+    224-style sizes (a plain resize for the small sets). The pretraining normalisation on both sides.
+    Returns (train, eval) transforms."""
+    train = T.Compose([T.RandomResizedCrop(img_size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
+                       normalize_for(preset)])
+    return train, eval_transform(preset, img_size)

@@ -1,5 +1,22 @@
 """The data flags, one argument group shared by all four scripts."""
 from data.datasets import PRESETS, get_preset
+from utils.errors import UserError
+
+
+def add_data_dir_arg(parser):
+    """The reference scripts' positional DATA_DIR (an ImageNet-style folder with train/ and val/)."""
+    parser.add_argument("data_dir", nargs="?", default=None,
+                        help="ImageNet-style folder (train/ and val/), as in the reference; same as --data-root "
+                             "with --dataset imagefolder")
+
+
+def resolve_data_dir(args, default_dataset: str = "digits"):
+    """DATA_DIR means --dataset imagefolder --data-root DATA_DIR; without either, the embedded default."""
+    if args.data_dir:
+        if args.data_root and args.data_root != args.data_dir:
+            raise UserError(f"DATA_DIR {args.data_dir} and --data-root {args.data_root} disagree; give one")
+        args.data_root, args.dataset = args.data_dir, args.dataset or "imagefolder"
+    args.dataset = args.dataset or default_dataset
 
 
 def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: str = "./output"):

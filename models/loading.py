@@ -208,17 +208,20 @@ def load_backbone(source, arch: str = None, patch_size: int = None, img_size: in
 RESNET_FORMATS = ("ours-moco", "reference-moco")
 
 
-def load_resnet(ckpt: dict, name: str, arch: str = None):
-    """A ResNet feature extractor (fc = Identity) from a MoCo checkpoint, strict apart from the projector."""
+def load_resnet(ckpt: dict, name: str, arch: str = None, num_classes: int = 0):
+    """A ResNet from a MoCo checkpoint's query encoder without its projector: a feature extractor (fc =
+    Identity), or with num_classes a new fc, the missing keys then being exactly {fc.weight, fc.bias}.
+    Returns the model (its `config` attribute says how to build it again)."""
     from models.resnet import create_resnet
     fmt = detect_format(ckpt, name)
     state, dropped, _ = next(c for n, _, c in FORMATS if n == fmt)(ckpt)
     cfg = infer_resnet_config(state, name)
     if arch is not None and arch != cfg["arch"]:
         raise UserError(f"{name} holds a {cfg['arch']}, not {arch}; pass -a {cfg['arch']}")
-    model = create_resnet(cfg["arch"], cfg["cifar_stem"])
-    load_strict(model, state, name)
+    model = create_resnet(cfg["arch"], cfg["cifar_stem"], num_classes=num_classes)
+    load_strict(model, state, name, expect_missing={"fc.weight", "fc.bias"} if num_classes else ())
     report_dropped(name, fmt, dropped)
+    model.config = cfg
     return model
 
 
@@ -234,7 +237,7 @@ def load_classifier(source, num_classes: int, arch: str = None, patch_size: int 
     cfg = {**cfg, **overrides, "num_classes": num_classes}
     model = create_vit(**cfg)
     head = {k for k in model.state_dict() if k.startswith("head.")}
-    load_strict(model, {**state, **{k: v for k, v in model.state_dict().items() if k in head}}, name)
+    load_strict(model, state, name, expect_missing=head)
     report_dropped(name, fmt, dropped)
     get_logger().info(f"new head: {', '.join(sorted(head))} ({num_classes} classes)")
     return model, cfg

@@ -134,3 +134,19 @@ def test_torchrun_two_process_moco_with_asym_bn(tmp_path):
     res = subprocess.run(base + ["--syncbn-group-size", "3", "--output-dir", str(tmp_path / "bad")], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode != 0 and "--syncbn-group-size 3 does not divide the 2 processes" in res.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_linear_probe_runs(tmp_path):
+    from test_lincls import moco_checkpoints
+    moco_checkpoints(tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
+           "main_lincls.py", "--dataset", "digits", "--img-size", "16", "--batch-size", "256", "--epochs", "1",
+           "--lars", "--num-workers", "0", "--device", "cpu", "--pretrained", str(tmp_path / "ours.pth"),
+           "--output-dir", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "final test top-1" in res.stdout
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 1438 // 256

@@ -77,10 +77,21 @@ def find_resume_path(resume: str, output_dir: str):
     return path if os.path.isfile(path) else None
 
 
-def load_strict(model: torch.nn.Module, state: dict, source: str):
-    """load_state_dict(strict=True), with missing/unexpected/mismatched keys named in one line."""
+def load_strict(model: torch.nn.Module, state: dict, source: str, expect_missing=()):
+    """load_state_dict(strict=True), with missing/unexpected/mismatched keys named in one line.
+
+    expect_missing: keys that must be absent from `state` (exactly those; e.g. a new classifier's), which
+    keep the model's own values.
+    """
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    expect_missing = set(expect_missing)
+    if not expect_missing <= set(own):
+        raise ValueError(f"expect_missing names keys the model does not have: {sorted(expect_missing - set(own))}")
+    present = sorted(expect_missing & set(state))
+    if present:
+        raise UserError(f"{source} already holds {', '.join(present)}, which should be new; pass a backbone "
+                        "(pretraining) checkpoint, or use --resume / --evaluate for a trained classifier")
+    missing = sorted(set(own) - set(state) - expect_missing)
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
               if state[k].shape != own[k].shape]
@@ -90,4 +101,4 @@ def load_strict(model: torch.nn.Module, state: dict, source: str):
             if items:
                 parts.append(f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
         raise UserError(f"{source} does not fit the model ({'; '.join(parts)}); check --arch/--patch-size/--img-size")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({**state, **{k: own[k] for k in expect_missing}}, strict=True)

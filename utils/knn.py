@@ -7,15 +7,16 @@ from utils.runtime import autocast
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, amp=None):
-    """Features and labels of this rank's shard of `loader`, gathered over ranks in shard order."""
+def extract_features(model, loader, device, amp=None, normalize=True):
+    """Features (L2-normalised unless normalize=False) and labels of this rank's shard of `loader`, gathered
+    over ranks in shard order."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
     for images, target in loader:
         with autocast(device, amp):
             f = model(images.to(device, non_blocking=True))  # f: [B, D]
-        feats.append(F.normalize(f.float(), dim=1))
+        feats.append(F.normalize(f.float(), dim=1) if normalize else f.float())
         labels.append(target.to(device))
     model.train(was_training)
     dim = feats[0].shape[1] if feats else 0

@@ -17,6 +17,11 @@ def warmup_cosine(epoch: float, warmup_epochs: float, epochs: float, base: float
     return min_value + (base - min_value) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
+def cosine_per_epoch(epoch: float, epochs: float, base: float) -> float:
+    """MoCo and its linear probe: base * (1 + cos(pi * floor(epoch) / epochs)) / 2, constant within an epoch."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * math.floor(epoch) / epochs))
+
+
 def set_lr(optimizer, lr: float):
     """Set every param group's lr, honouring a per-group `lr_scale` (layer-wise decay)."""
     for group in optimizer.param_groups:
