@@ -6,10 +6,9 @@ APS ViTs: the cls feature), or is randomly initialised (the chance-level baselin
 import torch
 import torch.nn as nn
 
-from models.loading import RESNET_FORMATS, detect_format, load_classifier, load_resnet, read_backbone
+from models.loading import RESNET_FORMATS, detect_format, load_classifier, load_resnet, open_weights, read_backbone
 from models.resnet import RESNETS, create_resnet
 from models.vit import ARCHS, create_vit
-from utils.checkpoint import load_file
 from utils.errors import UserError
 
 PROBE_ARCHS = RESNETS + tuple(ARCHS)
@@ -63,8 +62,7 @@ def backbone_and_fc(source, num_classes: int, arch: str = None, patch_size: int 
             cfg = dict(family="vit", arch=arch, img_size=img_size, patch_size=patch_size)
         model = build_backbone(cfg, num_classes)
         return (*_split_head(model, "fc" if cfg["family"] == "resnet" else "head"), cfg)
-    name = source if isinstance(source, str) else "checkpoint"
-    ckpt = load_file(source, "weights") if isinstance(source, str) else source
+    name, ckpt = open_weights(source)
     if detect_format(ckpt, name) in RESNET_FORMATS:
         if arch is not None and arch not in RESNETS:
             raise UserError(f"{name} holds a ResNet; pass -a resnet18/34/50/101/152 (or leave -a out)")
@@ -82,8 +80,7 @@ def backbone_img_size(source):
     for a ResNet or no checkpoint."""
     if source is None:
         return None
-    name = source if isinstance(source, str) else "checkpoint"
-    ckpt = load_file(source, "weights") if isinstance(source, str) else source
+    name, ckpt = open_weights(source)
     if detect_format(ckpt, name) in RESNET_FORMATS:
         return None
     return read_backbone(ckpt)[1]["img_size"]

@@ -10,6 +10,7 @@ ViT formats give an APS ViT (cls feature); MoCo formats give a torchvision ResNe
 Only `torch.load(weights_only=True)` is ever used: nothing in a file can run code.
 """
 import math
+import os
 import re
 
 from models.vit import ARCHS, create_vit
@@ -151,10 +152,21 @@ def detect_format(ckpt: dict, source: str = "checkpoint") -> str:
                     "checkpoint or a reference APS pretraining file")
 
 
+def open_weights(source):
+    """(name, loaded dict) of a path, a registry name (downloaded and verified first, see utils.weights) or an
+    already loaded dict. Loading is torch.load(weights_only=True) only."""
+    if not isinstance(source, str):
+        return "checkpoint", source
+    from utils.weights import is_registry_name, resolve
+    if not os.path.exists(source) and not is_registry_name(source):
+        raise UserError(f"weights {source} does not exist and is not a registry name; check the path, or see "
+                        "`python -m utils.weights list`")
+    return source, load_file(resolve(source), "weights")
+
+
 def read_backbone(source, arch: str = None, patch_size: int = None, img_size: int = None):
     """(timm ViT state dict, create_vit config, format, dropped keys) of `source`, checked against the flags."""
-    name = source if isinstance(source, str) else "checkpoint"
-    ckpt = load_file(source, "weights") if isinstance(source, str) else source
+    name, ckpt = open_weights(source)
     fmt = detect_format(ckpt, name)
     convert = next(c for n, _, c in FORMATS if n == fmt)
     state, dropped, saved = convert(ckpt)
@@ -194,8 +206,7 @@ def load_backbone(source, arch: str = None, patch_size: int = None, img_size: in
     arch / patch_size / img_size, when given, must match the file (an error names the right flag).
     `overrides` go to the model constructor (e.g. drop_path_rate, or num_heads for non-standard widths).
     """
-    name = source if isinstance(source, str) else "checkpoint"
-    ckpt = load_file(source, "weights") if isinstance(source, str) else source
+    name, ckpt = open_weights(source)
     if detect_format(ckpt, name) in RESNET_FORMATS:
         return load_resnet(ckpt, name, arch)
     state, cfg, fmt, dropped = read_backbone(ckpt, arch, patch_size, img_size)
