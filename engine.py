@@ -29,6 +29,7 @@ def add_runtime_args(parser):
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="autocast precision; auto = bf16 on GPU, off (fp32) on CPU; fp16 adds a grad scaler")
     g.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines / TB points")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training model (first steps are slow)")
     g.add_argument("--save-every", type=int, default=0,
                    help="also keep checkpoint-<epoch>.pth every N epochs (checkpoint.pth is updated every epoch)")
     return g
@@ -105,6 +106,8 @@ class Trainer:
         self.log = RunLog(args.output_dir)
         self.logger = get_logger()
         self.last_metrics = {}
+        if getattr(args, "compile", False):
+            self.model.compile()                # in place: state-dict keys stay the same
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, epoch: int) -> dict:

@@ -19,7 +19,7 @@ from utils.accuracy import evaluate_classifier
 from utils.checkpoint import find_resume_path, load_strict, load_training_checkpoint
 from utils.dist import cleanup, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
+from utils.runtime import amp_dtype, fused, make_grad_scaler, seed_everything
 from utils.schedule import warmup_cosine
 
 BASE_LR = {"vit-tiny": 2e-3, "vit-small": 1e-3, "vit-base": 5e-4}  # per 512 images
@@ -135,7 +135,8 @@ def main(args):
     if get_world_size() > 1:
         model = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
     lr = args.base_lr * args.batch_size / 512
-    optimizer = torch.optim.AdamW(param_groups(module, args.weight_decay, args.layer_decay), lr=lr, eps=args.opt_eps)
+    optimizer = torch.optim.AdamW(param_groups(module, args.weight_decay, args.layer_decay), lr=lr, eps=args.opt_eps,
+                                  **fused(device))
     ema = ModelEmaV3(module, decay=args.model_ema_decay) if args.model_ema else None
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                   switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,

@@ -7,23 +7,25 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from augment.mix import scalemix
+from augment.device import moco_device_views
 from augment.moco import moco_views
 from data import add_data_args, apply_preset, build_dataset, build_train_loader
 from data.args import add_data_dir_arg, resolve_data_dir
+from data.device import DeviceLoader, add_data_path_arg, use_device_path
 from engine import Trainer, add_runtime_args, start_run
 from models.moco import MoCo, check_queue, synchronise_key_projector
 from models.resnet import RESNETS, ResNetTrunk, create_resnet, moco_projector
 from utils.dist import cleanup, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
-from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
+from utils.runtime import amp_dtype, fused, make_grad_scaler, seed_everything
 from utils.schedule import cosine_per_epoch
 
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
     add_data_dir_arg(p)
-    add_data_args(p, batch_size=256, dataset=None)
+    add_data_path_arg(add_data_args(p, batch_size=256, dataset=None))
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", default="resnet50", choices=RESNETS, help="torchvision ResNet")
     g.add_argument("--cifar-stem", default=None, action="store_true",
@@ -88,17 +90,23 @@ def main(args):
     seed_everything(args.seed)
     logger = start_run(args)
 
-    views = moco_views(preset, args.img_size, args.blur_prob,
-                       num_key_views=args.num_key_views if args.enable_mean_encoding else 1,
-                       num_minis=args.num_mini_crops if args.enable_multicrop else 0,
-                       mini_size=args.mini_crop_size, mini_scale=tuple(args.mini_crop_scale),
-                       asym_aug=args.enable_asymm_aug, scalemix=args.enable_scalemix)
-    train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download, transform=views)
-    loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
+    view_kw = dict(num_key_views=args.num_key_views if args.enable_mean_encoding else 1,
+                   num_minis=args.num_mini_crops if args.enable_multicrop else 0, mini_size=args.mini_crop_size,
+                   mini_scale=tuple(args.mini_crop_scale), scalemix=args.enable_scalemix)
+    if use_device_path(args, unsupported="--enable-asymm-aug" if args.enable_asymm_aug else None):
+        train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download)
+        views = moco_device_views(preset, args.img_size, args.blur_prob, **view_kw)
+        loader = DeviceLoader(train_set, args.batch_size, args.seed, device, views.compile() if args.compile else views)
+    else:
+        views = moco_views(preset, args.img_size, args.blur_prob, asym_aug=args.enable_asymm_aug, **view_kw)
+        train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download, transform=views)
+        loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
 
     encoder = create_resnet(args.arch, args.cifar_stem, bn_splits)
     encoder.fc = moco_projector(encoder.feature_dim, args.mlp_hidden_dim, args.moco_dim)
     module = MoCo(encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t).to(device)
+    if device.type == "cuda":  # NHWC convolutions (tensor cores); the inputs follow the weights' layout
+        module.to(memory_format=torch.channels_last)
     if args.enable_asym_bn:
         if world == 1:
             logger.warning("--enable-asym-bn does nothing with one process (there is nothing to synchronise)")
@@ -109,13 +117,14 @@ def main(args):
         model = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
     lr = args.lr * args.batch_size / 256
     optimizer = torch.optim.SGD(module.encoder_q.parameters(), lr=lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+                                weight_decay=args.weight_decay, **fused(device))
     amp = amp_dtype(args.amp, device)
     logger.info(f"MoCo v2 {args.arch}{' (CIFAR stem)' if args.cifar_stem else ''} at {args.img_size} px, "
                 f"{len(train_set)} images, queue {args.moco_k}, lr {lr:.3g}, {world} process(es), "
                 f"split BN {bn_splits}, multicrop {args.enable_multicrop}, scalemix {args.enable_scalemix}, "
                 f"asym-aug {args.enable_asymm_aug}, asym-bn {args.enable_asym_bn and world > 1}, "
-                f"mean-enc {args.enable_mean_encoding}")
+                f"mean-enc {args.enable_mean_encoding}, data path "
+                f"{'device' if isinstance(loader, DeviceLoader) else 'cpu workers'}")
 
     def train_steps(batch):
         yield model(*moco_inputs(batch[0]))

@@ -5,7 +5,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from augment import TwoViews, add_aps_augment_args, aps_augment_kwargs, aps_view_transform
+from augment.device import aps_device_views
 from data import add_data_args, apply_preset, build_dataset, build_train_loader
+from data.device import DeviceLoader, add_data_path_arg, use_device_path
 from engine import Trainer, add_runtime_args, start_run
 from models import APS, create_vit
 from models.vit import add_vit_args, vit_overrides
@@ -14,7 +16,7 @@ from samplers.aps import kept_per_view
 from utils.dist import cleanup, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
-from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
+from utils.runtime import amp_dtype, fused, make_grad_scaler, seed_everything
 from utils.schedule import aps_factor
 from utils.syncbn import convert_sync_batchnorm
 
@@ -23,7 +25,7 @@ BASE_LR = {"vit-tiny": 1e-3, "vit-small": 5e-4, "vit-base": 5e-4}
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
-    add_data_args(p, batch_size=512)
+    add_data_path_arg(add_data_args(p, batch_size=512))
     g = add_vit_args(p)
     g.add_argument("--proj-hidden-dim", type=int, default=512, help="projector hidden width")
     g.add_argument("--proj-dim", type=int, default=128, help="projector output width")
@@ -74,9 +76,14 @@ def main(args):
     validate(args, encoder.grid)
     logger = start_run(args)
 
-    views = TwoViews(aps_view_transform(preset, args.img_size, **aps_augment_kwargs(args)))
-    train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download, transform=views)
-    loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
+    if use_device_path(args):  # uint8 dataset on the device, views made there in batches
+        train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download)
+        views = aps_device_views(preset, args.img_size, **aps_augment_kwargs(args))
+        loader = DeviceLoader(train_set, args.batch_size, args.seed, device, views.compile() if args.compile else views)
+    else:
+        views = TwoViews(aps_view_transform(preset, args.img_size, **aps_augment_kwargs(args)))
+        train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download, transform=views)
+        loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
 
     model = APS(encoder, args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim, args.temperature).to(device)
     module = model
@@ -85,11 +92,12 @@ def main(args):
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     lr = args.base_lr * args.batch_size / 256
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, betas=tuple(args.betas),
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, **fused(device))
     amp = amp_dtype(args.amp, device)
     logger.info(f"{args.arch}/{args.patch_size} at {args.img_size} px, {len(train_set)} images, "
                 f"{len(loader)} batches x {args.nsampling} steps per epoch, lr {lr:.3g}, device {device}, "
-                f"{get_world_size()} process(es), precision {amp or torch.float32}")
+                f"{get_world_size()} process(es), precision {amp or torch.float32}, "
+                f"data path {'device' if isinstance(loader, DeviceLoader) else 'cpu workers'}")
 
     evaluate = knn_monitor(args, preset, module.encoder, device, amp)
     grid = encoder.grid

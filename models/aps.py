@@ -25,8 +25,9 @@ def contrastive_loss(p: torch.Tensor, z: torch.Tensor, temperature: float):
 class APS(nn.Module):
     """forward(x1, x2, idx1, idx2) -> (loss, stats) for one sampling round.
 
-    x1, x2: [B, 3, H, W] the two views; idx1, idx2: [B, n] kept cells of each. Each view is encoded in
-    its own call, so BN statistics are per view.
+    x1, x2: [B, 3, H, W] the two views; idx1, idx2: [B, n] kept cells of each. The encoder runs once over
+    both views (it has no batch statistics, so this equals two calls, with half the kernel launches); the
+    heads see each view in its own call, so their BN statistics are per view.
     """
 
     def __init__(self, encoder: nn.Module, proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512,
@@ -37,13 +38,15 @@ class APS(nn.Module):
         self.predictor = mlp_bn_head(proj_dim, pred_hidden_dim, proj_dim)
         self.temperature = temperature
 
-    def embed(self, x, idx):
-        z = self.projector(self.encoder.forward_kept(x, idx))   # [B, proj_dim]
+    def heads(self, h):
+        z = self.projector(h)                                    # [B, proj_dim]
         return z, self.predictor(z)
 
     def forward(self, x1, x2, idx1, idx2):
-        z1, p1 = self.embed(x1, idx1)
-        z2, p2 = self.embed(x2, idx2)
+        B = x1.shape[0]
+        h = self.encoder.forward_kept(torch.cat([x1, x2]), torch.cat([idx1, idx2]))  # [2B, D], one pass
+        z1, p1 = self.heads(h[:B])
+        z2, p2 = self.heads(h[B:])
         loss12, cos12 = contrastive_loss(p1, z2, self.temperature)
         loss21, cos21 = contrastive_loss(p2, z1, self.temperature)
         return loss12 + loss21, {"pos_cos": (cos12 + cos21) / 2}

@@ -1,6 +1,7 @@
 """The sampler picture, the benchmark, and the image-folder data path."""
 import os
 
+import pytest
 import torch
 from PIL import Image
 
@@ -22,12 +23,31 @@ def test_show_writes_a_png(tmp_path, monkeypatch, capsys):
 def test_bench_prints_json_lines(capsys):
     args = bench.get_args_parser().parse_args(
         ["--device", "cpu", "--archs", "vit-tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-         "--sampler-batch", "16", "--loop-pairs", "4", "--img-size", "16", "--patch-size", "4"])
+         "--sampler-batch", "16", "--loop-pairs", "4", "--img-size", "16", "--patch-size", "4",
+         "--pipeline-archs", "vit-tiny", "--pipeline-batches", "1", "--workers", "0", "--moco-arch", "resnet18",
+         "--moco-batch", "4", "--moco-img-size", "32", "--peak-tflops", "1"])
     results = bench.main(args)
-    assert [r["bench"] for r in results] == ["aps_sampler", "aps_step"]
+    kinds = [r["bench"] for r in results]
+    assert kinds == ["aps_sampler", "aps_step", "aps_augment", "aps_pipeline", "aps_pipeline", "aps_ratio",
+                     "moco_pipeline", "moco_pipeline", "moco_ratio"]
     assert results[0]["pairs_per_s"] > 0 and results[0]["loop_pairs_per_s"] > 0
-    assert results[1]["pairs_per_s"] > 0 and results[1]["peak_mem_mib"] > 0
-    assert capsys.readouterr().out.count("{") == 2
+    step = results[1]
+    assert step["pairs_per_s"] > 0 and step["peak_mem_mib"] > 0
+    # FLOPs by hand: 2 views x (forward + backward = 3 x 2 flops per multiply-add) over the block and head
+    # matmuls; 16 px / patch 4 = 16 cells, 25 % kept = 4 tokens + cls
+    from models import APS, create_vit
+    model = APS(create_vit("vit-tiny", 16, 4))
+    blocks = sum(p.numel() for n, p in model.encoder.blocks.named_parameters() if n.endswith("weight") and p.dim() == 2)
+    heads = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("projector", "predictor"))
+                and p.dim() == 2)
+    by_hand = 2 * 6 * (5 * blocks + heads)
+    assert step["gflops_per_pair"] * 1e9 == pytest.approx(by_hand, rel=0.1)
+    assert step["mfu"] == pytest.approx(step["gflops_per_pair"] * 1e9 * step["pairs_per_s"] / 1e12, rel=1e-2)
+    paths = {r["path"]: r for r in results if r["bench"] == "moco_pipeline"}
+    assert set(paths) == {"cpu", "device"} and all(r["img_per_s"] > 0 for r in paths.values())
+    assert results[-1]["device_over_cpu"] == pytest.approx(paths["device"]["img_per_s"] / paths["cpu"]["img_per_s"],
+                                                          rel=0.02)
+    assert capsys.readouterr().out.count("{") == len(results)
 
 
 def make_folder(root, classes=2, per_class=6, size=(40, 48)):

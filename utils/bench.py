@@ -1,4 +1,5 @@
-"""Benchmark: APS training-step throughput and memory per arch, and the sampler against a per-pair loop.
+"""Benchmark: the APS sampler against a per-pair loop; APS training-step throughput, memory, FLOPs and MFU per
+arch; and full steps (data included) through the CPU-worker and the on-device data paths, for APS and MoCo.
 
     python -m utils.bench                  # all archs; batch 512 on GPU, 32 on CPU
     python -m utils.bench --archs vit-small --batch-size 256 --steps 20
@@ -7,6 +8,7 @@ Prints one JSON line per measurement. The model step uses synthetic data already
 measures the model (forward of both views on the kept patches, backward, AdamW), not the data pipeline.
 """
 import json
+import os
 import resource
 import time
 
@@ -17,7 +19,8 @@ from models import APS, ARCHS, create_vit
 from samplers.aps import kept_per_view, random_boxes, sample_aps
 from utils.dist import resolve_device
 from utils.errors import ArgumentParser, exit_on_user_error
-from utils.runtime import AMP_CHOICES, amp_dtype, autocast, make_grad_scaler
+from utils import bench_pipeline as P
+from utils.runtime import AMP_CHOICES, amp_dtype, autocast, fused, make_grad_scaler
 
 
 def sync(device):
@@ -31,11 +34,13 @@ def peak_memory_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
-def bench_step(arch, batch, img_size, patch, ratio, device, amp, steps, warmup):
+def bench_step(arch, batch, img_size, patch, ratio, device, amp, steps, warmup, compile_model=False):
     """Pairs/s of one APS optimizer step (one sampling round) at `batch` pairs."""
     torch.manual_seed(0)
     model = APS(create_vit(arch, img_size, patch)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    if compile_model:
+        model.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **fused(device))
     scaler = make_grad_scaler(device, amp)
     grid = img_size // patch
     n = kept_per_view(grid * grid, ratio, 1)
@@ -58,6 +63,7 @@ def bench_step(arch, batch, img_size, patch, ratio, device, amp, steps, warmup):
     sync(device)
     elapsed = time.perf_counter() - start
     return {"bench": "aps_step", "arch": arch, "patch": patch, "img_size": img_size, "batch": batch,
+            "compile": compile_model,
             "kept": n, "device": str(device), "amp": str(amp).replace("torch.", ""),
             "pairs_per_s": round(steps * batch / elapsed, 1), "step_ms": round(1000 * elapsed / steps, 2),
             "peak_mem_mib": round(peak_memory_mib(device), 1)}
@@ -129,6 +135,17 @@ def get_args_parser():
     p.add_argument("--sampler-batch", type=int, default=512, help="pairs per sampler call")
     p.add_argument("--loop-pairs", type=int, default=200, help="pairs timed with the per-pair numpy loop")
     p.add_argument("--skip-model", action="store_true", help="only time the sampler")
+    p.add_argument("--skip-pipeline", action="store_true", help="skip the data-path comparisons")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (as the scripts' --compile)")
+    p.add_argument("--pipeline-archs", default="vit-small", help="APS archs timed through both data paths")
+    p.add_argument("--pipeline-batches", type=int, default=None, help="timed batches per data path "
+                                                                       "(default 10 on GPU, 2 on CPU)")
+    p.add_argument("--workers", type=int, default=None, help="CPU-path loader workers (default: min(16, cores))")
+    p.add_argument("--moco-arch", default=None, help="MoCo ResNet (default resnet50 on GPU, resnet18 on CPU)")
+    p.add_argument("--moco-batch", type=int, default=None, help="MoCo batch (default 256 on GPU, 16 on CPU)")
+    p.add_argument("--moco-img-size", type=int, default=None, help="MoCo crop size (default 224 on GPU, 64 on CPU)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak, for MFU (default: known GPUs, e.g. 989 for H100/H200)")
     return p
 
 
@@ -141,6 +158,7 @@ def main(args):
     steps = args.steps or (20 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     grid = args.img_size // args.patch_size
+    peak = P.peak_tflops(device, args.peak_tflops)
     results = [bench_sampler(args.sampler_batch, grid, args.sampling_ratio, 4, 3.0, device, args.loop_pairs,
                              50 if gpu else 10)]
     print(json.dumps(results[-1]), flush=True)
@@ -149,10 +167,55 @@ def main(args):
             if arch not in ARCHS:
                 from utils.errors import UserError
                 raise UserError(f"unknown arch {arch!r} in --archs; choose from {', '.join(ARCHS)}")
-            results.append(bench_step(arch, batch, args.img_size, args.patch_size, args.sampling_ratio, device,
-                                      amp, steps, warmup))
-            print(json.dumps(results[-1]), flush=True)
+            rec = bench_step(arch, batch, args.img_size, args.patch_size, args.sampling_ratio, device, amp, steps,
+                             warmup, args.compile)
+            flops = P.aps_step_flops(arch, min(batch, 8), args.img_size, args.patch_size, args.sampling_ratio,
+                                     device, amp)
+            rec["gflops_per_pair"] = round(flops / 1e9, 3)
+            if peak:
+                rec["mfu"] = round(flops * rec["pairs_per_s"] / (peak * 1e12), 4)
+            results.append(rec)
+            print(json.dumps(rec), flush=True)
+    if not args.skip_pipeline:
+        results += pipelines(args, device, amp, gpu, batch, peak)
     return results
+
+
+def pipelines(args, device, amp, gpu, batch, peak):
+    """APS and MoCo full steps through the CPU-worker and the on-device data paths, and their ratio."""
+    out = []
+
+    def emit(rec):
+        out.append(rec)
+        print(json.dumps(rec), flush=True)
+
+    workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
+    batches = args.pipeline_batches or (10 if gpu else 2)
+    warm = 3 if gpu else 1
+    aug = P.aps_augment(batch, args.img_size, device, 20 if gpu else 3, args.compile)
+    emit(aug)
+    for arch in [a.strip() for a in args.pipeline_archs.split(",") if a.strip()]:
+        recs = {path: P.aps_pipeline(arch, path, batch, args.img_size, args.patch_size, args.sampling_ratio, 4,
+                                     device, amp, batches, warm, workers, args.compile) for path in ("cpu", "device")}
+        for rec in recs.values():
+            if peak and "gflops_per_img" in rec:  # K optimizer steps per pair per batch
+                rec["mfu"] = round(rec["gflops_per_img"] * 1e9 * rec["pairs_per_s"] / (peak * 1e12), 4)
+            emit(rec)
+        model_rate = recs["device"]["pairs_per_s"]
+        emit({"bench": "aps_ratio", "arch": arch, "device_over_cpu": round(model_rate / recs["cpu"]["pairs_per_s"], 2),
+              "augment_over_training": round(aug["pairs_per_s"] / model_rate, 1)})
+    arch = args.moco_arch or ("resnet50" if gpu else "resnet18")
+    mb = args.moco_batch or (256 if gpu else 16)
+    size = args.moco_img_size or (224 if gpu else 64)
+    recs = {path: P.moco_pipeline(path, arch, mb, size, device, amp, batches, warm, workers, args.compile)
+            for path in ("cpu", "device")}
+    for rec in recs.values():
+        if peak and "gflops_per_img" in rec:
+            rec["mfu"] = round(rec["gflops_per_img"] * 1e9 * rec["img_per_s"] / (peak * 1e12), 4)
+        emit(rec)
+    emit({"bench": "moco_ratio", "arch": arch, "device_over_cpu":
+          round(recs["device"]["img_per_s"] / recs["cpu"]["img_per_s"], 2)})
+    return out
 
 
 if __name__ == "__main__":

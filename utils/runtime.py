@@ -29,6 +29,11 @@ def amp_dtype(amp: str, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
+def fused(device: torch.device) -> dict:
+    """Optimizer keyword arguments for the fused (single-kernel) AdamW/SGD on CUDA; nothing elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
 def autocast(device: torch.device, dtype):
     if dtype is None:
         return contextlib.nullcontext()

@@ -1,0 +1,300 @@
+"""Batched augmentation on the training device: every op takes a batch and per-sample random parameters.
+
+Images are float [N, C, H, W] in [0, 1] (uint8 sources are converted once). Each op matches torchvision's
+functional op applied per sample with the same parameters (tests/test_device_augment.py):
+
+    resized_crop_flip  ~ TF.resized_crop(bilinear, antialias=False) + TF.hflip
+                         (= antialias=True whenever the crop is upscaled, as every 32 px crop is)
+    color_jitter       ~ TF.adjust_{brightness,contrast,saturation,hue} in a per-sample random order
+    grayscale          ~ TF.rgb_to_grayscale(num_output_channels=3)
+    gaussian_blur      ~ TF.gaussian_blur(kernel, sigma) (reflect padding)
+    solarize           ~ TF.solarize
+
+The view pipelines (APS: SPEC A1; MoCo v2: SPEC C1 with MultiCrop, MeanEnc and ScaleMix) return the same
+named groups as the PIL pipelines, crop boxes and flips included.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+def uniform(n, low, high, device):
+    return torch.empty(n, device=device).uniform_(low, high)
+
+
+# ------------------------------------------------------------------ geometry
+def crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu"):
+    """RandomResizedCrop.get_params for n samples at once: [n, 4] = (top, left, h, w), integers as floats.
+
+    Ten candidate boxes per sample (area ~ U(scale) * H * W, log-uniform aspect ratio); the first that fits
+    wins; samples with none fall back to the centre crop clamped to `ratio`, as torchvision does."""
+    tries = 10
+    area = height * width * uniform(n * tries, *scale, device).view(n, tries)
+    log_r = uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), device).view(n, tries)
+    r = torch.exp(log_r)
+    w = torch.round(torch.sqrt(area * r))
+    h = torch.round(torch.sqrt(area / r))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)                     # [n, tries]
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros(n, dtype=torch.long, device=device))
+    h = h.gather(1, first[:, None])[:, 0]
+    w = w.gather(1, first[:, None])[:, 0]
+    # the fallback: whole image, cropped to the ratio bounds
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fh, fw = height, int(round(height * max(ratio)))
+    else:
+        fw, fh = width, height
+    found = ok.any(1)
+    h = torch.where(found, h, torch.full_like(h, fh))
+    w = torch.where(found, w, torch.full_like(w, fw))
+    top = torch.floor(torch.rand(n, device=device) * (height - h + 1))
+    left = torch.floor(torch.rand(n, device=device) * (width - w + 1))
+    top = torch.where(found, top, (height - h).div(2, rounding_mode="floor"))
+    left = torch.where(found, left, (width - w).div(2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def resized_crop_flip(images: torch.Tensor, boxes: torch.Tensor, size, flips: torch.Tensor = None):
+    """Crop boxes [N, 4] = (top, left, h, w) out of images [N, C, H, W], resize them to `size` (bilinear, half-
+    pixel centres, edges clamped to the box like a resize of the cropped tensor) and mirror where flips [N]."""
+    N, C, H, W = images.shape
+    oh, ow = (size, size) if isinstance(size, int) else size
+    top, left, h, w = (boxes[:, i].to(images.dtype)[:, None] for i in range(4))        # [N, 1] each
+    ys = (torch.arange(oh, device=images.device, dtype=images.dtype) + 0.5)[None] * h / oh - 0.5   # [N, oh]
+    xs = (torch.arange(ow, device=images.device, dtype=images.dtype) + 0.5)[None] * w / ow - 0.5   # [N, ow]
+    ys = top + ys.clamp(min=0).minimum(h - 1)
+    xs = left + xs.clamp(min=0).minimum(w - 1)
+    if flips is not None:
+        xs = torch.where(flips[:, None], xs.flip(1), xs)
+    gy = (2 * ys + 1) / H - 1                                                         # grid_sample coordinates
+    gx = (2 * xs + 1) / W - 1
+    grid = torch.stack([gx[:, None, :].expand(N, oh, ow), gy[:, :, None].expand(N, oh, ow)], dim=-1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# ------------------------------------------------------------------ colour
+def _per_sample(v: torch.Tensor, like: torch.Tensor):
+    return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def gray(images: torch.Tensor) -> torch.Tensor:
+    r, g, b = images.unbind(dim=1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)   # [N, 1, H, W]
+
+
+def _blend(a, b, ratio):
+    return (ratio * a + (1.0 - ratio) * b).clamp(0.0, 1.0)
+
+
+def adjust_brightness(x, factor):
+    return _blend(x, torch.zeros_like(x), _per_sample(factor, x))
+
+
+def adjust_contrast(x, factor):
+    mean = gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(x, mean, _per_sample(factor, x))
+
+
+def adjust_saturation(x, factor):
+    return _blend(x, gray(x), _per_sample(factor, x))
+
+
+def rgb_to_hsv(x):
+    r, g, b = x.unbind(dim=1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    v = maxc
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, v], dim=1)
+
+
+def hsv_to_rgb(x):
+    h, s, v = x.unbind(dim=1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = torch.stack([torch.stack(c, dim=1) for c in
+                         ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], dim=1)  # [N,6,3,H,W]
+    return table.gather(1, i[:, None, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
+
+
+def adjust_hue(x, factor):
+    hsv = rgb_to_hsv(x)
+    h = (hsv[:, 0] + _per_sample(factor, hsv[:, 0])) % 1.0
+    return hsv_to_rgb(torch.stack([h, hsv[:, 1], hsv[:, 2]], dim=1)).clamp(0.0, 1.0)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def jitter_params(n, brightness, contrast, saturation, hue, device):
+    """ColorJitter.get_params per sample: (order [n, 4], factors [4, n])."""
+    order = torch.rand(n, 4, device=device).argsort(dim=1)
+    factors = torch.stack([uniform(n, max(0.0, 1 - brightness), 1 + brightness, device),
+                           uniform(n, max(0.0, 1 - contrast), 1 + contrast, device),
+                           uniform(n, max(0.0, 1 - saturation), 1 + saturation, device),
+                           uniform(n, -hue, hue, device)])
+    return order, factors
+
+
+def color_jitter(x, order, factors):
+    """The four adjustments in each sample's own order (order[i, k]: the op applied k-th to sample i)."""
+    for k in range(4):
+        step = order[:, k]
+        for op_id, op in enumerate(JITTER_OPS):
+            pick = step == op_id
+            x = torch.where(_per_sample(pick, x).bool(), op(x, factors[op_id]), x)
+    return x
+
+
+def grayscale(x):
+    return gray(x).expand_as(x)
+
+
+def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, size] normalised 1-D Gaussians, one per sigma, as torchvision builds them."""
+    half = (size - 1) * 0.5
+    xs = torch.linspace(-half, half, size, device=sigma.device, dtype=sigma.dtype)
+    k = torch.exp(-0.5 * (xs[None] / sigma[:, None]) ** 2)
+    return k / k.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x, sigma: torch.Tensor, size: int):
+    """Per-sample separable Gaussian blur with reflect padding: one grouped conv per direction."""
+    N, C, H, W = x.shape
+    k = gaussian_kernels(sigma.to(x.dtype), size).repeat_interleave(C, dim=0)          # [N * C, size]
+    pad = size // 2
+    y = F.pad(x.reshape(1, N * C, H, W), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=N * C)                                  # along W
+    y = F.conv2d(y, k[:, None, :, None], groups=N * C)                                  # along H
+    return y.view(N, C, H, W)
+
+
+def solarize(x, threshold: float):
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+def normalize(x, mean, std):
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def apply_where(mask, fn, x):
+    """fn(x) where mask [N] holds, x elsewhere (computed on the whole batch: no host sync, no gather)."""
+    return torch.where(_per_sample(mask, x).bool(), fn(x), x)
+
+
+# ------------------------------------------------------------------ view pipelines
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, C, H, W] (or [N, H, W] grey) -> float [N, 3, H, W] in [0, 1]."""
+    if images.dim() == 3:
+        images = images[:, None]
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+class DeviceView:
+    """One random view per image: crop (scale, ratio) + flip, colour jitter with p, grayscale with p, blur
+    with p (sigma range), normalise. Returns (views [N, 3, S, S], boxes [N, 4], flips [N])."""
+
+    def __init__(self, size, mean, std, scale=(0.15, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
+                 jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0, blur_sigma=(0.1, 2.0)):
+        self.size, self.mean, self.std = size, mean, std
+        self.scale, self.ratio, self.flip_p = scale, ratio, flip_p
+        self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
+        self.blur_p, self.blur_sigma = blur_p, blur_sigma
+
+    def __call__(self, x: torch.Tensor):
+        N, _, H, W = x.shape
+        dev = x.device
+        boxes = crop_boxes(N, H, W, self.scale, self.ratio, dev)
+        flips = torch.rand(N, device=dev) < self.flip_p
+        v = resized_crop_flip(x, boxes, self.size, flips)
+        if self.jitter_p > 0:
+            order, factors = jitter_params(N, *self.jitter, dev)
+            v = apply_where(torch.rand(N, device=dev) < self.jitter_p, lambda y: color_jitter(y, order, factors), v)
+        if self.gray_p > 0:
+            v = apply_where(torch.rand(N, device=dev) < self.gray_p, grayscale, v)
+        if self.blur_p > 0:
+            sigma = uniform(N, *self.blur_sigma, dev)
+            size = 2 * math.ceil(3 * self.blur_sigma[1]) + 1                             # covers 3 sigma
+            size = min(size, 2 * ((min(self.size, self.size) - 1) // 2) + 1)              # reflect pad < side
+            v = apply_where(torch.rand(N, device=dev) < self.blur_p, lambda y: gaussian_blur(y, sigma, size), v)
+        return normalize(v, self.mean, self.std), boxes, flips
+
+
+def compiled(view: DeviceView):
+    """The view as one torch.compile'd function: its ~100 small element-wise kernels fused into a few."""
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    return torch.compile(view.__call__, dynamic=False)
+
+
+class DeviceAPSViews:
+    """SPEC A1 on the device: uint8 images -> the TwoViews dict (view1/2, box1/2, flip1/2)."""
+
+    def __init__(self, view: DeviceView):
+        self.view = view
+
+    def compile(self):
+        self.view = compiled(self.view)
+        return self
+
+    def __call__(self, images):
+        x = to_float(images)
+        v1, b1, f1 = self.view(x)
+        v2, b2, f2 = self.view(x)
+        return {"view1": v1, "box1": b1, "flip1": f1, "view2": v2, "box2": b2, "flip2": f2}
+
+
+class DeviceMoCoViews:
+    """SPEC C1/C2 on the device: {"query", "keys" [N, V, ...], "query_mix"?, "mini_queries" [N, M, ...]?},
+    the same groups as augment.moco.MoCoViews (AsymAug's RandAugment stays on the PIL path)."""
+
+    def __init__(self, large: DeviceView, num_key_views=1, mini: DeviceView = None, num_minis=0, scalemix=False):
+        self.large, self.num_key_views, self.mini, self.num_minis = large, num_key_views, mini, num_minis
+        self.scalemix = scalemix
+
+    def compile(self):
+        self.large = compiled(self.large)
+        self.mini = compiled(self.mini) if self.mini is not None else None
+        return self
+
+    def __call__(self, images):
+        x = to_float(images)
+        out = {"query": self.large(x)[0],
+               "keys": torch.stack([self.large(x)[0] for _ in range(self.num_key_views)], dim=1)}
+        if self.scalemix:
+            out["query_mix"] = self.large(x)[0]
+        if self.num_minis:
+            out["mini_queries"] = torch.stack([self.mini(x)[0] for _ in range(self.num_minis)], dim=1)
+        return out
+
+
+def aps_device_views(preset, img_size: int, **kwargs) -> DeviceAPSViews:
+    """The device twin of augment.transforms.aps_view_transform + TwoViews (same keyword arguments)."""
+    return DeviceAPSViews(DeviceView(img_size, preset.mean, preset.std, **kwargs))
+
+
+def moco_device_views(preset, size: int, blur_prob=0.5, num_key_views=1, num_minis=0, mini_size=96,
+                      mini_scale=(0.05, 0.14), scalemix=False) -> DeviceMoCoViews:
+    """The device twin of augment.moco.moco_views without AsymAug (same scales: MultiCrop moves the large
+    crops to (max mini scale, 1)). The blur is a true Gaussian (the PIL path uses PIL's box approximation)."""
+    scale = (mini_scale[1], 1.0) if num_minis else (0.2, 1.0)
+    common = dict(mean=preset.mean, std=preset.std, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
+                  jitter_p=0.8, gray_p=0.2, blur_p=blur_prob)
+    large = DeviceView(size, scale=scale, **common)
+    mini = DeviceView(mini_size, scale=tuple(mini_scale), **common) if num_minis else None
+    return DeviceMoCoViews(large, num_key_views, mini, num_minis, scalemix)

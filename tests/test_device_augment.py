@@ -1,0 +1,121 @@
+"""On-device batched augmentation: each op against torchvision's functional op per sample, same parameters."""
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+import augment.device as D
+from data import build_dataset, get_preset
+from data.device import DeviceLoader, uint8_images
+
+N = 6
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(N, 3, 20, 24, generator=g)
+
+
+def test_resized_crop_flip_matches_torchvision_per_sample(images):
+    boxes = torch.tensor([[0, 0, 20, 24], [3, 5, 9, 7], [10, 2, 10, 21], [1, 1, 5, 5], [4, 6, 16, 12],
+                          [7, 0, 13, 24]], dtype=torch.float32)
+    flips = torch.tensor([False, True, False, True, True, False])
+    got = D.resized_crop_flip(images, boxes, (16, 18), flips)
+    for i in range(N):
+        t, l, h, w = boxes[i].int().tolist()
+        ref = TF.resized_crop(images[i], t, l, h, w, [16, 18], InterpolationMode.BILINEAR, antialias=False)
+        ref = TF.hflip(ref) if flips[i] else ref
+        assert torch.allclose(got[i], ref, atol=1e-5), i
+        if h <= 16 and w <= 18:  # upscaling: antialiasing changes nothing, so the PIL-path crop is matched too
+            assert torch.allclose(got[i], TF.hflip(TF.resized_crop(images[i], t, l, h, w, [16, 18], antialias=True))
+                                  if flips[i] else TF.resized_crop(images[i], t, l, h, w, [16, 18], antialias=True),
+                                  atol=1e-5), i
+
+
+def test_crop_boxes_fit_and_follow_the_scale_and_ratio():
+    torch.manual_seed(0)
+    boxes = D.crop_boxes(4000, 32, 40, scale=(0.15, 1.0), ratio=(3 / 4, 4 / 3))
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 40).all()
+    assert torch.equal(boxes, boxes.round())
+    frac = h * w / (32 * 40)
+    assert frac.min() >= 0.12 and frac.max() <= 1.0
+    torch.manual_seed(1)                        # the mean area matches torchvision's sampler
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.zeros(3, 32, 40), (0.15, 1.0), (3 / 4, 4 / 3))
+                        for _ in range(4000)], dtype=torch.float32)
+    assert frac.mean().item() == pytest.approx((ref[:, 2] * ref[:, 3] / (32 * 40)).mean().item(), abs=0.02)
+    assert (top + h / 2).mean().item() == pytest.approx((ref[:, 0] + ref[:, 2] / 2).mean().item(), abs=0.4)
+    wide = D.crop_boxes(3, 10, 40, scale=(2.0, 3.0), ratio=(3 / 4, 4 / 3))  # nothing fits: centre fallback
+    assert wide.tolist() == [[0.0, 13.0, 10.0, 13.0]] * 3                   # as torchvision: w = round(10 * 4/3)
+
+
+@pytest.mark.parametrize("op, ref, low, high", [
+    (D.adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
+    (D.adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
+    (D.adjust_saturation, TF.adjust_saturation, 0.6, 1.4),
+    (D.adjust_hue, TF.adjust_hue, -0.1, 0.1),
+])
+def test_each_colour_op_matches_torchvision(images, op, ref, low, high):
+    factors = torch.linspace(low, high, N)
+    got = op(images, factors)
+    for i in range(N):
+        assert torch.allclose(got[i], ref(images[i], factors[i].item()), atol=1e-5), i
+
+
+def test_jitter_applies_the_four_ops_in_each_samples_order(images):
+    torch.manual_seed(3)
+    order, factors = D.jitter_params(N, 0.4, 0.4, 0.4, 0.1, "cpu")
+    got = D.color_jitter(images, order, factors)
+    refs = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in range(N):
+        x = images[i]
+        for k in order[i].tolist():
+            x = refs[k](x, factors[k, i].item())
+        assert torch.allclose(got[i], x, atol=1e-5), i
+    assert len({tuple(o) for o in order.tolist()}) > 1              # orders differ between samples
+    assert (factors[:3] >= 0.6).all() and (factors[:3] <= 1.4).all() and factors[3].abs().max() <= 0.1
+
+
+def test_grayscale_blur_solarize_match_torchvision(images):
+    assert torch.allclose(D.grayscale(images), TF.rgb_to_grayscale(images, num_output_channels=3), atol=1e-6)
+    sigma = torch.linspace(0.1, 2.0, N)
+    got = D.gaussian_blur(images, sigma, 7)
+    for i in range(N):
+        assert torch.allclose(got[i], TF.gaussian_blur(images[i], [7, 7], [sigma[i].item()] * 2), atol=1e-5), i
+    assert torch.allclose(D.solarize(images, 0.5), TF.solarize(images, 0.5))
+
+
+def test_aps_views_carry_boxes_and_flips_of_their_crop():
+    preset = get_preset("digits")
+    x = torch.randint(0, 256, (N, 1, 32, 32), dtype=torch.uint8)
+    views = D.aps_device_views(preset, 16, scale=(0.15, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
+                               jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.0, gray_p=0.0)
+    torch.manual_seed(0)
+    out = views(x)
+    assert set(out) == {"view1", "box1", "flip1", "view2", "box2", "flip2"}
+    assert out["view1"].shape == (N, 3, 16, 16) and out["flip1"].dtype == torch.bool
+    plain = out["view1"] * preset.std[0] + preset.mean[0]          # no colour ops: undo the normalisation
+    expect = D.resized_crop_flip(D.to_float(x), out["box1"], 16, out["flip1"])
+    assert torch.allclose(plain, expect, atol=1e-5)
+    moco = D.moco_device_views(preset, 16, num_key_views=2, num_minis=3, mini_size=8, scalemix=True)(x)
+    assert moco["query"].shape == (N, 3, 16, 16) and moco["keys"].shape == (N, 2, 3, 16, 16)
+    assert moco["mini_queries"].shape == (N, 3, 3, 8, 8) and moco["query_mix"].shape == (N, 3, 16, 16)
+
+
+def test_device_loader_follows_the_distributed_sampler_order():
+    from torch.utils.data import DistributedSampler
+    data = build_dataset("digits")
+    loader = DeviceLoader(data, 64, seed=7, device=torch.device("cpu"), augment=lambda u: u)
+    loader.sampler.set_epoch(2)
+    ref = DistributedSampler(range(len(data)), num_replicas=1, rank=0, shuffle=True, seed=7, drop_last=True)
+    ref.set_epoch(2)
+    order = list(ref)
+    images, labels = uint8_images(data)
+    batches = list(loader)
+    assert len(batches) == len(data) // 64
+    for b, (x, y) in enumerate(batches):
+        idx = order[b * 64:(b + 1) * 64]
+        assert torch.equal(x, images[idx]) and torch.equal(y, labels[idx])
+    assert images.shape[1:] == (1, 32, 32) and images.dtype == torch.uint8

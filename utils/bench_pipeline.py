@@ -1,0 +1,203 @@
+"""Full training-step throughput through a data path (CPU workers + PIL, or on-device batches), model FLOPs
+and MFU. Used by `python -m utils.bench`; synthetic uint8 images stand in for the dataset (no files needed).
+"""
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from utils.runtime import autocast, fused, make_grad_scaler
+
+# dense bf16 tensor-core peaks (TFLOP/s) of the accelerators we know; --peak-tflops for others
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+                    "A10": 125.0, "4090": 165.0}
+
+
+def peak_tflops(device: torch.device, override: float = None):
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+class SyntheticRGB(torch.utils.data.Dataset):
+    """Random uint8 RGB images held like torchvision's CIFAR (.data [N, H, W, 3], .targets), PIL on access."""
+
+    def __init__(self, n: int, size: int, transform=None, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.data = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        self.targets = [int(t) for t in rng.integers(0, 10, n)]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.data[i])
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of fn() (forward and backward, as torch.utils.flop_counter counts matmuls/convs/attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def run_pipeline(loader, step, batches: int, warmup: int, device, per_batch: int, count: bool = True) -> dict:
+    """Images/s of `step(batch)` over `batches` loaded batches, after `warmup` (workers started, kernels warm);
+    the first warm-up step is also counted for model FLOPs per image (count=False: not, for compiled models)."""
+    it = iter(loader)
+    flops = count_flops(lambda: step(next(it))) / per_batch if count else step(next(it))
+    for _ in range(warmup - 1):
+        step(next(it))
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        step(next(it))
+    sync(device)
+    elapsed = time.perf_counter() - start
+    out = {"img_per_s": round(batches * per_batch / elapsed, 1), "batch_ms": round(1000 * elapsed / batches, 2),
+           **({"gflops_per_img": round(flops / 1e9, 3)} if count else {})}
+    if device.type == "cuda":
+        out["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
+
+
+def make_loader(path, dataset_size, img_size, batch, workers, device, cpu_transform, device_views, compile_views):
+    from data.device import DeviceLoader
+    from data.loader import build_train_loader
+    if path == "device":
+        device_views = device_views.compile() if compile_views else device_views
+        return DeviceLoader(SyntheticRGB(dataset_size, img_size), batch, 0, device, device_views)
+    return build_train_loader(SyntheticRGB(dataset_size, img_size, cpu_transform), batch, workers, 0, device)
+
+
+def aps_pipeline(arch, path, batch, img_size, patch, ratio, K, device, amp, batches, warmup, workers,
+                 compile_model=False):
+    """Image pairs/s of whole APS batches (data, sampler, K optimizer steps) through `path`."""
+    from augment import TwoViews, aps_view_transform
+    from augment.device import aps_device_views
+    from data.datasets import get_preset
+    from models import APS, create_vit
+    from models.aps import aps_training_steps
+    preset = get_preset("cifar10")
+    torch.manual_seed(0)
+    model = APS(create_vit(arch, img_size, patch)).to(device)
+    if compile_model:
+        model.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **fused(device))
+    scaler = make_grad_scaler(device, amp)
+    loader = make_loader(path, batch * (batches + warmup + 1), img_size, batch, workers, device,
+                         TwoViews(aps_view_transform(preset, img_size)), aps_device_views(preset, img_size),
+                         compile_model)
+
+    def step(b):
+        views = to_device(b[0], device)
+        steps = aps_training_steps(model, views, img_size // patch, ratio, K, 3.0)
+        for _ in range(K):
+            with autocast(device, amp):
+                loss, _ = next(steps)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
+    return {"bench": "aps_pipeline", "arch": arch, "path": path, "batch": batch, "nsampling": K,
+            "compile": compile_model,
+            "device": str(device), "workers": workers if path == "cpu" else 0, "pairs_per_s": out.pop("img_per_s"),
+            **out}
+
+
+def aps_augment(batch, img_size, device, repeats, compile_views=False):
+    """Image pairs/s of the on-device APS views alone (two views, boxes, flips) from uint8 images."""
+    from augment.device import aps_device_views
+    from data.datasets import get_preset
+    views = aps_device_views(get_preset("cifar10"), img_size)
+    if compile_views:
+        views.compile()
+    x = torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8, device=device)
+    for _ in range(3):
+        views(x)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        views(x)
+    sync(device)
+    return {"bench": "aps_augment", "device": str(device), "batch": batch, "compile": compile_views,
+            "pairs_per_s": round(repeats * batch / (time.perf_counter() - start), 1)}
+
+
+def aps_step_flops(arch, batch, img_size, patch, ratio, device, amp) -> float:
+    """Model FLOPs per image pair of one APS optimizer step (both views, forward and backward)."""
+    from models import APS, create_vit
+    from samplers.aps import kept_per_view
+    model = APS(create_vit(arch, img_size, patch)).to(device)
+    grid = img_size // patch
+    n = kept_per_view(grid * grid, ratio, 1)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    idx = torch.rand(batch, grid * grid, device=device).argsort(1)[:, :n]
+
+    def fwd_bwd():
+        with autocast(device, amp):
+            loss, _ = model(x, x, idx, idx)
+        loss.backward()
+    return count_flops(fwd_bwd) / batch
+
+
+def moco_pipeline(path, arch, batch, img_size, device, amp, batches, warmup, workers, compile_model=False):
+    """Images/s of MoCo v2 steps (one query + one key view per image) through `path`, and FLOPs per image."""
+    from augment.device import moco_device_views
+    from augment.moco import moco_views
+    from data.datasets import get_preset
+    from main_moco import moco_inputs
+    from models.moco import MoCo
+    from models.resnet import create_resnet, moco_projector
+    preset = get_preset("imagefolder")
+    torch.manual_seed(0)
+    encoder = create_resnet(arch, False, max(1, min(8, batch // 32)))            # split BN as main_moco.py
+    encoder.fc = moco_projector(encoder.feature_dim, 2048, 128)
+    model = MoCo(encoder, 128, 65536 // batch * batch).to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if compile_model:
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4, **fused(device))
+    src = max(img_size, round(img_size * 256 / 224))                           # stored images a bit larger
+    loader = make_loader(path, batch * (batches + warmup + 1), src, batch, workers, device,
+                         moco_views(preset, img_size), moco_device_views(preset, img_size), compile_model)
+    scaler = make_grad_scaler(device, amp)
+
+    def step(b):
+        with autocast(device, amp):
+            loss, _ = model(*moco_inputs(to_device(b[0], device)))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
+    return {"bench": "moco_pipeline", "arch": arch, "path": path, "batch": batch, "img_size": img_size,
+            "compile": compile_model,
+            "device": str(device), "workers": workers if path == "cpu" else 0, **out}
