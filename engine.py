@@ -16,6 +16,7 @@ from utils.checkpoint import LATEST, find_resume_path, load_strict, load_trainin
 from utils.dist import all_reduce_min, get_rank, is_main_process
 from utils.errors import UserError
 from utils.log import MeanMeter, Progress, RunLog, get_logger, setup_logger
+from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
 from utils.runtime import AMP_CHOICES, autocast, seed_everything
 from utils.schedule import set_lr
 
@@ -30,6 +31,9 @@ def add_runtime_args(parser):
                    help="autocast precision; auto = bf16 on GPU, off (fp32) on CPU; fp16 adds a grad scaler")
     g.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines / TB points")
     g.add_argument("--compile", action="store_true", help="torch.compile the training model (first steps are slow)")
+    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip up to N optimizer steps whose loss is not finite (checks every step: a host sync) "
+                        "instead of stopping at the first")
     g.add_argument("--save-every", type=int, default=0,
                    help="also keep checkpoint-<epoch>.pth every N epochs (checkpoint.pth is updated every epoch)")
     return g
@@ -103,6 +107,9 @@ class Trainer:
         self.select_metric = select_metric      # evaluation key whose best value writes checkpoint-best.pth
         self.best = None
         self.start_epoch, self.global_step = 0, 0
+        self.skip_batches, self.resume_rng = 0, None    # a mid-epoch (preemption) checkpoint's position
+        self.stop = StopRequest()
+        self.skipped_nonfinite = 0
         self.log = RunLog(args.output_dir)
         self.logger = get_logger()
         self.last_metrics = {}
@@ -110,8 +117,11 @@ class Trainer:
             self.model.compile()                # in place: state-dict keys stay the same
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self, epoch: int) -> dict:
+    def state_dict(self, epoch: int, batches_done: int = 0) -> dict:
+        """epoch: epochs completed; batches_done > 0: also that many batches of the next one (preemption)."""
         return {
+            "batches_done": batches_done,
+            "rng": rng_state() if batches_done else None,
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -158,12 +168,51 @@ class Trainer:
                 obj.load_state_dict(ckpt["extra"][k])
         self.start_epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt.get("global_step", 0))
+        self.skip_batches, self.resume_rng = int(ckpt.get("batches_done") or 0), ckpt.get("rng")
         self.last_metrics = ckpt.get("metrics", {})
         self.best = ckpt.get("best")
-        self.logger.info(f"resumed from {path}: {self.start_epoch} epochs done, step {self.global_step}")
+        part = f" and {self.skip_batches} batches of the next" if self.skip_batches else ""
+        self.logger.info(f"resumed from {path}: {self.start_epoch} epochs{part} done, step {self.global_step}")
 
     # ---------------------------------------------------------------- loop
-    def train_one_epoch(self, epoch: int) -> dict:
+    def batches(self, skip: int):
+        """The loader's batches from index `skip` on: skipped ones are still loaded (CPU workers: their RNG
+        advances as in the interrupted run) but not augmented on the device; then the saved RNG returns."""
+        if hasattr(self.loader, "skip_next"):
+            self.loader.skip_next(skip)
+            it = iter(self.loader)
+        else:
+            it = iter(self.loader)
+            for _ in range(skip):
+                next(it)
+        if skip and self.resume_rng is not None:
+            set_rng_state(self.resume_rng)
+        return it
+
+    def _preempt(self, epoch: int, batches_done: int):
+        """Save the position (mid-epoch) and leave with status 0."""
+        if is_main_process():
+            save_checkpoint(self.state_dict(epoch, batches_done), os.path.join(self.args.output_dir, LATEST))
+        self.log.close()
+        msg = (f"stopped by signal {self.stop.signum}: checkpoint at epoch {epoch + 1}, batch {batches_done}; "
+               "rerun the same command to resume")
+        self.logger.warning(msg)
+        raise Preempted(msg)
+
+    def _finite_or_skip(self, loss: torch.Tensor, epoch: int) -> bool:
+        """--skip-nonfinite N: False (skip this step) for up to N non-finite losses, then stop."""
+        limit = getattr(self.args, "skip_nonfinite", 0)
+        if not limit or bool(torch.isfinite(loss.detach()).all()):
+            return True
+        self.skipped_nonfinite += 1
+        if self.skipped_nonfinite > limit:
+            raise NonFiniteLoss(f"loss became non-finite at step {self.global_step} (epoch {epoch + 1}), "
+                                f"more than --skip-nonfinite {limit} times; lower the lr")
+        self.logger.warning(f"skipped step {self.global_step}: non-finite loss "
+                            f"({self.skipped_nonfinite} of --skip-nonfinite {limit})")
+        return False
+
+    def train_one_epoch(self, epoch: int, skip: int = 0) -> dict:
         self.model.train()
         n_iter = len(self.loader)
         K = self.steps_per_batch
@@ -172,16 +221,20 @@ class Trainer:
         progress = Progress(n_iter, f"epoch {epoch + 1}/{self.epochs}", self.args.print_freq,
                             self.args.batch_size)
         start = time.perf_counter()
-        for it, batch in enumerate(self.loader):
+        lr = self.lr_at(epoch)
+        for it, batch in enumerate(self.batches(skip), start=skip):
             steps = self.train_steps(to_device(batch, self.device))
             for t in range(K):
                 lr = self.lr_at(epoch + (it * K + t) / (n_iter * K))
                 set_lr(self.optimizer, lr)
                 with autocast(self.device, self.amp):
                     loss, stats = next(steps)
+                self.optimizer.zero_grad(set_to_none=True)
+                if not self._finite_or_skip(loss, epoch):
+                    self.global_step += 1
+                    continue
                 first_bad = torch.where((first_bad == NO_STEP) & ~torch.isfinite(loss.detach()),
                                         torch.full_like(first_bad, self.global_step), first_bad)
-                self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -191,12 +244,16 @@ class Trainer:
                 meter.update(**values)
                 window.update(**values)
                 self.global_step += 1
-            if progress.due(it):
+            due = progress.due(it)
+            if due:
                 self._check_finite(first_bad, epoch)
                 avg = window.averages()
                 window.reset()
                 self.logger.info(progress.line(it, {**avg, "lr": lr}))
                 self.log.scalars({**avg, "lr": lr, "img_per_s": progress.last_rate}, self.global_step)
+            if it + 1 < n_iter and self.stop.requested(self.device, sync=due):
+                self._check_finite(first_bad, epoch)
+                self._preempt(epoch, it + 1)
         self._check_finite(first_bad, epoch)
         out = meter.averages(sync=True)
         out["lr"] = lr
@@ -213,6 +270,13 @@ class Trainer:
                                 "lower --base-lr or use --amp bf16/off")
 
     def fit(self) -> dict:
+        self.stop.install()
+        try:
+            return self._fit()
+        finally:
+            self.stop.restore()
+
+    def _fit(self) -> dict:
         self.resume()
         if self.start_epoch >= self.epochs:
             self.logger.info(f"nothing to train: {self.start_epoch} of {self.epochs} epochs already done")
@@ -221,7 +285,7 @@ class Trainer:
             if hasattr(self.loader.sampler, "set_epoch"):
                 self.loader.sampler.set_epoch(epoch)
             t0 = time.perf_counter()
-            train = self.train_one_epoch(epoch)
+            train = self.train_one_epoch(epoch, self.skip_batches if epoch == self.start_epoch else 0)
             if self.after_epoch is not None:
                 self.after_epoch(epoch)
             metrics = {f"train_{k}": v for k, v in train.items()}
@@ -241,6 +305,10 @@ class Trainer:
             if improved and is_main_process():
                 save_checkpoint(self.state_dict(epoch + 1), os.path.join(self.args.output_dir, BEST))
                 self.logger.info(f"best {self.select_metric} so far: {self.best:.2f} (epoch {epoch + 1})")
+            if epoch + 1 < self.epochs and self.stop.requested(self.device, sync=True):
+                self.log.close()
+                raise Preempted(f"stopped by signal {self.stop.signum} after epoch {epoch + 1} (checkpoint written); "
+                                "rerun the same command to resume")
         self.log.close()
         return self.last_metrics
 

@@ -59,12 +59,18 @@ class DeviceLoader:
                                           shuffle=True, seed=seed, drop_last=True)
         self.device, self.augment = device, augment
         self.dataset = dataset
+        self._skip = 0
 
     def __len__(self):
         return len(self.sampler) // self.batch
 
+    def skip_next(self, n: int):
+        """The next iteration starts at batch n (resuming mid-epoch: skipped batches are not augmented)."""
+        self._skip = n
+
     def __iter__(self):
         order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.device, non_blocking=True)
-        for i in range(len(self)):
+        start, self._skip = self._skip, 0
+        for i in range(start, len(self)):
             idx = order[i * self.batch:(i + 1) * self.batch]
             yield self.augment(self.images[idx]), self.labels[idx]

@@ -1,0 +1,129 @@
+"""Long-job reliability: preemption signals, SIGKILL at any moment, crashes inside a checkpoint write,
+skipping non-finite steps."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main_pretrain
+from engine import NonFiniteLoss
+from test_engine import make_trainer
+from utils.checkpoint import load_file, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = ["--dataset", "digits", "--img-size", "16", "--batch-size", "128", "--nepoch", "2", "--warmup-epochs", "1",
+       "--knn-every", "0", "--print-freq", "100"]
+
+
+def pretrain(argv):
+    return main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+
+
+def assert_same_weights(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data_path, workers", [("device", "0"), ("cpu", "1")])
+def test_sigterm_mid_epoch_checkpoints_and_the_rerun_equals_an_uninterrupted_run(
+        tmp_path, tiny_flags, monkeypatch, data_path, workers):
+    flags = tiny_flags + RUN + ["--data-path", data_path, "--num-workers", workers]
+    pretrain(flags + ["--output-dir", str(tmp_path / "ref")])
+    reference = load_file(str(tmp_path / "ref" / "checkpoint.pth"))
+
+    original, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):                      # the scheduler's SIGTERM, 10 steps into epoch 1
+        calls["n"] += 1
+        if calls["n"] == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "preempted"
+    with pytest.raises(SystemExit) as e:
+        pretrain(flags + ["--output-dir", str(out)])
+    assert e.value.code == 0
+    ckpt = load_file(str(out / "checkpoint.pth"))
+    assert ckpt["epoch"] == 0 and ckpt["batches_done"] == 3 and ckpt["global_step"] == 12  # K = 4 per batch
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    pretrain(flags + ["--output-dir", str(out)])          # the same command again
+    final = load_file(str(out / "checkpoint.pth"))
+    assert final["epoch"] == 2 and final["global_step"] == reference["global_step"]
+    assert_same_weights(final["model"], reference["model"])
+    assert_same_weights(final["optimizer"]["state"][0], reference["optimizer"]["state"][0])
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_moment_keeps_a_loadable_checkpoint_and_resume_is_exact(tmp_path, tiny_flags):
+    cmd = [sys.executable, "main_pretrain.py", *tiny_flags, *RUN, "--nepoch", "3", "--num-workers", "0",
+           "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ref = subprocess.run(cmd + ["--output-dir", str(tmp_path / "ref")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoint.pth"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline:   # the first epoch's checkpoint is being written
+        time.sleep(0.01)
+    time.sleep(0.05)                                       # somewhere in epoch 2 (or inside its save)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_file(str(ckpt))["epoch"] >= 1             # intact, whatever the moment of the kill
+    res = subprocess.run(cmd + ["--output-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert_same_weights(load_file(str(ckpt))["model"], load_file(str(tmp_path / "ref" / "checkpoint.pth"))["model"])
+
+
+def test_a_crash_inside_a_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt                            # the process dies here
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    kept = load_file(path)
+    assert kept["epoch"] == 1 and torch.equal(kept["model"]["w"], torch.ones(3))
+
+
+def nan_at(steps_with_nan):
+    counter = {"step": 0}
+
+    def steps(model, batch):
+        loss = model(batch[0]).pow(2).mean()
+        counter["step"] += 1
+        yield (loss * float("nan") if counter["step"] in steps_with_nan else loss), {}
+    return steps
+
+
+def test_skip_nonfinite_skips_up_to_n_steps_then_stops(tmp_path, caplog):
+    trainer, _ = make_trainer(tmp_path / "a", nan_at({4, 8}), K=1, epochs=3, lr_log=[])
+    trainer.args.skip_nonfinite = 2
+    before = {}
+
+    def remember(step):
+        before[step] = trainer.module.weight.detach().clone()
+    trainer.after_step = remember
+    trainer.fit()                                          # two bad steps: skipped, the run completes
+    assert trainer.skipped_nonfinite == 2 and load_file(str(tmp_path / "a" / "checkpoint.pth"))["epoch"] == 3
+    assert 3 not in before and 7 not in before             # skipped steps made no update
+    assert "skipped step 3: non-finite loss (1 of --skip-nonfinite 2)" in caplog.text
+    trainer, _ = make_trainer(tmp_path / "b", nan_at({4, 8, 9}), K=1, epochs=3, lr_log=[])
+    trainer.args.skip_nonfinite = 2
+    with pytest.raises(NonFiniteLoss, match=r"non-finite at step 8 \(epoch 2\), more than --skip-nonfinite 2"):
+        trainer.fit()
