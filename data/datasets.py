@@ -159,6 +159,16 @@ def build_cifar(name: str, root: str, train: bool, download: bool, transform=Non
         raise
 
 
+def read_image(path: str):
+    """ImageFolder's loader, with a one-line error naming an unreadable file."""
+    from PIL import UnidentifiedImageError
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"cannot read image {path} ({describe(e)}); remove or replace the file") from None
+
+
 def build_imagefolder(root: str, train: bool, transform=None):
     import torchvision.datasets as tvd
     split = os.path.join(root, "train" if train else "val")
@@ -166,7 +176,7 @@ def build_imagefolder(root: str, train: bool, transform=None):
         raise UserError(f"imagefolder: {split} is not a folder; --data-root must hold train/<class>/*.jpg and "
                         "val/<class>/*.jpg (the ImageNet layout)")
     try:
-        return tvd.ImageFolder(split, transform=transform)
+        return tvd.ImageFolder(split, transform=transform, loader=read_image)
     except FileNotFoundError as e:
         raise UserError(f"imagefolder: {split} holds no images in class sub-folders ({e}); "
                         "use the layout <split>/<class>/<image>.jpg") from e

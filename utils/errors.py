@@ -25,7 +25,10 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            msg = " ".join(str(e).split())  # always one line
+            text = str(e)
+            if "Original Traceback" in text:  # raised in a DataLoader worker: keep the original message only
+                text = text.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+            msg = " ".join(text.split())  # always one line
             print(f"error: {msg}", file=sys.stderr, flush=True)
             sys.exit(2)
 

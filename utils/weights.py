@@ -213,6 +213,8 @@ def aps_listing(timeout: float = 30.0):
 
 def download(name: str, dest: str = None, timeout: float = 30.0) -> str:
     """The verified local file of registry `name`, downloading it first if needed."""
+    if not name.startswith(APS_PREFIX) and name not in REGISTRY:
+        raise UserError(f"unknown weights {name!r}; see `python -m utils.weights list`")
     path = cache_path(name, dest)
     if os.path.isfile(path):
         return path
@@ -225,8 +227,6 @@ def download(name: str, dest: str = None, timeout: float = 30.0) -> str:
         if entry["sha256"]:
             return fetch(url, path, lambda p: verify(p, sha256=entry["sha256"]), timeout, label=name)
         return fetch(url, path, lambda p: verify(p, git_sha1=entry["blob_id"]), timeout, label=name)
-    if name not in REGISTRY:
-        raise UserError(f"unknown weights {name!r}; see `python -m utils.weights list`")
     w = REGISTRY[name]
     return fetch(asym_siam_url(w), path, lambda p: verify(p, md5_prefix=w.md5_prefix), timeout, label=name)
 
