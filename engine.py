@@ -221,7 +221,7 @@ class Trainer:
         progress = Progress(n_iter, f"epoch {epoch + 1}/{self.epochs}", self.args.print_freq,
                             self.args.batch_size)
         start = time.perf_counter()
-        lr = self.lr_at(epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
         for it, batch in enumerate(self.batches(skip), start=skip):
             steps = self.train_steps(to_device(batch, self.device))
             for t in range(K):
