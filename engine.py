@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from utils.checkpoint import LATEST, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
-from utils.dist import all_reduce_min, get_rank, is_main_process
+from utils.dist import all_reduce_min, get_rank, get_world_size, is_dist, is_main_process
 from utils.errors import UserError
 from utils.log import MeanMeter, Progress, RunLog, get_logger, setup_logger
 from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
@@ -59,6 +59,16 @@ def start_run(args):
     logger = setup_logger(args.output_dir)
     logger.info("args: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
     return logger
+
+
+def all_rng_states() -> list:
+    """Every rank's RNG state, in rank order (a collective under torchrun)."""
+    state = rng_state()
+    if not is_dist():
+        return [state]
+    states = [None] * get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -121,7 +131,7 @@ class Trainer:
         """epoch: epochs completed; batches_done > 0: also that many batches of the next one (preemption)."""
         return {
             "batches_done": batches_done,
-            "rng": rng_state() if batches_done else None,
+            "rng": all_rng_states() if batches_done else None,     # one per rank
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -168,7 +178,13 @@ class Trainer:
                 obj.load_state_dict(ckpt["extra"][k])
         self.start_epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt.get("global_step", 0))
-        self.skip_batches, self.resume_rng = int(ckpt.get("batches_done") or 0), ckpt.get("rng")
+        self.skip_batches, self.resume_rng = int(ckpt.get("batches_done") or 0), None
+        states = ckpt.get("rng") or []
+        if self.skip_batches and len(states) == get_world_size():
+            self.resume_rng = states[get_rank()]
+        elif self.skip_batches:
+            self.logger.warning(f"{path} was written by {len(states)} process(es), not {get_world_size()}: the "
+                                "rest of the epoch resumes with fresh random streams (not bit-exact)")
         self.last_metrics = ckpt.get("metrics", {})
         self.best = ckpt.get("best")
         part = f" and {self.skip_batches} batches of the next" if self.skip_batches else ""
@@ -191,8 +207,9 @@ class Trainer:
 
     def _preempt(self, epoch: int, batches_done: int):
         """Save the position (mid-epoch) and leave with status 0."""
+        state = self.state_dict(epoch, batches_done)       # gathers every rank's RNG: all ranks call it
         if is_main_process():
-            save_checkpoint(self.state_dict(epoch, batches_done), os.path.join(self.args.output_dir, LATEST))
+            save_checkpoint(state, os.path.join(self.args.output_dir, LATEST))
         self.log.close()
         msg = (f"stopped by signal {self.stop.signum}: checkpoint at epoch {epoch + 1}, batch {batches_done}; "
                "rerun the same command to resume")
