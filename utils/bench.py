@@ -15,12 +15,12 @@ import time
 import numpy as np
 import torch
 
-from models import APS, ARCHS, create_vit
+from models import ARCHS
 from samplers.aps import kept_per_view, random_boxes, sample_aps
 from utils.dist import resolve_device
 from utils.errors import ArgumentParser, exit_on_user_error
 from utils import bench_pipeline as P
-from utils.runtime import AMP_CHOICES, amp_dtype, autocast, fused, make_grad_scaler
+from utils.runtime import AMP_CHOICES, amp_dtype, autocast, make_grad_scaler
 
 
 def sync(device):
@@ -36,11 +36,7 @@ def peak_memory_mib(device) -> float:
 
 def bench_step(arch, batch, img_size, patch, ratio, device, amp, steps, warmup, compile_model=False):
     """Pairs/s of one APS optimizer step (one sampling round) at `batch` pairs."""
-    torch.manual_seed(0)
-    model = APS(create_vit(arch, img_size, patch)).to(device)
-    if compile_model:
-        model.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **fused(device))
+    model, opt = P.aps_model(arch, img_size, patch, device, compile_model)
     scaler = make_grad_scaler(device, amp)
     grid = img_size // patch
     n = kept_per_view(grid * grid, ratio, 1)
@@ -56,10 +52,7 @@ def bench_step(arch, batch, img_size, patch, ratio, device, amp, steps, warmup, 
             start = time.perf_counter()
         with autocast(device, amp):
             loss, _ = model(x1, x2, idx1, idx2)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        P.backward_step(loss, opt, scaler)
     sync(device)
     elapsed = time.perf_counter() - start
     return {"bench": "aps_step", "arch": arch, "patch": patch, "img_size": img_size, "batch": batch,

@@ -46,6 +46,24 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def aps_model(arch, img_size, patch, device, compile_model=False):
+    """An APS model and its AdamW, as main_pretrain.py builds them (fused on CUDA, optionally compiled)."""
+    from models import APS, create_vit
+    torch.manual_seed(0)
+    model = APS(create_vit(arch, img_size, patch)).to(device)
+    if compile_model:
+        model.compile()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **fused(device))
+
+
+def backward_step(loss, opt, scaler):
+    """zero_grad, (scaled) backward, step, scaler update: one optimizer step as the Trainer takes it."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def count_flops(fn) -> int:
     """FLOPs of fn() (forward and backward, as torch.utils.flop_counter counts matmuls/convs/attention)."""
     with FlopCounterMode(display=False) as counter:
@@ -98,14 +116,9 @@ def aps_pipeline(arch, path, batch, img_size, patch, ratio, K, device, amp, batc
     from augment import TwoViews, aps_view_transform
     from augment.device import aps_device_views
     from data.datasets import get_preset
-    from models import APS, create_vit
     from models.aps import aps_training_steps
     preset = get_preset("cifar10")
-    torch.manual_seed(0)
-    model = APS(create_vit(arch, img_size, patch)).to(device)
-    if compile_model:
-        model.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **fused(device))
+    model, opt = aps_model(arch, img_size, patch, device, compile_model)
     scaler = make_grad_scaler(device, amp)
     loader = make_loader(path, batch * (batches + warmup + 1), img_size, batch, workers, device,
                          TwoViews(aps_view_transform(preset, img_size)), aps_device_views(preset, img_size),
@@ -117,10 +130,7 @@ def aps_pipeline(arch, path, batch, img_size, patch, ratio, K, device, amp, batc
         for _ in range(K):
             with autocast(device, amp):
                 loss, _ = next(steps)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            backward_step(loss, opt, scaler)
 
     out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
     return {"bench": "aps_pipeline", "arch": arch, "path": path, "batch": batch, "nsampling": K,
@@ -192,10 +202,7 @@ def moco_pipeline(path, arch, batch, img_size, device, amp, batches, warmup, wor
     def step(b):
         with autocast(device, amp):
             loss, _ = model(*moco_inputs(to_device(b[0], device)))
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        backward_step(loss, opt, scaler)
 
     out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
     return {"bench": "moco_pipeline", "arch": arch, "path": path, "batch": batch, "img_size": img_size,
