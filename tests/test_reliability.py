@@ -147,7 +147,7 @@ def test_sigterm_to_torchrun_checkpoints_on_every_rank_and_the_rerun_is_exact(tm
     proc.send_signal(signal.SIGTERM)                       # as the scheduler does: torchrun passes it on
     proc.wait(timeout=120)
     ckpt = load_file(str(out / "checkpoint.pth"))
-    assert ckpt["epoch"] == 0 and 0 < ckpt["batches_done"] < 11, ckpt["batches_done"]
+    assert 0 < ckpt["batches_done"] < 11, ckpt["batches_done"]   # stopped inside an epoch (usually the first)
     res = subprocess.run(base + ["--output-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
