@@ -219,7 +219,10 @@ class Trainer:
     def _finite_or_skip(self, loss: torch.Tensor, epoch: int) -> bool:
         """--skip-nonfinite N: False (skip this step) for up to N non-finite losses, then stop."""
         limit = getattr(self.args, "skip_nonfinite", 0)
-        if not limit or bool(torch.isfinite(loss.detach()).all()):
+        if not limit:
+            return True
+        finite = torch.isfinite(loss.detach()).all().to(torch.int64)
+        if int(all_reduce_min(finite).item()):      # the ranks agree: all step, or all skip (DDP)
             return True
         self.skipped_nonfinite += 1
         if self.skipped_nonfinite > limit:

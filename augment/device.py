@@ -230,7 +230,7 @@ class DeviceView:
         if self.blur_p > 0:
             sigma = uniform(N, *self.blur_sigma, dev)
             size = 2 * math.ceil(3 * self.blur_sigma[1]) + 1                             # covers 3 sigma
-            size = min(size, 2 * ((min(self.size, self.size) - 1) // 2) + 1)              # reflect pad < side
+            size = min(size, 2 * ((self.size - 1) // 2) + 1)                            # reflect pad < side
             v = apply_where(torch.rand(N, device=dev) < self.blur_p, lambda y: gaussian_blur(y, sigma, size), v)
         return normalize(v, self.mean, self.std), boxes, flips
 
