@@ -16,6 +16,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 8
 
 
+TORCHRUN_MOCO = ["-a", "resnet18", "--img-size", "16", "--batch-size", "8", "--moco-k", "16", "--moco-dim", "8",
+                 "--mlp-hidden-dim", "16", "--epochs", "1", "--num-workers", "0", "--device", "cpu"]
+
+
+def torchrun(port: int, script: str, *args: str) -> subprocess.CompletedProcess:
+    """`script args` under torchrun with 2 CPU processes (gloo), output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           script, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
 def make_model_and_batch():
     """A tiny APS model and a fixed batch, in float64 so that the comparison can be tight (1e-9)."""
     torch.manual_seed(0)
@@ -73,12 +85,9 @@ def test_two_process_step_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_process_pretraining_runs(tmp_path, tiny_flags):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "main_pretrain.py", *tiny_flags, "--dataset", "digits", "--nepoch", "1", "--warmup-epochs", "1",
-           "--batch-size", "128", "--num-workers", "0", "--knn-every", "1", "--device", "cpu",
-           "--output-dir", str(tmp_path / "out")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    res = torchrun(29517, "main_pretrain.py", *tiny_flags, "--dataset", "digits", "--nepoch", "1",
+                   "--warmup-epochs", "1", "--batch-size", "128", "--num-workers", "0", "--knn-every", "1",
+                   "--device", "cpu", "--output-dir", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es)" in res.stdout and "final kNN top-1" in res.stdout
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
@@ -87,13 +96,10 @@ def test_torchrun_two_process_pretraining_runs(tmp_path, tiny_flags):
 
 @pytest.mark.slow
 def test_torchrun_two_process_finetuning_runs(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-           "main_finetune.py", "--dataset", "digits", "--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32",
-           "--num-heads", "2", "--patch-size", "8", "--batch-size", "64", "--epochs", "1", "--warmup-epochs", "0",
-           "--num-workers", "0", "--device", "cpu", "--model-ema", "--val-split", "0.1",
-           "--output-dir", str(tmp_path / "out")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    res = torchrun(29518, "main_finetune.py", "--dataset", "digits", "--arch", "vit-tiny", "--depth", "2",
+                   "--embed-dim", "32", "--num-heads", "2", "--patch-size", "8", "--batch-size", "64", "--epochs", "1",
+                   "--warmup-epochs", "0", "--num-workers", "0", "--device", "cpu", "--model-ema", "--val-split", "0.1",
+                   "--output-dir", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "final-epoch test top-1" in res.stdout
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
@@ -104,12 +110,8 @@ def test_torchrun_two_process_finetuning_runs(tmp_path):
 def test_torchrun_two_process_moco_with_shuffle_bn_runs(tmp_path):
     from test_tools import make_folder
     make_folder(tmp_path / "data", per_class=8)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-           "main_moco.py", "-a", "resnet18", "--img-size", "16", "--batch-size", "8", "--moco-k", "16",
-           "--moco-dim", "8", "--mlp-hidden-dim", "16", "--epochs", "1", "--num-workers", "0", "--device", "cpu",
-           "--knn-every", "1", "--output-dir", str(tmp_path / "out"), str(tmp_path / "data")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    res = torchrun(29519, "main_moco.py", *TORCHRUN_MOCO, "--knn-every", "1", "--output-dir", str(tmp_path / "out"),
+                   str(tmp_path / "data"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es), split BN 1" in res.stdout and "final kNN top-1" in res.stdout
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
@@ -120,19 +122,13 @@ def test_torchrun_two_process_moco_with_shuffle_bn_runs(tmp_path):
 def test_torchrun_two_process_moco_with_asym_bn(tmp_path):
     from test_tools import make_folder
     make_folder(tmp_path / "data", per_class=8)
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29520",
-            "main_moco.py", "-a", "resnet18", "--img-size", "16", "--batch-size", "8", "--moco-k", "16",
-            "--moco-dim", "8", "--mlp-hidden-dim", "16", "--epochs", "1", "--num-workers", "0", "--device", "cpu",
-            "--knn-every", "0", "--enable-asym-bn", str(tmp_path / "data")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(base + ["--syncbn-group-size", "2", "--output-dir", str(tmp_path / "out")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env=env)
+    base = [*TORCHRUN_MOCO, "--knn-every", "0", "--enable-asym-bn", str(tmp_path / "data")]
+    res = torchrun(29520, "main_moco.py", *base, "--syncbn-group-size", "2", "--output-dir", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "asym-bn True" in res.stdout
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
     assert "encoder_k.fc.1.running_mean" in ckpt["model"]     # synchronised BN keeps the BN state-dict keys
-    res = subprocess.run(base + ["--syncbn-group-size", "3", "--output-dir", str(tmp_path / "bad")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env=env)
+    res = torchrun(29520, "main_moco.py", *base, "--syncbn-group-size", "3", "--output-dir", str(tmp_path / "bad"))
     assert res.returncode != 0 and "--syncbn-group-size 3 does not divide the 2 processes" in res.stderr
 
 
@@ -140,12 +136,9 @@ def test_torchrun_two_process_moco_with_asym_bn(tmp_path):
 def test_torchrun_two_process_linear_probe_runs(tmp_path):
     from test_lincls import moco_checkpoints
     moco_checkpoints(tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
-           "main_lincls.py", "--dataset", "digits", "--img-size", "16", "--batch-size", "256", "--epochs", "1",
-           "--lars", "--num-workers", "0", "--device", "cpu", "--pretrained", str(tmp_path / "ours.pth"),
-           "--output-dir", str(tmp_path / "out")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    res = torchrun(29521, "main_lincls.py", "--dataset", "digits", "--img-size", "16", "--batch-size", "256",
+                   "--epochs", "1", "--lars", "--num-workers", "0", "--device", "cpu",
+                   "--pretrained", str(tmp_path / "ours.pth"), "--output-dir", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "final test top-1" in res.stdout
     ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)

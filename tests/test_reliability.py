@@ -131,14 +131,14 @@ def test_skip_nonfinite_skips_up_to_n_steps_then_stops(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_on_every_rank_and_the_rerun_is_exact(tmp_path, tiny_flags):
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-            "main_pretrain.py", *tiny_flags, *RUN, "--num-workers", "0", "--device", "cpu", "--print-freq", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    ref = subprocess.run(base + ["--output-dir", str(tmp_path / "ref")], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    from test_distributed import torchrun
+    args = ["main_pretrain.py", *tiny_flags, *RUN, "--num-workers", "0", "--device", "cpu", "--print-freq", "1"]
+    ref = torchrun(29531, *args, "--output-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "preempted"
-    proc = subprocess.Popen(base + ["--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29531", *args, "--output-dir", str(out)], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     log = out / "log.txt"
     deadline = time.time() + 300
@@ -148,8 +148,7 @@ def test_sigterm_to_torchrun_checkpoints_on_every_rank_and_the_rerun_is_exact(tm
     proc.wait(timeout=120)
     ckpt = load_file(str(out / "checkpoint.pth"))
     assert 0 < ckpt["batches_done"] < 11, ckpt["batches_done"]   # stopped inside an epoch (usually the first)
-    res = subprocess.run(base + ["--output-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = torchrun(29531, *args, "--output-dir", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     assert_same_weights(load_file(str(out / "checkpoint.pth"))["model"],
                         load_file(str(tmp_path / "ref" / "checkpoint.pth"))["model"])
