@@ -2,9 +2,11 @@
 non-finite detection without host syncs, progress lines, TensorBoard/JSON logs, evaluation, atomic
 checkpoints and exact resume.
 
-A script supplies `train_steps(batch)`, a generator that yields (loss, stats) once per optimizer step
-(APS: one per sampling round; the other methods: one per batch). Every epoch reseeds all RNGs from
-(seed, epoch, rank), so resuming at an epoch boundary replays exactly the same data and augmentations.
+A script supplies `train_steps(batch, rng)`, a generator that yields (loss, stats) once per optimizer step
+(APS: one per sampling round; the other methods: one per batch). rng is a utils.rng.BatchRandom reseeded
+per global batch from (seed, epoch, batch): per-sample randomness drawn from it (APS's patch sampling,
+ScaleMix, shuffle-BN's permutation) is the same for any number of processes. Every epoch also reseeds the
+global RNGs from (seed, epoch, rank) (dropout, drop path), and a mid-epoch checkpoint saves them.
 """
 import os
 import time
@@ -17,6 +19,7 @@ from utils.dist import all_reduce_min, get_rank, get_world_size, is_dist, is_mai
 from utils.errors import UserError
 from utils.log import MeanMeter, Progress, RunLog, get_logger, setup_logger
 from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
+from utils.rng import BatchRandom
 from utils.runtime import AMP_CHOICES, autocast, seed_everything
 from utils.schedule import set_lr
 
@@ -86,6 +89,7 @@ def to_device(batch, device):
 
 
 NO_STEP = 2**62  # "no non-finite loss seen"
+STEP_STREAM = 2  # key part that keeps the training step's BatchRandom stream apart from others
 BEST = "checkpoint-best.pth"
 RUN_IDENTITY = ("dataset", "arch", "patch_size", "img_size")  # what auto-resume must find unchanged
 
@@ -119,6 +123,7 @@ class Trainer:
         self.start_epoch, self.global_step = 0, 0
         self.skip_batches, self.resume_rng = 0, None    # a mid-epoch (preemption) checkpoint's position
         self.stop = StopRequest()
+        self.rng = BatchRandom(device)
         self.skipped_nonfinite = 0
         self.log = RunLog(args.output_dir)
         self.logger = get_logger()
@@ -192,10 +197,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def batches(self, skip: int):
-        """The loader's batches from index `skip` on: skipped ones are still loaded (CPU workers: their RNG
-        advances as in the interrupted run) but not augmented on the device; then the saved RNG returns."""
-        if hasattr(self.loader, "skip_next"):
-            self.loader.skip_next(skip)
+        """The loader's batches from index `skip` on (a GlobalBatchSampler skips them without loading them;
+        any other loader loads and drops them); then the saved RNG state returns."""
+        sampler = getattr(self.loader, "batch_sampler", None)
+        if hasattr(sampler, "skip_next"):
+            sampler.skip_next(skip)
             it = iter(self.loader)
         else:
             it = iter(self.loader)
@@ -243,7 +249,8 @@ class Trainer:
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         for it, batch in enumerate(self.batches(skip), start=skip):
-            steps = self.train_steps(to_device(batch, self.device))
+            self.rng.reseed(self.args.seed, epoch, it, STEP_STREAM)
+            steps = self.train_steps(to_device(batch, self.device), self.rng)
             for t in range(K):
                 lr = self.lr_at(epoch + (it * K + t) / (n_iter * K))
                 set_lr(self.optimizer, lr)
@@ -302,8 +309,9 @@ class Trainer:
             self.logger.info(f"nothing to train: {self.start_epoch} of {self.epochs} epochs already done")
         for epoch in range(self.start_epoch, self.epochs):
             seed_everything(epoch_seed(self.args.seed, epoch, get_rank()))
-            if hasattr(self.loader.sampler, "set_epoch"):
-                self.loader.sampler.set_epoch(epoch)
+            for sampler in (getattr(self.loader, "batch_sampler", None), getattr(self.loader, "sampler", None)):
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
             t0 = time.perf_counter()
             train = self.train_one_epoch(epoch, self.skip_batches if epoch == self.start_epoch else 0)
             if self.after_epoch is not None:

@@ -145,7 +145,7 @@ def main(args):
     logger.info(f"{args.arch}/{args.patch_size} at {args.img_size} px, {num_classes} classes, {len(train_set)} "
                 f"training images, lr {lr:.3g}, {'pretrained' if args.pretrained_weights else 'from scratch'}")
 
-    def train_steps(batch):
+    def train_steps(batch, rng):
         images, target = batch
         if mixup is not None:
             images, target = mixup(images, target)

@@ -23,6 +23,7 @@ from utils.knn import extract_features
 from utils.lars import LARS
 from utils.runtime import amp_dtype, make_grad_scaler, seed_everything
 from utils.schedule import cosine_per_epoch
+from utils.syncbn import convert_sync_batchnorm
 
 
 def get_args_parser():
@@ -118,6 +119,8 @@ def main(args):
                                         min(256, max(1, per_rank_batch_size(args.batch_size))), 0, device)
     loader = build_train_loader(train_set, args.batch_size, 0 if args.cache_features else args.num_workers,
                                 args.seed, device)
+    if get_world_size() > 1:  # --head-bn: statistics over the global batch, as with one process
+        probe.head = convert_sync_batchnorm(probe.head, device)
     trained = probe.head if args.cache_features else probe
     model = trained
     if get_world_size() > 1:
@@ -133,7 +136,7 @@ def main(args):
                 f"classes, {len(train_set)} training images at {args.img_size} px, {'LARS' if args.lars else 'SGD'} "
                 f"lr {lr:.3g}{', cached features' if args.cache_features else ''}")
 
-    def train_steps(batch):
+    def train_steps(batch, rng):
         guard.snapshot()                       # before the first optimizer step of this process
         inputs, target = batch
         yield criterion(model(inputs), target), {}

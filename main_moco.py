@@ -67,9 +67,9 @@ def get_args_parser():
     return p
 
 
-def moco_inputs(v: dict):
+def moco_inputs(v: dict, rng=None):
     """Named views of a batch -> MoCo's (query [N, ...], keys [V, N, ...], mini queries [M, N, ...] or None)."""
-    query = scalemix(v["query"], v["query_mix"])[0] if "query_mix" in v else v["query"]
+    query = scalemix(v["query"], v["query_mix"], rng)[0] if "query_mix" in v else v["query"]
     minis = v["mini_queries"].transpose(0, 1) if "mini_queries" in v else None
     return query, v["keys"].transpose(0, 1), minis
 
@@ -103,7 +103,7 @@ def main(args):
         loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
 
     encoder = create_resnet(args.arch, args.cifar_stem, bn_splits)
-    encoder.fc = moco_projector(encoder.feature_dim, args.mlp_hidden_dim, args.moco_dim)
+    encoder.fc = moco_projector(encoder.feature_dim, args.mlp_hidden_dim, args.moco_dim, bn_splits)
     module = MoCo(encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t).to(device)
     if device.type == "cuda":  # NHWC convolutions (tensor cores); the inputs follow the weights' layout
         module.to(memory_format=torch.channels_last)
@@ -126,8 +126,8 @@ def main(args):
                 f"mean-enc {args.enable_mean_encoding}, data path "
                 f"{'device' if isinstance(loader, DeviceLoader) else 'cpu workers'}")
 
-    def train_steps(batch):
-        yield model(*moco_inputs(batch[0]))
+    def train_steps(batch, rng):
+        yield model(*moco_inputs(batch[0], rng), rng=rng)
 
     trainer = Trainer(
         args=args, module=module, model=model, optimizer=optimizer, scaler=make_grad_scaler(device, amp),

@@ -104,8 +104,8 @@ def main(args):
     trainer = Trainer(
         args=args, module=module, model=model, optimizer=optimizer, scaler=make_grad_scaler(device, amp),
         loader=loader, steps_per_batch=args.nsampling,
-        train_steps=lambda batch: aps_training_steps(model, batch[0], grid, args.sampling_ratio, args.nsampling,
-                                                     args.power),
+        train_steps=lambda batch, rng: aps_training_steps(model, batch[0], grid, args.sampling_ratio,
+                                                          args.nsampling, args.power, rng),
         lr_at=lambda e: lr * aps_factor(e, args.warmup_epochs, args.nepoch),
         epochs=args.nepoch, device=device, amp=amp, evaluate=evaluate, eval_every=args.knn_every,
         model_config=model_config)

@@ -18,22 +18,23 @@ import math
 import torch
 import torch.nn.functional as F
 
+from utils.rng import BatchRandom
+
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
 
-def uniform(n, low, high, device):
-    return torch.empty(n, device=device).uniform_(low, high)
-
-
 # ------------------------------------------------------------------ geometry
-def crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), device="cpu"):
+def crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng: BatchRandom = None):
     """RandomResizedCrop.get_params for n samples at once: [n, 4] = (top, left, h, w), integers as floats.
 
     Ten candidate boxes per sample (area ~ U(scale) * H * W, log-uniform aspect ratio); the first that fits
-    wins; samples with none fall back to the centre crop clamped to `ratio`, as torchvision does."""
+    wins; samples with none fall back to the centre crop clamped to `ratio`, as torchvision does.
+    rng: where the numbers come from (default: the CPU's global generator)."""
+    rng = rng or BatchRandom.local("cpu")
+    device = rng.device
     tries = 10
-    area = height * width * uniform(n * tries, *scale, device).view(n, tries)
-    log_r = uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), device).view(n, tries)
+    area = height * width * rng.uniform(n, *scale, tries)
+    log_r = rng.uniform(n, math.log(ratio[0]), math.log(ratio[1]), tries)
     r = torch.exp(log_r)
     w = torch.round(torch.sqrt(area * r))
     h = torch.round(torch.sqrt(area / r))
@@ -52,8 +53,8 @@ def crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4,
     found = ok.any(1)
     h = torch.where(found, h, torch.full_like(h, fh))
     w = torch.where(found, w, torch.full_like(w, fw))
-    top = torch.floor(torch.rand(n, device=device) * (height - h + 1))
-    left = torch.floor(torch.rand(n, device=device) * (width - w + 1))
+    top = torch.floor(rng.rand(n) * (height - h + 1))
+    left = torch.floor(rng.rand(n) * (width - w + 1))
     top = torch.where(found, top, (height - h).div(2, rounding_mode="floor"))
     left = torch.where(found, left, (width - w).div(2, rounding_mode="floor"))
     return torch.stack([top, left, h, w], dim=1)
@@ -138,13 +139,14 @@ def adjust_hue(x, factor):
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def jitter_params(n, brightness, contrast, saturation, hue, device):
+def jitter_params(n, brightness, contrast, saturation, hue, rng: BatchRandom = None):
     """ColorJitter.get_params per sample: (order [n, 4], factors [4, n])."""
-    order = torch.rand(n, 4, device=device).argsort(dim=1)
-    factors = torch.stack([uniform(n, max(0.0, 1 - brightness), 1 + brightness, device),
-                           uniform(n, max(0.0, 1 - contrast), 1 + contrast, device),
-                           uniform(n, max(0.0, 1 - saturation), 1 + saturation, device),
-                           uniform(n, -hue, hue, device)])
+    rng = rng or BatchRandom.local("cpu")
+    order = rng.rand(n, 4).argsort(dim=1)
+    factors = torch.stack([rng.uniform(n, max(0.0, 1 - brightness), 1 + brightness),
+                           rng.uniform(n, max(0.0, 1 - contrast), 1 + contrast),
+                           rng.uniform(n, max(0.0, 1 - saturation), 1 + saturation),
+                           rng.uniform(n, -hue, hue)])
     return order, factors
 
 
@@ -207,7 +209,10 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 class DeviceView:
     """One random view per image: crop (scale, ratio) + flip, colour jitter with p, grayscale with p, blur
-    with p (sigma range), normalise. Returns (views [N, 3, S, S], boxes [N, 4], flips [N])."""
+    with p (sigma range), normalise. view(x, rng) -> (views [N, 3, S, S], boxes [N, 4], flips [N]).
+
+    Two halves: `params` draws every random number from rng (a handful of small kernels), `apply` does
+    the pixel work (what `compile()` hands to torch.compile)."""
 
     def __init__(self, size, mean, std, scale=(0.15, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
                  jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0, blur_sigma=(0.1, 2.0)):
@@ -216,30 +221,40 @@ class DeviceView:
         self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
         self.blur_p, self.blur_sigma = blur_p, blur_sigma
 
-    def __call__(self, x: torch.Tensor):
-        N, _, H, W = x.shape
-        dev = x.device
-        boxes = crop_boxes(N, H, W, self.scale, self.ratio, dev)
-        flips = torch.rand(N, device=dev) < self.flip_p
-        v = resized_crop_flip(x, boxes, self.size, flips)
+    def params(self, n: int, height: int, width: int, rng: BatchRandom) -> dict:
+        p = {"boxes": crop_boxes(n, height, width, self.scale, self.ratio, rng), "flips": rng.rand(n) < self.flip_p}
         if self.jitter_p > 0:
-            order, factors = jitter_params(N, *self.jitter, dev)
-            v = apply_where(torch.rand(N, device=dev) < self.jitter_p, lambda y: color_jitter(y, order, factors), v)
+            p["jitter"] = rng.rand(n) < self.jitter_p
+            p["order"], p["factors"] = jitter_params(n, *self.jitter, rng)
         if self.gray_p > 0:
-            v = apply_where(torch.rand(N, device=dev) < self.gray_p, grayscale, v)
+            p["gray"] = rng.rand(n) < self.gray_p
         if self.blur_p > 0:
-            sigma = uniform(N, *self.blur_sigma, dev)
+            p["sigma"] = rng.uniform(n, *self.blur_sigma)
+            p["blur"] = rng.rand(n) < self.blur_p
+        return p
+
+    def apply(self, x: torch.Tensor, p: dict):
+        v = resized_crop_flip(x, p["boxes"], self.size, p["flips"])
+        if self.jitter_p > 0:
+            v = apply_where(p["jitter"], lambda y: color_jitter(y, p["order"], p["factors"]), v)
+        if self.gray_p > 0:
+            v = apply_where(p["gray"], grayscale, v)
+        if self.blur_p > 0:
             size = 2 * math.ceil(3 * self.blur_sigma[1]) + 1                             # covers 3 sigma
             size = min(size, 2 * ((self.size - 1) // 2) + 1)                            # reflect pad < side
-            v = apply_where(torch.rand(N, device=dev) < self.blur_p, lambda y: gaussian_blur(y, sigma, size), v)
-        return normalize(v, self.mean, self.std), boxes, flips
+            v = apply_where(p["blur"], lambda y: gaussian_blur(y, p["sigma"], size), v)
+        return normalize(v, self.mean, self.std), p["boxes"], p["flips"]
 
+    def __call__(self, x: torch.Tensor, rng: BatchRandom = None):
+        N, _, H, W = x.shape
+        return self.apply(x, self.params(N, H, W, rng or BatchRandom.local(x.device)))
 
-def compiled(view: DeviceView):
-    """The view as one torch.compile'd function: its ~100 small element-wise kernels fused into a few."""
-    import torch._dynamo
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    return torch.compile(view.__call__, dynamic=False)
+    def compile(self) -> "DeviceView":
+        """torch.compile the pixel work: its ~100 small element-wise kernels fused into a few."""
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+        self.apply = torch.compile(self.apply, dynamic=False)
+        return self
 
 
 class DeviceAPSViews:
@@ -249,13 +264,14 @@ class DeviceAPSViews:
         self.view = view
 
     def compile(self):
-        self.view = compiled(self.view)
+        self.view.compile()
         return self
 
-    def __call__(self, images):
+    def __call__(self, images, rng: BatchRandom = None):
         x = to_float(images)
-        v1, b1, f1 = self.view(x)
-        v2, b2, f2 = self.view(x)
+        rng = rng or BatchRandom.local(x.device)
+        v1, b1, f1 = self.view(x, rng)
+        v2, b2, f2 = self.view(x, rng)
         return {"view1": v1, "box1": b1, "flip1": f1, "view2": v2, "box2": b2, "flip2": f2}
 
 
@@ -268,18 +284,20 @@ class DeviceMoCoViews:
         self.scalemix = scalemix
 
     def compile(self):
-        self.large = compiled(self.large)
-        self.mini = compiled(self.mini) if self.mini is not None else None
+        self.large.compile()
+        if self.mini is not None:
+            self.mini.compile()
         return self
 
-    def __call__(self, images):
+    def __call__(self, images, rng: BatchRandom = None):
         x = to_float(images)
-        out = {"query": self.large(x)[0],
-               "keys": torch.stack([self.large(x)[0] for _ in range(self.num_key_views)], dim=1)}
+        rng = rng or BatchRandom.local(x.device)
+        out = {"query": self.large(x, rng)[0],
+               "keys": torch.stack([self.large(x, rng)[0] for _ in range(self.num_key_views)], dim=1)}
         if self.scalemix:
-            out["query_mix"] = self.large(x)[0]
+            out["query_mix"] = self.large(x, rng)[0]
         if self.num_minis:
-            out["mini_queries"] = torch.stack([self.mini(x)[0] for _ in range(self.num_minis)], dim=1)
+            out["mini_queries"] = torch.stack([self.mini(x, rng)[0] for _ in range(self.num_minis)], dim=1)
         return out
 
 

@@ -2,20 +2,24 @@
 
 import torch
 
+from utils.rng import BatchRandom
 
-def scalemix(x1: torch.Tensor, x2: torch.Tensor, generator: torch.Generator = None):
+
+def scalemix(x1: torch.Tensor, x2: torch.Tensor, rng: BatchRandom = None):
     """ScaleMix (Asym-Siam): paste a box of view 2 into view 1, per sample.
 
     lambda ~ U(0, 1); the box has sides sqrt(1 - lambda) * (H, W) and a uniform centre, clipped to the
     image, so before clipping it covers a fraction 1 - lambda. x1, x2: [N, C, H, W].
+    rng: where lambda and the centre come from (default: the device's global generator).
     Returns (mixed [N, C, H, W], boxes [N, 4] = (top, bottom, left, right), lambda [N]).
     """
     N, _, H, W = x1.shape
     dev = x1.device
-    lam = torch.rand(N, device=dev, generator=generator)                        # [N]
+    rng = rng or BatchRandom.local(dev)
+    lam = rng.rand(N)                                                           # [N]
     side = torch.sqrt(1.0 - lam)                                                # [N]
-    cy = torch.rand(N, device=dev, generator=generator) * H
-    cx = torch.rand(N, device=dev, generator=generator) * W
+    cy = rng.rand(N) * H
+    cx = rng.rand(N) * W
     top = (cy - side * H / 2).round().clamp(0, H).long()
     bottom = (cy + side * H / 2).round().clamp(0, H).long()
     left = (cx - side * W / 2).round().clamp(0, W).long()

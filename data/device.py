@@ -1,16 +1,19 @@
 """The on-device data path: a small dataset held on the training device as uint8, batched and augmented there.
 
 `DeviceLoader` is a drop-in for the training DataLoader of `data.loader.build_train_loader`: the same
-per-rank shuffle (a DistributedSampler seeded by (seed, epoch), drop_last), the same batch structure
-((augmented views, labels)), but no worker processes, no PIL and no host-to-device copies per step.
+order (data.loader.GlobalBatchSampler), the same batch structure ((augmented views, labels)), but no worker
+processes, no PIL and no host-to-device copies per step. The augmentation's random numbers are drawn per
+global batch from a stream seeded by (seed, epoch, batch) (utils.rng.BatchRandom), so they too do not depend
+on the number of processes.
 """
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
-from data.loader import per_rank_batch_size
-from utils.dist import get_rank, get_world_size
+from data.loader import GlobalBatchSampler
 from utils.errors import UserError
+from utils.rng import BatchRandom
+
+AUGMENT_STREAM = 1  # key part that keeps the augmentation's stream apart from the training step's
 
 DATA_PATHS = ("auto", "cpu", "device")
 
@@ -46,31 +49,27 @@ def uint8_images(dataset):
 
 
 class DeviceLoader:
-    """Yields (augment(uint8 batch), labels) for this rank's share of each global batch, on `device`."""
+    """Yields (augment(uint8 batch, rng), labels) for this rank's part of each global batch, on `device`.
 
-    def __init__(self, dataset, global_batch: int, seed: int, device: torch.device, augment):
-        self.batch = per_rank_batch_size(global_batch)
+    augment(images, rng) draws its random numbers from rng (a BatchRandom reseeded per global batch)."""
+
+    def __init__(self, dataset, global_batch: int, seed: int, device: torch.device, augment,
+                 rank: int = None, world: int = None):
         images, labels = uint8_images(dataset)
-        if len(labels) < global_batch:
-            raise UserError(f"--batch-size {global_batch} is larger than the training set ({len(labels)} images); "
-                            "use a smaller --batch-size")
+        self.batch_sampler = GlobalBatchSampler(len(labels), global_batch, seed, rank, world)
         self.images, self.labels = images.to(device), labels.to(device)
-        self.sampler = DistributedSampler(range(len(labels)), num_replicas=get_world_size(), rank=get_rank(),
-                                          shuffle=True, seed=seed, drop_last=True)
-        self.device, self.augment = device, augment
+        self.rng = BatchRandom(device, self.batch_sampler.rank, self.batch_sampler.world)
+        self.device, self.augment, self.seed = device, augment, seed
         self.dataset = dataset
-        self._skip = 0
 
     def __len__(self):
-        return len(self.sampler) // self.batch
-
-    def skip_next(self, n: int):
-        """The next iteration starts at batch n (resuming mid-epoch: skipped batches are not augmented)."""
-        self._skip = n
+        return len(self.batch_sampler)
 
     def __iter__(self):
-        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.device, non_blocking=True)
-        start, self._skip = self._skip, 0
+        sampler = self.batch_sampler
+        order = sampler.rank_order().to(self.device, non_blocking=True)
+        start, sampler._skip = sampler._skip, 0                 # skipped batches are not augmented at all
         for i in range(start, len(self)):
-            idx = order[i * self.batch:(i + 1) * self.batch]
-            yield self.augment(self.images[idx]), self.labels[idx]
+            idx = order[i]
+            self.rng.reseed(self.seed, sampler.epoch, i, AUGMENT_STREAM)
+            yield self.augment(self.images[idx], self.rng), self.labels[idx]

@@ -52,14 +52,15 @@ class APS(nn.Module):
         return loss12 + loss21, {"pos_cos": (cos12 + cos21) / 2}
 
 
-def aps_training_steps(model, batch: dict, grid: int, ratio: float, nsampling: int, power: float):
+def aps_training_steps(model, batch: dict, grid: int, ratio: float, nsampling: int, power: float, rng=None):
     """One loaded batch of view pairs -> `nsampling` optimizer steps, one per sampling round (SPEC A5).
 
     batch: view1/view2 [B, 3, H, W], box1/box2 [B, 4], flip1/flip2 [B], on the training device.
     Yields (loss, stats) for round t; the caller steps the optimizer before asking for round t + 1.
+    rng: the sampler's random numbers (a utils.rng.BatchRandom; default the device's global generator).
     """
     from samplers.aps import sample_aps
     idx1, idx2 = sample_aps(batch["box1"], batch["flip1"], batch["box2"], batch["flip2"], grid, ratio,
-                            nsampling, power)                                 # [B, K, n] each
+                            nsampling, power, rng)                            # [B, K, n] each
     for t in range(nsampling):
         yield model(batch["view1"], batch["view2"], idx1[:, t], idx2[:, t])

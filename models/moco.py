@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.norm import SplitBatchNorm
 from utils.dist import all_gather, broadcast, get_rank, get_world_size, rank_group
 from utils.syncbn import convert_sync_batchnorm
 
@@ -14,6 +15,28 @@ from utils.syncbn import convert_sync_batchnorm
 def _fp32(z: torch.Tensor) -> torch.Tensor:
     """At least float32 (bf16/fp16 autocast outputs go up, float64 stays float64)."""
     return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
+def group_major(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[V, N, ...] -> [V * N, ...] with rows ordered (group, view, sample): group g holds samples
+    [g N / groups, (g + 1) N / groups) of every view, i.e. what process g of `groups` would hold."""
+    V, N = x.shape[:2]
+    return x.reshape(V, groups, N // groups, *x.shape[2:]).transpose(0, 1).flatten(0, 2)
+
+
+def view_major(z: torch.Tensor, views: int, groups: int) -> torch.Tensor:
+    """The inverse of group_major for outputs: [V * N, d] -> [V, N, d]."""
+    return z.view(groups, views, -1, z.shape[-1]).transpose(0, 1).flatten(1, 2)
+
+
+def encode_in_groups(encoder: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """encoder(x) where split BN's chunk g is rows [g m, (g + 1) m) of x (m = len(x) / groups): the rows one of
+    `groups` processes would encode. (SplitBatchNorm's chunk k is every groups-th row from k: interleave.)"""
+    if groups == 1:
+        return encoder(x)
+    m = x.shape[0] // groups
+    y = encoder(x.view(groups, m, *x.shape[1:]).transpose(0, 1).flatten(0, 1))
+    return y.view(m, groups, -1).transpose(0, 1).flatten(0, 1)
 
 
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,6 +53,10 @@ class MoCo(nn.Module):
     encoder: a network whose output is the projection (the query encoder); the key encoder is its EMA.
     query: [N, 3, H, W]; keys: [V, N, 3, H, W] (V > 1: MeanEnc, the key is the normalised mean of the V
     projections); mini_queries: [M, N, 3, h, w] or None (MultiCrop: loss = large + mean over minis).
+    rng: a utils.rng.BatchRandom for shuffle-BN's permutation (default: rank 0's global generator).
+
+    An encoder with split BN (S chunks) in one process computes what S processes compute with plain BN:
+    chunk g sees the g-th contiguous part of the batch, as process g would (tests/test_moco_dist.py).
     """
 
     def __init__(self, encoder: nn.Module, dim: int = 128, queue_size: int = 65536, momentum: float = 0.999,
@@ -40,6 +67,7 @@ class MoCo(nn.Module):
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
         self.momentum, self.temperature, self.queue_size = momentum, temperature, queue_size
+        self.splits = max((m.num_splits for m in encoder.modules() if isinstance(m, SplitBatchNorm)), default=1)
         self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -61,45 +89,37 @@ class MoCo(nn.Module):
         self.queue_ptr.add_(n).remainder_(self.queue_size)
 
     @torch.no_grad()
-    def encode_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """keys: [V, N, ...] -> [N, d], normalised mean over the V views' projections."""
-        V, N = keys.shape[:2]
-        x = keys.flatten(0, 1)                                       # [V * N, ...], one batch (MeanEnc)
-        z = self.shuffled_key_encoder(x)                             # [V * N, d]
-        return F.normalize(z.view(V, N, -1).mean(dim=0), dim=1)
+    def encode_keys(self, keys: torch.Tensor, rng=None) -> torch.Tensor:
+        """keys: [V, N, ...] -> [N, d], normalised mean over the V views' projections (one BN batch: MeanEnc).
 
-    @torch.no_grad()
-    def shuffled_key_encoder(self, x: torch.Tensor) -> torch.Tensor:
-        """Shuffle-BN: encode the keys in a random order so that no BN batch holds a query's own key.
-
-        Many processes: shuffle across ranks (all-gather, one permutation from rank 0, each rank encodes
-        its slice, gather back, unshuffle). One process: shuffle locally; split BN stands in for GPUs.
-        """
-        world = get_world_size()
-        if world == 1:
-            perm = torch.randperm(x.shape[0], device=x.device)
-            return _fp32(self.encoder_k(x[perm]))[perm.argsort()]
-        n = x.shape[0]
-        x_all = all_gather(x)                                        # [n * world, ...]
-        perm = broadcast(torch.randperm(x_all.shape[0], device=x.device))
-        rank = get_rank()
-        mine = perm[rank * n:(rank + 1) * n]
-        z_all = all_gather(_fp32(self.encoder_k(x_all[mine])))      # [n * world, d], in shuffled order
+        Shuffle-BN: the keys of all ranks (and split-BN chunks) are encoded in a random order, so that no BN
+        batch holds a query's own key: gather, permute (the same permutation everywhere), each rank encodes
+        its part, gather back, unshuffle."""
+        V = keys.shape[0]
+        x = group_major(keys, self.splits)                           # [V * N, ...]
+        per, rank = x.shape[0], get_rank()
+        x_all = all_gather(x)                                        # [world * V * N, ...]
+        total = x_all.shape[0]
+        perm = rng.randperm(total) if rng is not None else broadcast(torch.randperm(total, device=x.device))
+        mine = perm[rank * per:(rank + 1) * per]
+        z_all = all_gather(_fp32(encode_in_groups(self.encoder_k, x_all[mine], self.splits)))
         z = torch.empty_like(z_all)
         z[perm] = z_all                                              # unshuffle
-        return z[rank * n:(rank + 1) * n]
+        z = view_major(z[rank * per:(rank + 1) * per], V, self.splits)  # [V, N, d]
+        return F.normalize(z.mean(dim=0), dim=1)
 
-    def forward(self, query, keys, mini_queries=None):
-        q = F.normalize(_fp32(self.encoder_q(query)), dim=1)        # [N, d]
+    def forward(self, query, keys, mini_queries=None, rng=None):
+        q = F.normalize(_fp32(encode_in_groups(self.encoder_q, query, self.splits)), dim=1)   # [N, d]
         with torch.no_grad():
             self.momentum_update()
-            k = self.encode_keys(keys)                               # [N, d]
+            k = self.encode_keys(keys, rng)                          # [N, d]
         queue = self.queue.clone().detach()
         loss = moco_loss(q, k, queue, self.temperature)
         stats = {"loss_large": loss.detach()}
         if mini_queries is not None and mini_queries.shape[0] > 0:
-            M, N = mini_queries.shape[:2]
-            qm = F.normalize(_fp32(self.encoder_q(mini_queries.flatten(0, 1))), dim=1).view(M, N, -1)
+            M = mini_queries.shape[0]
+            qm = encode_in_groups(self.encoder_q, group_major(mini_queries, self.splits), self.splits)
+            qm = F.normalize(_fp32(view_major(qm, M, self.splits)), dim=2)              # [M, N, d]
             mini = torch.stack([moco_loss(qm[i], k, queue, self.temperature) for i in range(M)]).mean()
             loss = loss + mini
             stats["loss_mini"] = mini.detach()

@@ -10,9 +10,11 @@ from utils.errors import UserError
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
-def moco_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> nn.Sequential:
-    """Linear-BN-ReLU-Linear-ReLU-Linear (BN after the first layer only); keys fc.0, fc.1, fc.3, fc.5."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+def moco_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, bn_splits: int = 1) -> nn.Sequential:
+    """Linear-BN-ReLU-Linear-ReLU-Linear (BN after the first layer only); keys fc.0, fc.1, fc.3, fc.5.
+    bn_splits > 1: split BN, as in the trunk."""
+    bn = SplitBatchNorm(hidden_dim, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm1d(hidden_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), bn, nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 

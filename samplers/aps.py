@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from utils.rng import BatchRandom
+
 POSITIVE_EPS = 1e-5  # r below this counts as fully covered (float round-off of exact cover)
 
 
@@ -67,27 +69,29 @@ def uncovered_fraction(box1, flip1, box2, flip2, grid: int, mask1: torch.Tensor)
     return covered.mul_(-inv_cell_area).add_(1.0).clamp_(0.0, 1.0)                     # 1 - covered / area
 
 
-def gumbel_like(shape, device, generator=None) -> torch.Tensor:
+def gumbel(rng, n: int, *shape: int) -> torch.Tensor:
     """Standard Gumbel noise -log(-log(u)), u clamped to [1e-6, 1 - 1e-6]: values in [-2.63, 13.8]."""
-    u = torch.rand(shape, device=device, generator=generator).clamp_(1e-6, 1 - 1e-6)
+    u = rng.rand(n, *shape).clamp_(1e-6, 1 - 1e-6)
     return u.log_().neg_().log_().neg_()
 
 
 def sample_aps(box1, flip1, box2, flip2, grid: int, ratio: float, nsampling: int, power: float,
-               generator: torch.Generator = None):
+               rng: BatchRandom = None):
     """Asymmetric patch sampling for a batch of view pairs.
 
     box1, box2: [B, 4] float (top, left, height, width) in source pixels; flip1, flip2: [B] bool.
     Returns idx1, idx2: [B, nsampling, n] long, flat row-major cell indices in each view's own frame.
-    `generator`, if given, must live on the boxes' device.
+    rng (a utils.rng.BatchRandom on the boxes' device): where the random numbers come from; default the
+    device's global generator.
     """
     B, L, K = box1.shape[0], grid * grid, nsampling
     n = kept_per_view(L, ratio, K)
     device = box1.device
+    rng = rng or BatchRandom.local(device)
     flip1, flip2 = flip1.to(device=device, dtype=torch.bool), flip2.to(device=device, dtype=torch.bool)
 
     # view 1: one permutation per pair, round t takes the t-th block of n cells
-    perm = torch.rand(B, L, device=device, generator=generator).argsort(dim=1)          # [B, L]
+    perm = rng.rand(B, L).argsort(dim=1)                                                 # [B, L]
     idx1 = perm[:, :K * n].reshape(B, K, n)                                              # [B, K, n]
     mask1 = torch.zeros(B, K, L, device=device).scatter_(2, idx1, 1.0)                   # [B, K, L]
 
@@ -99,7 +103,7 @@ def sample_aps(box1, flip1, box2, flip2, grid: int, ratio: float, nsampling: int
     # uniformly among themselves: the fill for large ratios
     covered_score = -(12.0 * power + 20.0)
     key = torch.log(r.clamp_min(POSITIVE_EPS)).mul_(power)                              # [B, K, L]
-    key = torch.where(r > POSITIVE_EPS, key, covered_score).add_(gumbel_like((B, K, L), device, generator))
+    key = torch.where(r > POSITIVE_EPS, key, covered_score).add_(gumbel(rng, B, K, L))
     idx2 = key.topk(n, dim=2).indices                                                    # [B, K, n]
     return idx1, idx2
 
@@ -112,13 +116,13 @@ def covered_fraction_of(idx1, idx2, box1, flip1, box2, flip2, grid: int) -> torc
     return 1.0 - r.gather(2, idx2).mean(dim=2)
 
 
-def coverage_stats(box1, flip1, box2, flip2, grid, ratio, nsampling, power, generator=None) -> dict:
+def coverage_stats(box1, flip1, box2, flip2, grid, ratio, nsampling, power) -> dict:
     """How much of view 2's kept area view 1 already saw: ours, the reference (flip ignored), uniform."""
-    idx1, idx2 = sample_aps(box1, flip1, box2, flip2, grid, ratio, nsampling, power, generator)
+    idx1, idx2 = sample_aps(box1, flip1, box2, flip2, grid, ratio, nsampling, power)
     no_flip = torch.zeros_like(flip1, dtype=torch.bool)
-    ref1, ref2 = sample_aps(box1, no_flip, box2, no_flip, grid, ratio, nsampling, power, generator)
+    ref1, ref2 = sample_aps(box1, no_flip, box2, no_flip, grid, ratio, nsampling, power)
     B, K, n = idx2.shape
-    uni2 = torch.rand(B, K, grid * grid, device=box1.device, generator=generator).argsort(dim=2)[:, :, :n]
+    uni2 = torch.rand(B, K, grid * grid, device=box1.device).argsort(dim=2)[:, :, :n]
     cov = lambda i1, i2: covered_fraction_of(i1, i2, box1, flip1, box2, flip2, grid).mean().item()  # noqa: E731
     return {"aps": cov(idx1, idx2), "aps_flip_ignored": cov(ref1, ref2), "uniform": cov(idx1, uni2)}
 

@@ -66,7 +66,7 @@ def test_each_colour_op_matches_torchvision(images, op, ref, low, high):
 
 def test_jitter_applies_the_four_ops_in_each_samples_order(images):
     torch.manual_seed(3)
-    order, factors = D.jitter_params(N, 0.4, 0.4, 0.4, 0.1, "cpu")
+    order, factors = D.jitter_params(N, 0.4, 0.4, 0.4, 0.1)
     got = D.color_jitter(images, order, factors)
     refs = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for i in range(N):
@@ -104,18 +104,17 @@ def test_aps_views_carry_boxes_and_flips_of_their_crop():
     assert moco["mini_queries"].shape == (N, 3, 3, 8, 8) and moco["query_mix"].shape == (N, 3, 16, 16)
 
 
-def test_device_loader_follows_the_distributed_sampler_order():
-    from torch.utils.data import DistributedSampler
+def test_device_loader_follows_the_cpu_loaders_order():
+    from data.loader import build_train_loader
     data = build_dataset("digits")
-    loader = DeviceLoader(data, 64, seed=7, device=torch.device("cpu"), augment=lambda u: u)
-    loader.sampler.set_epoch(2)
-    ref = DistributedSampler(range(len(data)), num_replicas=1, rank=0, shuffle=True, seed=7, drop_last=True)
-    ref.set_epoch(2)
-    order = list(ref)
+    loader = DeviceLoader(data, 64, seed=7, device=torch.device("cpu"), augment=lambda u, rng: u)
+    cpu = build_train_loader(build_dataset("digits", transform=T.PILToTensor()), 64, 0, seed=7,
+                             device=torch.device("cpu"))
+    for sampler in (loader.batch_sampler, cpu.batch_sampler):
+        sampler.set_epoch(2)
     images, labels = uint8_images(data)
     batches = list(loader)
-    assert len(batches) == len(data) // 64
-    for b, (x, y) in enumerate(batches):
-        idx = order[b * 64:(b + 1) * 64]
-        assert torch.equal(x, images[idx]) and torch.equal(y, labels[idx])
+    assert len(batches) == len(data) // 64 == len(cpu)
+    for (x, y), (pil, target) in zip(batches, cpu):
+        assert torch.equal(y, target) and torch.equal(x[:, 0], pil[:, 0])
     assert images.shape[1:] == (1, 32, 32) and images.dtype == torch.uint8

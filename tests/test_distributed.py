@@ -83,39 +83,86 @@ def test_two_process_step_equals_one_process(tmp_path):
     assert ref_losses[-1] < ref_losses[0]  # the steps did something
 
 
-@pytest.mark.slow
-def test_torchrun_two_process_pretraining_runs(tmp_path, tiny_flags):
-    res = torchrun(29517, "main_pretrain.py", *tiny_flags, "--dataset", "digits", "--nepoch", "1",
-                   "--warmup-epochs", "1", "--batch-size", "128", "--num-workers", "0", "--knn-every", "1",
-                   "--device", "cpu", "--output-dir", str(tmp_path / "out"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 process(es)" in res.stdout and "final kNN top-1" in res.stdout
-    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 4 * (1438 // 128)
+def single(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`script args` in one process, output captured (the reference for the torchrun runs)."""
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def run_both(port: int, script: str, tmp_path, *args: str, one_process_args=()):
+    """The same command with 2 processes and with 1 (plus `one_process_args`); returns both checkpoints."""
+    two = torchrun(port, script, *args, "--output-dir", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = single(script, *args, *one_process_args, "--output-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    load = lambda d: torch.load(tmp_path / d / "checkpoint.pth", weights_only=True)  # noqa: E731
+    got, ref = load("two"), load("one")
+    # the epoch's mean training loss, averaged over all ranks: the same global batches, the same losses
+    assert got["metrics"]["train_loss"] == pytest.approx(ref["metrics"]["train_loss"], rel=1e-5)
+    return two, got, ref
+
+
+def assert_same_weights(got: dict, ref: dict, atol: float, skip=()):
+    """Every float tensor of the 2-process model equals the 1-process one (bar `skip`); and training moved
+    them (so that the check can fail)."""
+    assert set(got) == set(ref)
+    compared = 0
+    for k, v in ref.items():
+        if v.is_floating_point() and not any(s in k for s in skip):
+            diff = (got[k] - v).abs().max().item()
+            assert diff <= atol, f"{k}: 2 processes differ from 1 by {diff:.2e} (> {atol})"
+            compared += 1
+    assert compared > 4
+
+
+# float32 on CPU: DDP averages the two halves' gradients, one process the whole batch's; the round-off
+# (~1e-7 relative) is all that may differ. Data order, views, patch sampling and shuffle-BN must not.
+# The runs are kept to a step or two: AdamW turns a gradient that is zero in theory (a bias whose shift the
+# next BN removes) into +-lr steps of random sign, and a longer run lets that noise grow: one process with
+# 1 vs 2 threads drifts apart just as much.
+ATOL = 1e-4
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_finetuning_runs(tmp_path):
-    res = torchrun(29518, "main_finetune.py", "--dataset", "digits", "--arch", "vit-tiny", "--depth", "2",
-                   "--embed-dim", "32", "--num-heads", "2", "--patch-size", "8", "--batch-size", "64", "--epochs", "1",
-                   "--warmup-epochs", "0", "--num-workers", "0", "--device", "cpu", "--model-ema", "--val-split", "0.1",
-                   "--output-dir", str(tmp_path / "out"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "final-epoch test top-1" in res.stdout
-    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
-    assert ckpt["epoch"] == 1 and "ema" in ckpt["extra"]
+def test_torchrun_two_process_pretraining_equals_one_process(tmp_path, tiny_flags):
+    two, got, ref = run_both(29517, "main_pretrain.py", tmp_path, *tiny_flags, "--dataset", "digits", "--nepoch",
+                             "1", "--warmup-epochs", "0", "--batch-size", "1024", "--nsampling", "2",
+                             "--num-workers", "0", "--knn-every", "1", "--device", "cpu")
+    assert "2 process(es)" in two.stdout and "final kNN top-1" in two.stdout
+    assert got["epoch"] == 1 and got["global_step"] == ref["global_step"] == 2
+    # all-gathered contrastive targets, SyncBN in the heads, device views and patch sampling per global batch.
+    # The encoder's last LayerNorm bias only shifts the projector's input, which its BN removes: its gradient
+    # is round-off (AdamW makes that +-lr), and the projector's first running mean tracks that shift
+    assert_same_weights(got["model"], ref["model"], ATOL, skip=("encoder.norm.bias", "projector.1.running_mean"))
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_moco_with_shuffle_bn_runs(tmp_path):
+def test_torchrun_two_process_finetuning_equals_one_process(tmp_path):
+    # mixup/cutmix pair samples within a process's batch, and drop path draws per rank: off here
+    two, got, ref = run_both(29518, "main_finetune.py", tmp_path, "--dataset", "digits", "--arch", "vit-tiny",
+                             "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "8",
+                             "--batch-size", "512", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0",
+                             "--device", "cpu", "--model-ema", "--val-split", "0.1", "--mixup", "0", "--cutmix", "0",
+                             "--drop-path", "0")
+    assert "final-epoch test top-1" in two.stdout
+    assert got["epoch"] == 1 and got["global_step"] == 2 and "ema" in got["extra"]
+    assert got["metrics"]["val_acc1"] == ref["metrics"]["val_acc1"]
+    assert_same_weights(got["model"], ref["model"], ATOL)               # RandAugment + erasing per sample
+    assert_same_weights(got["extra"]["ema"], ref["extra"]["ema"], ATOL)
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_moco_equals_one_process_with_split_bn(tmp_path):
     from test_tools import make_folder
     make_folder(tmp_path / "data", per_class=8)
-    res = torchrun(29519, "main_moco.py", *TORCHRUN_MOCO, "--knn-every", "1", "--output-dir", str(tmp_path / "out"),
-                   str(tmp_path / "data"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 process(es), split BN 1" in res.stdout and "final kNN top-1" in res.stdout
-    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
-    assert int(ckpt["model"]["queue_ptr"]) == (2 * 8) % 16   # 16 images, global batch 8: 2 enqueues of 8
+    two, got, ref = run_both(29519, "main_moco.py", tmp_path, *TORCHRUN_MOCO, "--knn-every", "1",
+                             "--enable-multicrop", "--num-mini-crops", "2", "--enable-scalemix",
+                             "--enable-mean-encoding", str(tmp_path / "data"), one_process_args=("--bn-splits", "2"))
+    assert "2 process(es), split BN 1" in two.stdout and "final kNN top-1" in two.stdout
+    assert int(got["model"]["queue_ptr"]) == (2 * 8) % 16   # 16 images, global batch 8: 2 enqueues of 8
+    # shuffle-BN across 2 ranks = split BN in 2 chunks; the queue holds the same keys in the same order.
+    # BN running statistics: rank 0's half vs the chunks' average
+    assert_same_weights(got["model"], ref["model"], ATOL, skip=("running_mean", "running_var"))
 
 
 @pytest.mark.slow
@@ -133,13 +180,12 @@ def test_torchrun_two_process_moco_with_asym_bn(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_linear_probe_runs(tmp_path):
+def test_torchrun_two_process_linear_probe_equals_one_process(tmp_path):
     from test_lincls import moco_checkpoints
     moco_checkpoints(tmp_path)
-    res = torchrun(29521, "main_lincls.py", "--dataset", "digits", "--img-size", "16", "--batch-size", "256",
-                   "--epochs", "1", "--lars", "--num-workers", "0", "--device", "cpu",
-                   "--pretrained", str(tmp_path / "ours.pth"), "--output-dir", str(tmp_path / "out"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "final test top-1" in res.stdout
-    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 1438 // 256
+    two, got, ref = run_both(29521, "main_lincls.py", tmp_path, "--dataset", "digits", "--img-size", "16",
+                             "--batch-size", "256", "--epochs", "1", "--lars", "--head-bn", "--num-workers", "0",
+                             "--device", "cpu", "--pretrained", str(tmp_path / "ours.pth"))
+    assert "final test top-1" in two.stdout
+    assert got["epoch"] == 1 and got["global_step"] == 1438 // 256
+    assert_same_weights(got["model"], ref["model"], ATOL)               # head BN synchronised over ranks

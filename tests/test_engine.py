@@ -24,7 +24,7 @@ def make_trainer(tmp_path, steps_fn, K, epochs, lr_log):
 
     return Trainer(args=args, module=model, model=model, optimizer=opt,
                    scaler=torch.amp.GradScaler("cpu", enabled=False), loader=loader,
-                   train_steps=lambda batch: steps_fn(model, batch), steps_per_batch=K, lr_at=lr_at,
+                   train_steps=lambda batch, rng: steps_fn(model, batch), steps_per_batch=K, lr_at=lr_at,
                    epochs=epochs, device=torch.device("cpu"), amp=None), opt
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from models.moco import MoCo, moco_loss
 from models.norm import SplitBatchNorm
 from models.resnet import create_resnet, moco_projector
+from utils.rng import BatchRandom
 
 
 def reference_moco_loss(q, k, queue, T):
@@ -187,10 +188,10 @@ def test_asym_aug_query_and_key_pipelines_differ_as_specified():
 
 def test_scalemix_pastes_the_box_on_non_square_inputs():
     from augment.mix import scalemix
-    g = torch.Generator().manual_seed(0)
+    g = BatchRandom("cpu").reseed(0)
     N, H, W = 64, 6, 10
     x1, x2 = torch.zeros(N, 3, H, W), torch.ones(N, 3, H, W)
-    mixed, boxes, lam = scalemix(x1, x2, generator=g)
+    mixed, boxes, lam = scalemix(x1, x2, rng=g)
     for i in range(N):
         top, bottom, left, right = boxes[i].tolist()
         assert 0 <= top <= bottom <= H and 0 <= left <= right <= W
@@ -201,9 +202,9 @@ def test_scalemix_pastes_the_box_on_non_square_inputs():
 
 def test_scalemix_box_area_matches_lambda_on_average():
     from augment.mix import scalemix
-    g = torch.Generator().manual_seed(1)
+    g = BatchRandom("cpu").reseed(1)
     N, H, W = 4000, 64, 96
-    _, boxes, lam = scalemix(torch.zeros(N, 1, H, W), torch.ones(N, 1, H, W), generator=g)
+    _, boxes, lam = scalemix(torch.zeros(N, 1, H, W), torch.ones(N, 1, H, W), rng=g)
     top, bottom, left, right = boxes.T.float()
     side = torch.sqrt(1 - lam)
     # boxes whose centre keeps them inside the image: area fraction = 1 - lambda up to pixel rounding

@@ -3,7 +3,9 @@
 2-process gloo runs against the single-process computation they must equal (float64, 3 SGD steps):
 - no BN: the DDP run (shuffle across ranks, all-gathered enqueue) equals one process on the global batch;
 - AsymBN: equals a hand-written step where the query projector's BN sees each rank's half and the key
-  projector's BN the whole global batch (MeanEnc and MultiCrop on, so that both travel across ranks).
+  projector's BN the whole global batch (MeanEnc and MultiCrop on, so that both travel across ranks);
+- shuffle-BN: plain BN in 2 processes equals split BN (2 chunks) in one process, MeanEnc and MultiCrop on,
+  with the key permutation drawn from a BatchRandom (the same on every rank).
 Every combination of the five switches runs a step: the four data-side ones in one process, all sixteen
 again with AsymBN really synchronised in the 2-process run.
 """
@@ -23,7 +25,9 @@ from data import build_dataset
 from data.datasets import get_preset
 from main_moco import moco_inputs
 from models.moco import MoCo, moco_loss, synchronise_key_projector
+from models.norm import SplitBatchNorm
 from models.resnet import create_resnet, moco_projector
+from utils.rng import BatchRandom
 from utils.syncbn import DistBatchNorm
 
 N, K, STEPS, WORLD = 8, 16, 3, 2           # global batch, queue, steps, processes
@@ -47,6 +51,24 @@ def make_moco(projector_bn: bool) -> MoCo:
     return MoCo(Trunk(projector_bn), dim=6, queue_size=K, momentum=0.9, temperature=0.2).double()
 
 
+class BNTrunk(nn.Module):
+    """conv -> BN (plain, or split into `splits` chunks) -> linear: BN in the trunk, as in a ResNet."""
+
+    def __init__(self, splits: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = SplitBatchNorm(5, num_splits=splits)
+        self.fc = nn.Linear(5 * 4 * 4, 6)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def make_bn_moco(splits: int) -> MoCo:
+    torch.manual_seed(0)
+    return MoCo(BNTrunk(splits), dim=6, queue_size=K, momentum=0.9, temperature=0.2).double()
+
+
 def make_batches(num_keys: int, num_minis: int):
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(N, 3, 4, 4, generator=g, dtype=torch.float64),
@@ -67,10 +89,12 @@ def sgd(moco):
     return torch.optim.SGD(moco.encoder_q.parameters(), lr=0.5, momentum=0.9)
 
 
-def train(moco, call, batches):
+def train(moco, call, batches, rank=None, world=None):
+    """SGD steps; with rank/world, shuffle-BN's permutation comes from a BatchRandom seeded per step."""
     opt = sgd(moco)
-    for batch in batches:
-        loss, _ = call(*batch)
+    for step, batch in enumerate(batches):
+        rng = BatchRandom("cpu", rank, world).reseed(step) if world else None
+        loss, _ = call(*batch, rng=rng) if rng else call(*batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -140,6 +164,9 @@ def _worker(rank, init_file, out_path):
         ddp = DistributedDataParallel(moco)
         train(moco, ddp, [local(b, rank, WORLD) for b in make_batches(num_keys, num_minis)])
         results[name] = {k: v.clone() for k, v in moco.state_dict().items()}
+    moco = make_bn_moco(splits=1)
+    train(moco, DistributedDataParallel(moco), [local(b, rank, WORLD) for b in make_batches(2, 2)], rank, WORLD)
+    results["shuffle_bn"] = {k: v.clone() for k, v in moco.state_dict().items()}
     for combo in combos(DATA_SWITCHES):
         switch_step(dict(combo, asym_bn=True), rank, WORLD)
     if rank == 0:
@@ -175,6 +202,15 @@ def test_two_process_moco_equals_the_single_process_computation(tmp_path):
     assert_same(got["asym_bn"], ref.state_dict(), skip=("encoder_q.fc.1.running", "encoder_q.fc.1.num_batches"))
     assert torch.allclose(got["asym_bn"]["encoder_k.fc.1.running_var"], ref.encoder_k.fc[1].running_var,
                           atol=1e-9)                     # key BN statistics over the 2 x 8 x 2 global keys
+
+    ref = make_bn_moco(splits=2)                         # shuffle-BN: one process, split BN in 2 chunks
+    assert ref.splits == 2
+    train(ref, ref, make_batches(2, 2), rank=0, world=1)
+    # BN running statistics are per rank (rank 0's half) vs averaged over chunks: all else must match
+    assert_same(got["shuffle_bn"], ref.state_dict(), skip=(".bn.running", ".bn.num_batches"))
+    unsplit = make_bn_moco(splits=1)                     # the check can fail: plain BN over the whole batch
+    train(unsplit, unsplit, make_batches(2, 2), rank=0, world=1)
+    assert not torch.allclose(got["shuffle_bn"]["encoder_q.conv.weight"], unsplit.encoder_q.conv.weight, atol=1e-6)
 
 
 def test_every_data_switch_combination_runs_a_step():
