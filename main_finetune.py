@@ -8,6 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from augment import finetune_transforms
+from augment.randaugment import parse_policy
 from data import add_data_args, apply_preset, build_dataset, build_eval_loader, build_train_loader
 from data.datasets import num_classes_of
 from data.loader import holdout_split, per_rank_batch_size
@@ -109,6 +110,11 @@ def main(args):
     if mixing and per_rank_batch_size(args.batch_size) % 2:
         raise UserError(f"mixup/cutmix need an even batch per process (got {args.batch_size // get_world_size()}); "
                         "change --batch-size or pass --mixup 0 --cutmix 0")
+    if args.aa != "none":
+        try:
+            parse_policy(args.aa)
+        except ValueError as e:
+            raise UserError(f"--aa {args.aa}: {e}; use e.g. --aa rand-m9-mstd0.5-inc1, or --aa none") from e
     seed_everything(args.seed)
     logger = start_run(args)
     amp = amp_dtype(args.amp, device)

@@ -93,9 +93,9 @@ def main(args):
     view_kw = dict(num_key_views=args.num_key_views if args.enable_mean_encoding else 1,
                    num_minis=args.num_mini_crops if args.enable_multicrop else 0, mini_size=args.mini_crop_size,
                    mini_scale=tuple(args.mini_crop_scale), scalemix=args.enable_scalemix)
-    if use_device_path(args, unsupported="--enable-asymm-aug" if args.enable_asymm_aug else None):
+    if use_device_path(args):
         train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download)
-        views = moco_device_views(preset, args.img_size, args.blur_prob, **view_kw)
+        views = moco_device_views(preset, args.img_size, args.blur_prob, asym_aug=args.enable_asymm_aug, **view_kw)
         loader = DeviceLoader(train_set, args.batch_size, args.seed, device, views.compile() if args.compile else views)
     else:
         views = moco_views(preset, args.img_size, args.blur_prob, asym_aug=args.enable_asymm_aug, **view_kw)

@@ -208,21 +208,25 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 class DeviceView:
-    """One random view per image: crop (scale, ratio) + flip, colour jitter with p, grayscale with p, blur
-    with p (sigma range), normalise. view(x, rng) -> (views [N, 3, S, S], boxes [N, 4], flips [N]).
+    """One random view per image: crop (scale, ratio) + flip, RandAugment (optional: an
+    augment.randaugment.DeviceRandAugment), colour jitter with p, grayscale with p, blur with p (sigma
+    range), normalise. view(x, rng) -> (views [N, 3, S, S], boxes [N, 4], flips [N]).
 
     Two halves: `params` draws every random number from rng (a handful of small kernels), `apply` does
     the pixel work (what `compile()` hands to torch.compile)."""
 
     def __init__(self, size, mean, std, scale=(0.15, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
-                 jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0, blur_sigma=(0.1, 2.0)):
-        self.size, self.mean, self.std = size, mean, std
+                 jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0, blur_sigma=(0.1, 2.0),
+                 randaug=None):
+        self.size, self.mean, self.std, self.randaug = size, mean, std, randaug
         self.scale, self.ratio, self.flip_p = scale, ratio, flip_p
         self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
         self.blur_p, self.blur_sigma = blur_p, blur_sigma
 
     def params(self, n: int, height: int, width: int, rng: BatchRandom) -> dict:
         p = {"boxes": crop_boxes(n, height, width, self.scale, self.ratio, rng), "flips": rng.rand(n) < self.flip_p}
+        if self.randaug is not None:
+            p.update(self.randaug.params(n, self.size, self.size, rng))
         if self.jitter_p > 0:
             p["jitter"] = rng.rand(n) < self.jitter_p
             p["order"], p["factors"] = jitter_params(n, *self.jitter, rng)
@@ -235,6 +239,8 @@ class DeviceView:
 
     def apply(self, x: torch.Tensor, p: dict):
         v = resized_crop_flip(x, p["boxes"], self.size, p["flips"])
+        if self.randaug is not None:
+            v = self.randaug.apply(v, p)
         if self.jitter_p > 0:
             v = apply_where(p["jitter"], lambda y: color_jitter(y, p["order"], p["factors"]), v)
         if self.gray_p > 0:
@@ -277,25 +283,26 @@ class DeviceAPSViews:
 
 class DeviceMoCoViews:
     """SPEC C1/C2 on the device: {"query", "keys" [N, V, ...], "query_mix"?, "mini_queries" [N, M, ...]?},
-    the same groups as augment.moco.MoCoViews (AsymAug's RandAugment stays on the PIL path)."""
+    the same groups as augment.moco.MoCoViews. query and key: the two sides' views (the same one unless
+    AsymAug); query_mix is a second query view (ScaleMix)."""
 
-    def __init__(self, large: DeviceView, num_key_views=1, mini: DeviceView = None, num_minis=0, scalemix=False):
-        self.large, self.num_key_views, self.mini, self.num_minis = large, num_key_views, mini, num_minis
-        self.scalemix = scalemix
+    def __init__(self, query: DeviceView, key: DeviceView = None, num_key_views=1, mini: DeviceView = None,
+                 num_minis=0, scalemix=False):
+        self.query, self.key = query, key or query
+        self.num_key_views, self.mini, self.num_minis, self.scalemix = num_key_views, mini, num_minis, scalemix
 
     def compile(self):
-        self.large.compile()
-        if self.mini is not None:
-            self.mini.compile()
+        for view in {id(v): v for v in (self.query, self.key, self.mini) if v is not None}.values():
+            view.compile()
         return self
 
     def __call__(self, images, rng: BatchRandom = None):
         x = to_float(images)
         rng = rng or BatchRandom.local(x.device)
-        out = {"query": self.large(x, rng)[0],
-               "keys": torch.stack([self.large(x, rng)[0] for _ in range(self.num_key_views)], dim=1)}
+        out = {"query": self.query(x, rng)[0],
+               "keys": torch.stack([self.key(x, rng)[0] for _ in range(self.num_key_views)], dim=1)}
         if self.scalemix:
-            out["query_mix"] = self.large(x, rng)[0]
+            out["query_mix"] = self.query(x, rng)[0]
         if self.num_minis:
             out["mini_queries"] = torch.stack([self.mini(x, rng)[0] for _ in range(self.num_minis)], dim=1)
         return out
@@ -307,12 +314,19 @@ def aps_device_views(preset, img_size: int, **kwargs) -> DeviceAPSViews:
 
 
 def moco_device_views(preset, size: int, blur_prob=0.5, num_key_views=1, num_minis=0, mini_size=96,
-                      mini_scale=(0.05, 0.14), scalemix=False) -> DeviceMoCoViews:
-    """The device twin of augment.moco.moco_views without AsymAug (same scales: MultiCrop moves the large
-    crops to (max mini scale, 1)). The blur is a true Gaussian (the PIL path uses PIL's box approximation)."""
+                      mini_scale=(0.05, 0.14), asym_aug=False, scalemix=False) -> DeviceMoCoViews:
+    """The device twin of augment.moco.moco_views (same scales: MultiCrop moves the large crops to (max mini
+    scale, 1)). AsymAug: the query adds RandAugment rand-m10-n2-mstd0.5 after the flip, the key is crop
+    (0.08-1) + flip only. The blur is a true Gaussian (the PIL path uses PIL's box approximation)."""
+    from augment.randaugment import DeviceRandAugment
     scale = (mini_scale[1], 1.0) if num_minis else (0.2, 1.0)
     common = dict(mean=preset.mean, std=preset.std, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
                   jitter_p=0.8, gray_p=0.2, blur_p=blur_prob)
     large = DeviceView(size, scale=scale, **common)
+    query, key = large, large
+    if asym_aug:
+        fill = [round(255 * m) for m in preset.mean] * (3 if len(preset.mean) == 1 else 1)
+        query = DeviceView(size, scale=scale, randaug=DeviceRandAugment("rand-m10-n2-mstd0.5", fill), **common)
+        key = DeviceView(size, preset.mean, preset.std, scale=(0.08, 1.0), jitter_p=0.0, gray_p=0.0)
     mini = DeviceView(mini_size, scale=tuple(mini_scale), **common) if num_minis else None
-    return DeviceMoCoViews(large, num_key_views, mini, num_minis, scalemix)
+    return DeviceMoCoViews(query, key, num_key_views, mini, num_minis, scalemix)

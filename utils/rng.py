@@ -52,10 +52,17 @@ class BatchRandom:
         self.generator.manual_seed(mix_seed(*key))
         return self
 
+    def _rows(self, draw, n: int, shape) -> torch.Tensor:
+        full = draw(n * self.world, *shape, device=self.device, generator=self.generator)
+        return full[self.rank * n:(self.rank + 1) * n] if self.world > 1 else full
+
     def rand(self, n: int, *shape: int) -> torch.Tensor:
         """This rank's rows [n, *shape] of U[0, 1) numbers drawn for [n * world, *shape]."""
-        full = torch.rand(n * self.world, *shape, device=self.device, generator=self.generator)
-        return full[self.rank * n:(self.rank + 1) * n] if self.world > 1 else full
+        return self._rows(torch.rand, n, shape)
+
+    def normal(self, n: int, *shape: int) -> torch.Tensor:
+        """Like rand, standard normal numbers."""
+        return self._rows(torch.randn, n, shape)
 
     def uniform(self, n: int, low: float, high: float, *shape: int) -> torch.Tensor:
         return self.rand(n, *shape).mul_(high - low).add_(low)
