@@ -11,7 +11,7 @@ from augment.device import moco_device_views
 from augment.moco import moco_views
 from data import add_data_args, apply_preset, build_dataset, build_train_loader
 from data.args import add_data_dir_arg, resolve_data_dir
-from data.device import DeviceLoader, add_data_path_arg, use_device_path
+from data.device import DeviceLoader, add_data_path_arg, device_loader, use_device_path
 from engine import Trainer, add_runtime_args, start_run
 from models.moco import MoCo, check_queue, synchronise_key_projector
 from models.resnet import RESNETS, ResNetTrunk, create_resnet, moco_projector
@@ -96,7 +96,7 @@ def main(args):
     if use_device_path(args):
         train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download)
         views = moco_device_views(preset, args.img_size, args.blur_prob, asym_aug=args.enable_asymm_aug, **view_kw)
-        loader = DeviceLoader(train_set, args.batch_size, args.seed, device, views.compile() if args.compile else views)
+        loader = device_loader(train_set, args, device, views.compile() if args.compile else views)
     else:
         views = moco_views(preset, args.img_size, args.blur_prob, asym_aug=args.enable_asymm_aug, **view_kw)
         train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download, transform=views)

@@ -7,7 +7,7 @@ from torch.nn.parallel import DistributedDataParallel
 from augment import TwoViews, add_aps_augment_args, aps_augment_kwargs, aps_view_transform
 from augment.device import aps_device_views
 from data import add_data_args, apply_preset, build_dataset, build_train_loader
-from data.device import DeviceLoader, add_data_path_arg, use_device_path
+from data.device import DeviceLoader, add_data_path_arg, device_loader, use_device_path
 from engine import Trainer, add_runtime_args, start_run
 from models import APS, create_vit
 from models.vit import add_vit_args, vit_overrides
@@ -79,7 +79,7 @@ def main(args):
     if use_device_path(args):  # uint8 dataset on the device, views made there in batches
         train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download)
         views = aps_device_views(preset, args.img_size, **aps_augment_kwargs(args))
-        loader = DeviceLoader(train_set, args.batch_size, args.seed, device, views.compile() if args.compile else views)
+        loader = device_loader(train_set, args, device, views.compile() if args.compile else views)
     else:
         views = TwoViews(aps_view_transform(preset, args.img_size, **aps_augment_kwargs(args)))
         train_set = build_dataset(args.dataset, args.data_root, train=True, download=args.download, transform=views)

@@ -24,40 +24,51 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
 
 # ------------------------------------------------------------------ geometry
-def crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng: BatchRandom = None):
+def crop_boxes(n: int, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng: BatchRandom = None):
     """RandomResizedCrop.get_params for n samples at once: [n, 4] = (top, left, h, w), integers as floats.
+    height, width: the source size, one for all or one per sample ([n] tensors).
 
     Ten candidate boxes per sample (area ~ U(scale) * H * W, log-uniform aspect ratio); the first that fits
     wins; samples with none fall back to the centre crop clamped to `ratio`, as torchvision does.
     rng: where the numbers come from (default: the CPU's global generator)."""
     rng = rng or BatchRandom.local("cpu")
     device = rng.device
+    H = torch.as_tensor(height, dtype=torch.float32, device=device).reshape(-1).expand(n)      # [n]
+    W = torch.as_tensor(width, dtype=torch.float32, device=device).reshape(-1).expand(n)
     tries = 10
-    area = height * width * rng.uniform(n, *scale, tries)
+    area = (H * W)[:, None] * rng.uniform(n, *scale, tries)
     log_r = rng.uniform(n, math.log(ratio[0]), math.log(ratio[1]), tries)
     r = torch.exp(log_r)
     w = torch.round(torch.sqrt(area * r))
     h = torch.round(torch.sqrt(area / r))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)                     # [n, tries]
+    ok = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])           # [n, tries]
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros(n, dtype=torch.long, device=device))
     h = h.gather(1, first[:, None])[:, 0]
     w = w.gather(1, first[:, None])[:, 0]
     # the fallback: whole image, cropped to the ratio bounds
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fh, fw = height, int(round(height * max(ratio)))
-    else:
-        fw, fh = width, height
+    lo, hi = min(ratio), max(ratio)
+    in_ratio = W / H
+    fw = torch.where(in_ratio > hi, torch.round(H * hi), W)
+    fh = torch.where(in_ratio < lo, torch.round(W / lo), H)
     found = ok.any(1)
-    h = torch.where(found, h, torch.full_like(h, fh))
-    w = torch.where(found, w, torch.full_like(w, fw))
-    top = torch.floor(rng.rand(n) * (height - h + 1))
-    left = torch.floor(rng.rand(n) * (width - w + 1))
-    top = torch.where(found, top, (height - h).div(2, rounding_mode="floor"))
-    left = torch.where(found, left, (width - w).div(2, rounding_mode="floor"))
+    h = torch.where(found, h, fh)
+    w = torch.where(found, w, fw)
+    top = torch.floor(rng.rand(n) * (H - h + 1))
+    left = torch.floor(rng.rand(n) * (W - w + 1))
+    top = torch.where(found, top, (H - h).div(2, rounding_mode="floor"))
+    left = torch.where(found, left, (W - w).div(2, rounding_mode="floor"))
     return torch.stack([top, left, h, w], dim=1)
+
+
+def crop_resize_list(images, boxes: torch.Tensor, size) -> torch.Tensor:
+    """Images of different sizes (uint8 [C, h_i, w_i], on one device) -> float [N, C, S, S] in [0, 1]: each box
+    cropped and resized (bilinear, antialiased, as TF.resized_crop with antialias=True). One host sync."""
+    oh, ow = (size, size) if isinstance(size, int) else size
+    out = []
+    for img, (t, l, h, w) in zip(images, boxes.long().tolist()):
+        crop = img[None, :, t:t + h, l:l + w].float().div_(255.0)
+        out.append(F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=False, antialias=True))
+    return torch.cat(out)
 
 
 def resized_crop_flip(images: torch.Tensor, boxes: torch.Tensor, size, flips: torch.Tensor = None):
@@ -199,12 +210,19 @@ def apply_where(mask, fn, x):
 
 
 # ------------------------------------------------------------------ view pipelines
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, C, H, W] (or [N, H, W] grey) -> float [N, 3, H, W] in [0, 1]."""
+def to_float(images):
+    """uint8 [N, C, H, W] (or [N, H, W] grey) -> float [N, 3, H, W] in [0, 1]. A list (images of different
+    sizes, decoded to RGB) is passed through: the views crop it image by image."""
+    if isinstance(images, (list, tuple)):
+        return images
     if images.dim() == 3:
         images = images[:, None]
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def device_of(images) -> torch.device:
+    return images[0].device if isinstance(images, (list, tuple)) else images.device
 
 
 class DeviceView:
@@ -237,8 +255,19 @@ class DeviceView:
             p["blur"] = rng.rand(n) < self.blur_p
         return p
 
-    def apply(self, x: torch.Tensor, p: dict):
-        v = resized_crop_flip(x, p["boxes"], self.size, p["flips"])
+    def apply(self, x, p: dict):
+        """x: float [N, 3, H, W], or a list of uint8 [3, h_i, w_i] (cropped image by image, outside the
+        compiled part)."""
+        if isinstance(x, (list, tuple)):
+            v = crop_resize_list(x, p["boxes"], self.size)
+            return self._finish(torch.where(_per_sample(p["flips"], v).bool(), v.flip(-1), v), p)
+        return self._apply_batch(x, p)
+
+    def _apply_batch(self, x: torch.Tensor, p: dict):
+        return self._finish(resized_crop_flip(x, p["boxes"], self.size, p["flips"]), p)
+
+    def _finish(self, v: torch.Tensor, p: dict):
+        """Everything after the crop and flip."""
         if self.randaug is not None:
             v = self.randaug.apply(v, p)
         if self.jitter_p > 0:
@@ -251,15 +280,22 @@ class DeviceView:
             v = apply_where(p["blur"], lambda y: gaussian_blur(y, p["sigma"], size), v)
         return normalize(v, self.mean, self.std), p["boxes"], p["flips"]
 
-    def __call__(self, x: torch.Tensor, rng: BatchRandom = None):
-        N, _, H, W = x.shape
-        return self.apply(x, self.params(N, H, W, rng or BatchRandom.local(x.device)))
+    def __call__(self, x, rng: BatchRandom = None):
+        device = device_of(x)
+        if isinstance(x, (list, tuple)):                     # images of different sizes
+            H = torch.tensor([img.shape[-2] for img in x], device=device)
+            W = torch.tensor([img.shape[-1] for img in x], device=device)
+            N = len(x)
+        else:
+            N, _, H, W = x.shape
+        return self.apply(x, self.params(N, H, W, rng or BatchRandom.local(device)))
 
     def compile(self) -> "DeviceView":
         """torch.compile the pixel work: its ~100 small element-wise kernels fused into a few."""
         import torch._dynamo
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-        self.apply = torch.compile(self.apply, dynamic=False)
+        self._apply_batch = torch.compile(self._apply_batch, dynamic=False)
+        self._finish = torch.compile(self._finish, dynamic=False)
         return self
 
 
@@ -275,7 +311,7 @@ class DeviceAPSViews:
 
     def __call__(self, images, rng: BatchRandom = None):
         x = to_float(images)
-        rng = rng or BatchRandom.local(x.device)
+        rng = rng or BatchRandom.local(device_of(x))
         v1, b1, f1 = self.view(x, rng)
         v2, b2, f2 = self.view(x, rng)
         return {"view1": v1, "box1": b1, "flip1": f1, "view2": v2, "box2": b2, "flip2": f2}
@@ -298,7 +334,7 @@ class DeviceMoCoViews:
 
     def __call__(self, images, rng: BatchRandom = None):
         x = to_float(images)
-        rng = rng or BatchRandom.local(x.device)
+        rng = rng or BatchRandom.local(device_of(x))
         out = {"query": self.query(x, rng)[0],
                "keys": torch.stack([self.key(x, rng)[0] for _ in range(self.num_key_views)], dim=1)}
         if self.scalemix:

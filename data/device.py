@@ -1,17 +1,27 @@
-"""The on-device data path: a small dataset held on the training device as uint8, batched and augmented there.
+"""The on-device data path: images are augmented in batches on the training device.
 
-`DeviceLoader` is a drop-in for the training DataLoader of `data.loader.build_train_loader`: the same
-order (data.loader.GlobalBatchSampler), the same batch structure ((augmented views, labels)), but no worker
-processes, no PIL and no host-to-device copies per step. The augmentation's random numbers are drawn per
-global batch from a stream seeded by (seed, epoch, batch) (utils.rng.BatchRandom), so they too do not depend
-on the number of processes.
+`DeviceLoader`: a small dataset held on the device as uint8, no worker processes, no PIL, no host-to-device
+copies per step. `FolderDeviceLoader`: an image folder whose JPEGs workers only read, decoded in batches on
+the GPU (torchvision.io.decode_jpeg; on a CPU the workers decode them), cropped image by image, then
+augmented in batches. Both are drop-ins for the training DataLoader of `data.loader.build_train_loader`:
+the same order (data.loader.GlobalBatchSampler), the same batch structure ((augmented views, labels)). The
+augmentation's random numbers are drawn per global batch from a stream seeded by (seed, epoch, batch)
+(utils.rng.BatchRandom), so they do not depend on the number of processes either.
 """
+import warnings
+
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from data.loader import GlobalBatchSampler
-from utils.errors import UserError
+from utils.errors import UserError, describe
 from utils.rng import BatchRandom
+from utils.runtime import seed_worker
+
+# torchvision 0.29 deprecates its decoders for TorchCodec (README, Speed); the pinned version has them
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
 
 AUGMENT_STREAM = 1  # key part that keeps the augmentation's stream apart from the training step's
 
@@ -20,22 +30,27 @@ DATA_PATHS = ("auto", "cpu", "device")
 
 def add_data_path_arg(group):
     group.add_argument("--data-path", default="auto", choices=DATA_PATHS,
-                       help="device: keep the dataset on the training device as uint8 and augment batches there; "
-                            "cpu: PIL transforms in worker processes (the reference's way); auto: device for the "
-                            "in-memory datasets (digits, MNIST, Fashion-MNIST, CIFAR), cpu for image folders")
+                       help="device: augment batches on the training device (in-memory datasets live there as "
+                            "uint8; image folders: workers read the JPEGs, the GPU decodes them); cpu: PIL "
+                            "transforms in worker processes (the reference's way); auto: device for the in-memory "
+                            "datasets (digits, MNIST, Fashion-MNIST, CIFAR), cpu for image folders")
 
 
 def use_device_path(args, unsupported: str = None) -> bool:
     """Resolve --data-path: True for the on-device path. `unsupported` names a flag the device path lacks."""
     in_memory = args.dataset != "imagefolder"
     if args.data_path == "device":
-        if not in_memory:
-            raise UserError("--data-path device needs an in-memory dataset (digits, mnist, fashion-mnist, cifar10/100); "
-                            "image folders use --data-path cpu")
         if unsupported:
             raise UserError(f"--data-path device does not implement {unsupported}; use --data-path cpu")
         return True
     return args.data_path == "auto" and in_memory and not unsupported
+
+
+def device_loader(train_set, args, device: torch.device, augment):
+    """The on-device training loader for `train_set`: DeviceLoader, or FolderDeviceLoader for an image folder."""
+    if hasattr(train_set, "samples"):
+        return FolderDeviceLoader(train_set, args.batch_size, args.seed, device, augment, args.num_workers)
+    return DeviceLoader(train_set, args.batch_size, args.seed, device, augment)
 
 
 def uint8_images(dataset):
@@ -51,7 +66,8 @@ def uint8_images(dataset):
 class DeviceLoader:
     """Yields (augment(uint8 batch, rng), labels) for this rank's part of each global batch, on `device`.
 
-    augment(images, rng) draws its random numbers from rng (a BatchRandom reseeded per global batch)."""
+    augment(images, rng) draws its random numbers from rng (a BatchRandom reseeded per global batch:
+    `reseed(i)` for global batch i of the current epoch)."""
 
     def __init__(self, dataset, global_batch: int, seed: int, device: torch.device, augment,
                  rank: int = None, world: int = None):
@@ -71,5 +87,78 @@ class DeviceLoader:
         start, sampler._skip = sampler._skip, 0                 # skipped batches are not augmented at all
         for i in range(start, len(self)):
             idx = order[i]
-            self.rng.reseed(self.seed, sampler.epoch, i, AUGMENT_STREAM)
-            yield self.augment(self.images[idx], self.rng), self.labels[idx]
+            yield self.augment(self.images[idx], self.reseed(i)), self.labels[idx]
+
+    def reseed(self, i: int) -> BatchRandom:
+        return self.rng.reseed(self.seed, self.batch_sampler.epoch, i, AUGMENT_STREAM)
+
+
+JPEG_MAGIC = (0xFF, 0xD8)
+
+
+class EncodedImages(Dataset):
+    """An image folder's samples as (image, label, index): a JPEG's bytes (uint8 [L]) to decode on the
+    device, or, with decode=True or for other formats, the decoded RGB image (uint8 [3, h, w])."""
+
+    def __init__(self, folder, decode: bool):
+        self.samples, self.decode = folder.samples, decode
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:   # (read_file's tensor cannot be sent back from a worker process)
+                data = torch.from_numpy(np.frombuffer(f.read(), dtype=np.uint8).copy())
+            if self.decode or tuple(data[:2].tolist()) != JPEG_MAGIC:
+                data = decode_image(data, mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise UserError(f"cannot read image {path} ({describe(e)}); remove or replace the file") from None
+        return data, label, i
+
+
+def _as_list(batch):
+    data, labels, idx = zip(*batch)
+    return list(data), torch.tensor(labels), list(idx)
+
+
+class FolderDeviceLoader(DeviceLoader):
+    """An image folder on the device path: `num_workers` processes read the files, the device decodes the
+    JPEGs in one batched call (GPU; on a CPU the workers decode, unless worker_decode=False), and augment
+    gets the list of images."""
+
+    def __init__(self, folder, global_batch: int, seed: int, device: torch.device, augment, num_workers: int,
+                 rank: int = None, world: int = None, worker_decode: bool = None):
+        worker_decode = device.type != "cuda" if worker_decode is None else worker_decode
+        self.batch_sampler = GlobalBatchSampler(len(folder), global_batch, seed, rank, world)
+        self.rng = BatchRandom(device, self.batch_sampler.rank, self.batch_sampler.world)
+        self.device, self.augment, self.seed, self.dataset = device, augment, seed, folder
+        self.loader = DataLoader(EncodedImages(folder, decode=worker_decode), batch_sampler=self.batch_sampler,
+                                 num_workers=num_workers, collate_fn=_as_list, pin_memory=device.type == "cuda",
+                                 worker_init_fn=seed_worker)
+
+    def __iter__(self):
+        start = self.batch_sampler._skip                          # the sampler skips (and resets) it itself
+        for i, (data, labels, idx) in enumerate(self.loader, start=start):
+            images = self.decode(data, idx)
+            yield self.augment(images, self.reseed(i)), labels.to(self.device, non_blocking=True)
+
+    def decode(self, data: list, idx: list) -> list:
+        """The batch's images on the device, uint8 [3, h, w] each: JPEG bytes decoded there in one call."""
+        encoded = [k for k, d in enumerate(data) if d.dim() == 1]
+        if encoded:
+            try:
+                images = decode_jpeg([data[k] for k in encoded], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:                                  # find (and name) the file it could not decode
+                images = [self._decode_one(data[k], idx[k]) for k in encoded]
+            for k, img in zip(encoded, images):
+                data[k] = img
+        return [img.to(self.device, non_blocking=True) for img in data]
+
+    def _decode_one(self, data, i):
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise UserError(f"cannot read image {self.dataset.samples[i][0]} ({describe(e)}); remove or replace "
+                            "the file") from None

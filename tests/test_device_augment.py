@@ -118,3 +118,86 @@ def test_device_loader_follows_the_cpu_loaders_order():
     for (x, y), (pil, target) in zip(batches, cpu):
         assert torch.equal(y, target) and torch.equal(x[:, 0], pil[:, 0])
     assert images.shape[1:] == (1, 32, 32) and images.dtype == torch.uint8
+
+
+# ------------------------------------------------------------------ image folders on the device path
+def test_crop_boxes_with_a_size_per_sample_fit_each_image():
+    H = torch.tensor([20.0, 64, 33, 100] * 500)
+    W = torch.tensor([30.0, 16, 33, 7] * 500)
+    boxes = D.crop_boxes(2000, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
+    assert (h >= 1).all() and (w >= 1).all()
+    # nothing fits: the centre crop at the ratio bound, per sample (torchvision: 16 x 64 -> h 21; 100 x 7 -> w 7)
+    fallback = D.crop_boxes(2, torch.tensor([64.0, 7]), torch.tensor([16.0, 100]), scale=(2.0, 3.0))
+    assert fallback.tolist() == [[21.0, 0.0, 21.0, 16.0], [0.0, 45.0, 7.0, 9.0]]
+
+
+def test_crop_resize_list_equals_torchvisions_resized_crop_per_image():
+    g = torch.Generator().manual_seed(2)
+    images = [(torch.rand(3, h, w, generator=g) * 255).to(torch.uint8) for h, w in ((40, 48), (17, 90), (64, 64))]
+    boxes = torch.tensor([[3.0, 5, 30, 40], [0, 10, 17, 60], [8, 8, 12, 9]])
+    got = D.crop_resize_list(images, boxes, 16)
+    for img, (t, l, h, w), out in zip(images, boxes.long().tolist(), got):
+        ref = TF.resized_crop(img.float() / 255, t, l, h, w, [16, 16], InterpolationMode.BILINEAR, antialias=True)
+        assert torch.allclose(out, ref, atol=1e-5)
+
+
+def _folder_with_odd_files(root):
+    """make_folder's JPEGs plus a PNG (workers decode it) and a grey JPEG."""
+    from PIL import Image
+    from test_tools import make_folder
+    make_folder(root, per_class=4)
+    Image.new("RGB", (30, 22), (200, 10, 10)).save(root / "train" / "class0" / "extra.png")
+    Image.new("L", (26, 26), 90).save(root / "train" / "class1" / "grey.jpg")
+
+
+@pytest.mark.parametrize("worker_decode", [True, False], ids=["workers-decode", "batched-decode_jpeg"])
+def test_folder_device_loader_yields_the_cpu_loaders_images_and_order(tmp_path, worker_decode):
+    from data.datasets import build_imagefolder
+    from data.device import FolderDeviceLoader
+    from data.loader import GlobalBatchSampler
+    _folder_with_odd_files(tmp_path)
+    folder = build_imagefolder(str(tmp_path), train=True)
+    loader = FolderDeviceLoader(folder, 5, seed=3, device=torch.device("cpu"), augment=lambda imgs, rng: imgs,
+                                num_workers=1, worker_decode=worker_decode)
+    order = GlobalBatchSampler(len(folder), 5, seed=3, rank=0, world=1)      # the CPU path's order
+    assert len(loader) == len(order) == 2
+    for sampler in (loader.batch_sampler, order):
+        sampler.set_epoch(1)
+    batches = list(loader)
+    assert len(batches) == 2
+    for (images, labels), idx in zip(batches, order):
+        assert labels.tolist() == [folder.targets[i] for i in idx]
+        for img, i in zip(images, idx):
+            ref = TF.pil_to_tensor(folder[i][0])                           # PIL's decode (the CPU path's)
+            assert img.shape == ref.shape and (img.float() - ref.float()).abs().max() <= 1
+
+
+def test_folder_device_loader_names_a_corrupt_jpeg(tmp_path):
+    from data.datasets import build_imagefolder
+    from data.device import FolderDeviceLoader
+    from utils.errors import UserError
+    _folder_with_odd_files(tmp_path)
+    bad = tmp_path / "train" / "class0" / "0.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])                       # a JPEG header, then nothing
+    folder = build_imagefolder(str(tmp_path), train=True)
+    for worker_decode in (True, False):
+        loader = FolderDeviceLoader(folder, 10, seed=0, device=torch.device("cpu"), augment=lambda imgs, rng: imgs,
+                                    num_workers=0, worker_decode=worker_decode)
+        with pytest.raises(UserError, match="cannot read image .*0.jpg"):
+            list(loader)
+
+
+def test_device_views_of_images_of_different_sizes():
+    preset = get_preset("digits")
+    views = D.aps_device_views(preset, 16, jitter_p=0.0, gray_p=0.0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((20, 30), (40, 24), (33, 33))]
+    out = views(images)
+    assert out["view1"].shape == (3, 3, 16, 16) and out["box2"].shape == (3, 4)
+    plain = out["view1"] * preset.std[0] + preset.mean[0]
+    for k, img in enumerate(images):
+        t, l, h, w = out["box1"][k].long().tolist()
+        assert t + h <= img.shape[1] and l + w <= img.shape[2]
+        ref = D.crop_resize_list([img], out["box1"][k:k + 1], 16)[0]
+        assert torch.allclose(plain[k], ref.flip(-1) if out["flip1"][k] else ref, atol=1e-5)

@@ -25,11 +25,12 @@ def test_bench_prints_json_lines(capsys):
         ["--device", "cpu", "--archs", "vit-tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0",
          "--sampler-batch", "16", "--loop-pairs", "4", "--img-size", "16", "--patch-size", "4",
          "--pipeline-archs", "vit-tiny", "--pipeline-batches", "1", "--workers", "0", "--moco-arch", "resnet18",
-         "--moco-batch", "4", "--moco-img-size", "32", "--peak-tflops", "1"])
+         "--moco-batch", "4", "--moco-img-size", "32", "--peak-tflops", "1", "--moco-jpeg"])
     results = bench.main(args)
     kinds = [r["bench"] for r in results]
     assert kinds == ["aps_sampler", "aps_step", "aps_augment", "aps_pipeline", "aps_pipeline", "aps_ratio",
-                     "moco_pipeline", "moco_pipeline", "moco_ratio"]
+                     "moco_pipeline", "moco_pipeline", "moco_ratio", "moco_pipeline", "moco_pipeline",
+                     "moco_jpeg_ratio"]
     assert results[0]["pairs_per_s"] > 0 and results[0]["loop_pairs_per_s"] > 0
     step = results[1]
     assert step["pairs_per_s"] > 0 and step["peak_mem_mib"] > 0
@@ -44,9 +45,10 @@ def test_bench_prints_json_lines(capsys):
     assert step["gflops_per_pair"] * 1e9 == pytest.approx(by_hand, rel=0.1)
     assert step["mfu"] == pytest.approx(step["gflops_per_pair"] * 1e9 * step["pairs_per_s"] / 1e12, abs=1e-4)  # 4 decimals
     paths = {r["path"]: r for r in results if r["bench"] == "moco_pipeline"}
-    assert set(paths) == {"cpu", "device"} and all(r["img_per_s"] > 0 for r in paths.values())
-    assert results[-1]["device_over_cpu"] == pytest.approx(paths["device"]["img_per_s"] / paths["cpu"]["img_per_s"],
-                                                          rel=0.05)  # from rounded rates
+    assert set(paths) == {"cpu", "device", "jpeg-cpu", "jpeg-device"} and all(r["img_per_s"] > 0 for r in paths.values())
+    for ratio, (dev, cpu) in ((results[-4], ("device", "cpu")), (results[-1], ("jpeg-device", "jpeg-cpu"))):
+        assert ratio["device_over_cpu"] == pytest.approx(paths[dev]["img_per_s"] / paths[cpu]["img_per_s"],
+                                                         rel=0.05)  # from rounded rates
     assert capsys.readouterr().out.count("{") == len(results)
 
 
@@ -70,3 +72,23 @@ def test_imagefolder_pretraining_runs(tmp_path, tiny_flags):
     metrics = main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
     assert 0.0 <= metrics["knn_top1"] <= 100.0
     assert os.path.isfile(tmp_path / "out" / "checkpoint.pth")
+
+
+def test_imagefolder_on_the_device_path_pretrains_and_trains_moco(tmp_path, tiny_flags):
+    """--data-path device on a folder: workers read the files, the device decodes and crops image by image."""
+    import main_moco
+    make_folder(tmp_path / "data")
+    argv = tiny_flags + ["--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--img-size", "32",
+                         "--batch-size", "4", "--num-workers", "1", "--nepoch", "1", "--warmup-epochs", "1",
+                         "--knn-every", "1", "--data-path", "device", "--output-dir", str(tmp_path / "aps")]
+    metrics = main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+    assert 0.0 <= metrics["knn_top1"] <= 100.0 and os.path.isfile(tmp_path / "aps" / "checkpoint.pth")
+    argv = ["-a", "resnet18", "--img-size", "16", "--batch-size", "4", "--moco-k", "8", "--moco-dim", "8",
+            "--mlp-hidden-dim", "16", "--epochs", "1", "--num-workers", "1", "--device", "cpu", "--knn-every", "0",
+            "--bn-splits", "2", "--data-path", "device", "--enable-asymm-aug", "--enable-multicrop",
+            "--num-mini-crops", "2",
+            "--output-dir", str(tmp_path / "moco"), str(tmp_path / "data")]
+    main_moco.main(main_moco.get_args_parser().parse_args(argv))
+    assert os.path.isfile(tmp_path / "moco" / "checkpoint.pth")
+    for run in ("aps", "moco"):
+        assert "data path device" in (tmp_path / run / "log.txt").read_text()

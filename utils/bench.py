@@ -137,6 +137,9 @@ def get_args_parser():
     p.add_argument("--moco-arch", default=None, help="MoCo ResNet (default resnet50 on GPU, resnet18 on CPU)")
     p.add_argument("--moco-batch", type=int, default=None, help="MoCo batch (default 256 on GPU, 16 on CPU)")
     p.add_argument("--moco-img-size", type=int, default=None, help="MoCo crop size (default 224 on GPU, 64 on CPU)")
+    p.add_argument("--moco-jpeg", action="store_true",
+                   help="also time MoCo from a (temporary, synthetic) folder of JPEGs: PIL in workers vs decoded on "
+                        "the device")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense bf16 peak, for MFU (default: known GPUs, e.g. 989 for H100/H200)")
     return p
@@ -208,6 +211,13 @@ def pipelines(args, device, amp, gpu, batch, peak):
         emit(rec)
     emit({"bench": "moco_ratio", "arch": arch, "device_over_cpu":
           round(recs["device"]["img_per_s"] / recs["cpu"]["img_per_s"], 2)})
+    if args.moco_jpeg:
+        recs = {path: P.moco_pipeline(path, arch, mb, size, device, amp, batches, warm, workers, args.compile)
+                for path in ("jpeg-cpu", "jpeg-device")}
+        for rec in recs.values():
+            emit(rec)
+        emit({"bench": "moco_jpeg_ratio", "arch": arch, "device_over_cpu":
+              round(recs["jpeg-device"]["img_per_s"] / recs["jpeg-cpu"]["img_per_s"], 2)})
     return out
 
 

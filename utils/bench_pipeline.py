@@ -1,6 +1,10 @@
 """Full training-step throughput through a data path (CPU workers + PIL, or on-device batches), model FLOPs
 and MFU. Used by `python -m utils.bench`; synthetic uint8 images stand in for the dataset (no files needed).
 """
+import atexit
+import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -101,9 +105,30 @@ def to_device(batch, device):
     return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
 
 
+def jpeg_folder(n: int, size: int, seed: int = 0) -> str:
+    """A temporary ImageNet-style folder (train/<class>/<i>.jpg) of n smooth random size x size JPEGs."""
+    root = tempfile.mkdtemp(prefix="bench-jpeg-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = os.path.join(root, "train", f"c{i % 10}")
+        os.makedirs(d, exist_ok=True)
+        small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        small.resize((size, size), Image.BILINEAR).save(os.path.join(d, f"{i}.jpg"), quality=90)
+    return root
+
+
 def make_loader(path, dataset_size, img_size, batch, workers, device, cpu_transform, device_views, compile_views):
-    from data.device import DeviceLoader
+    """path: cpu / device (in-memory uint8 images), jpeg-cpu / jpeg-device (a folder of JPEGs)."""
+    from data.datasets import build_imagefolder
+    from data.device import DeviceLoader, FolderDeviceLoader
     from data.loader import build_train_loader
+    if path.startswith("jpeg"):
+        root = jpeg_folder(dataset_size, img_size)
+        if path == "jpeg-device":
+            views = device_views.compile() if compile_views else device_views
+            return FolderDeviceLoader(build_imagefolder(root, True), batch, 0, device, views, workers)
+        return build_train_loader(build_imagefolder(root, True, cpu_transform), batch, workers, 0, device)
     if path == "device":
         device_views = device_views.compile() if compile_views else device_views
         return DeviceLoader(SyntheticRGB(dataset_size, img_size), batch, 0, device, device_views)
@@ -207,4 +232,4 @@ def moco_pipeline(path, arch, batch, img_size, device, amp, batches, warmup, wor
     out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
     return {"bench": "moco_pipeline", "arch": arch, "path": path, "batch": batch, "img_size": img_size,
             "compile": compile_model,
-            "device": str(device), "workers": workers if path == "cpu" else 0, **out}
+            "device": str(device), "workers": 0 if path == "device" else workers, **out}
