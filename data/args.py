@@ -1,4 +1,6 @@
 """The data flags, one argument group shared by all four scripts."""
+import os
+
 from data.datasets import PRESETS, get_preset
 from utils.errors import UserError
 
@@ -33,7 +35,8 @@ def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: 
                    help="training resolution (default: the dataset's preset, 32 px small sets, 224 px folders)")
     g.add_argument("--batch-size", type=int, default=batch_size,
                    help="global batch size, split evenly over the processes")
-    g.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes per GPU/process")
+    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading worker processes per GPU/process (default 4, or the CPU count if smaller)")
     g.add_argument("--output-dir", default=output_dir,
                    help="where checkpoints, log.txt, log.jsonl and tensorboard/ go; a checkpoint there is resumed")
     return g
