@@ -8,9 +8,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from augment import finetune_transforms
+from augment.device_finetune import finetune_device_view
 from augment.randaugment import parse_policy
 from data import add_data_args, apply_preset, build_dataset, build_eval_loader, build_train_loader
 from data.datasets import num_classes_of
+from data.device import add_data_path_arg, device_loader, use_device_path
 from data.loader import holdout_split, per_rank_batch_size
 from engine import Trainer, add_runtime_args, start_run
 from models import create_vit
@@ -28,7 +30,7 @@ BASE_LR = {"vit-tiny": 2e-3, "vit-small": 1e-3, "vit-base": 5e-4}  # per 512 ima
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
-    add_data_args(p, batch_size=128)
+    add_data_path_arg(add_data_args(p, batch_size=128))
     g = add_vit_args(p)
     g.add_argument("--pretrained-weights", default="", help="APS checkpoint (ours or the reference's); "
                                                             "empty: train from scratch")
@@ -47,7 +49,7 @@ def get_args_parser():
     g = p.add_argument_group("augmentation and regularisation")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment policy ('none' to disable)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    g.add_argument("--remode", default="pixel", help="random erasing mode")
+    g.add_argument("--remode", default="pixel", choices=("pixel", "rand", "const"), help="random erasing mode")
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
     g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
@@ -125,7 +127,8 @@ def main(args):
     test_loader = build_eval_loader(test_set, eval_bs, args.num_workers, device)
     if args.eval:
         return evaluate_only(args, test_loader, device, amp, logger)
-    train_set = build_dataset(args.dataset, args.data_root, train=True, transform=train_tf)
+    on_device = use_device_path(args, "image folders" if args.dataset == "imagefolder" else None)
+    train_set = build_dataset(args.dataset, args.data_root, train=True, transform=None if on_device else train_tf)
     num_classes = num_classes_of(train_set)
     val_loader = None
     if args.val_split:
@@ -133,7 +136,11 @@ def main(args):
         val_set = Subset(build_dataset(args.dataset, args.data_root, train=True, transform=eval_tf), held)
         train_set = Subset(train_set, keep)
         val_loader = build_eval_loader(val_set, eval_bs, args.num_workers, device)
-    loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
+    if on_device:  # uint8 images on the device, SPEC B's view made there in batches
+        views = finetune_device_view(preset, args.img_size, args.aa, args.reprob, args.remode)
+        loader = device_loader(train_set, args, device, views.compile() if args.compile else views)
+    else:
+        loader = build_train_loader(train_set, args.batch_size, args.num_workers, args.seed, device)
 
     module, model_config = build_model(args, num_classes)
     module.to(device)
@@ -149,7 +156,8 @@ def main(args):
                   num_classes=num_classes) if mixing else None
     criterion = SoftTargetCrossEntropy() if mixing else torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
     logger.info(f"{args.arch}/{args.patch_size} at {args.img_size} px, {num_classes} classes, {len(train_set)} "
-                f"training images, lr {lr:.3g}, {'pretrained' if args.pretrained_weights else 'from scratch'}")
+                f"training images, lr {lr:.3g}, {'pretrained' if args.pretrained_weights else 'from scratch'}, "
+                f"data path {'device' if on_device else 'cpu workers'}")
 
     def train_steps(batch, rng):
         images, target = batch

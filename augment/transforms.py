@@ -83,6 +83,12 @@ def safe_posterize(rand_augment):
     return rand_augment
 
 
+def finetune_norm(preset: Preset):
+    """(mean, std) of fine-tuning: CIFAR and folders use ImageNet statistics as the reference does."""
+    from data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    return (IMAGENET_MEAN, IMAGENET_STD) if preset.finetune_imagenet_norm else (preset.mean, preset.std)
+
+
 def finetune_transforms(preset: Preset, img_size: int, auto_augment: str = "rand-m9-mstd0.5-inc1",
                         reprob: float = 0.25, remode: str = "pixel"):
     """SPEC B: RandomCrop(size, padding 4) (RandomResizedCrop for 224-style data), flip, RandAugment,
@@ -91,8 +97,7 @@ def finetune_transforms(preset: Preset, img_size: int, auto_augment: str = "rand
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.random_erasing import RandomErasing
 
-    from data.datasets import IMAGENET_MEAN, IMAGENET_STD
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if preset.finetune_imagenet_norm else (preset.mean, preset.std)
+    mean, std = finetune_norm(preset)
     if preset.img_size >= 96:
         crop = T.RandomResizedCrop(img_size, interpolation=InterpolationMode.BICUBIC)
     else:

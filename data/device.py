@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from data.loader import GlobalBatchSampler
@@ -54,7 +54,12 @@ def device_loader(train_set, args, device: torch.device, augment):
 
 
 def uint8_images(dataset):
-    """(images uint8 [N, C, H, W], labels long [N]) of an in-memory dataset (ours or torchvision's CIFAR)."""
+    """(images uint8 [N, C, H, W], labels long [N]) of an in-memory dataset (ours or torchvision's CIFAR),
+    or of a torch Subset of one."""
+    if isinstance(dataset, Subset):
+        images, labels = uint8_images(dataset.dataset)
+        idx = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        return images[idx], labels[idx]
     data = np.asarray(dataset.data if hasattr(dataset, "data") else dataset.images)
     if data.dtype != np.uint8:
         raise UserError(f"the on-device path needs uint8 images, this dataset holds {data.dtype}; use --data-path cpu")

@@ -143,7 +143,7 @@ def test_torchrun_two_process_finetuning_equals_one_process(tmp_path):
                              "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "8",
                              "--batch-size", "512", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0",
                              "--device", "cpu", "--model-ema", "--val-split", "0.1", "--mixup", "0", "--cutmix", "0",
-                             "--drop-path", "0")
+                             "--drop-path", "0", "--data-path", "cpu")
     assert "final-epoch test top-1" in two.stdout
     assert got["epoch"] == 1 and got["global_step"] == 2 and "ema" in got["extra"]
     assert got["metrics"]["val_acc1"] == ref["metrics"]["val_acc1"]
