@@ -9,9 +9,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
 from augment import lincls_transforms
+from augment.device import lincls_device_view
 from data import add_data_args, apply_preset, build_dataset, build_eval_loader, build_train_loader
 from data.args import add_data_dir_arg, resolve_data_dir
 from data.datasets import num_classes_of
+from data.device import add_data_path_arg, device_loader, use_device_path
 from data.loader import per_rank_batch_size
 from engine import Trainer, add_runtime_args, start_run
 from models.linear import PROBE_ARCHS, BackboneGuard, LinearProbe, backbone_and_fc, backbone_img_size, build_probe
@@ -29,7 +31,7 @@ from utils.syncbn import convert_sync_batchnorm
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
     add_data_dir_arg(p)
-    add_data_args(p, batch_size=4096, dataset=None)
+    add_data_path_arg(add_data_args(p, batch_size=4096, dataset=None))
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", default=None, choices=PROBE_ARCHS,
                    help="backbone; read off --pretrained when left out (then it must match); needed for a random init")
@@ -106,7 +108,9 @@ def main(args):
     source = args.pretrained or None
     args.img_size = given_img_size or backbone_img_size(source) or preset.img_size
     train_tf, eval_tf = lincls_transforms(preset, args.img_size)
-    train_set = build_dataset(args.dataset, args.data_root, train=True, transform=train_tf, download=args.download)
+    on_device = not args.cache_features and use_device_path(args)     # cached features need no augmentation
+    train_set = build_dataset(args.dataset, args.data_root, train=True, transform=None if on_device else train_tf,
+                              download=args.download)
     num_classes = num_classes_of(train_set)
     backbone, fc, backbone_cfg = backbone_and_fc(source, num_classes, args.arch,
                                                  given_patch if source else args.patch_size, args.img_size)
@@ -117,8 +121,11 @@ def main(args):
                                                          transform=eval_tf), args, device, amp)
         test_loader = build_eval_loader(cached_features(probe, test_loader.dataset, args, device, amp),
                                         min(256, max(1, per_rank_batch_size(args.batch_size))), 0, device)
-    loader = build_train_loader(train_set, args.batch_size, 0 if args.cache_features else args.num_workers,
-                                args.seed, device)
+    if on_device:
+        loader = device_loader(train_set, args, device, lincls_device_view(preset, args.img_size))
+    else:
+        loader = build_train_loader(train_set, args.batch_size, 0 if args.cache_features else args.num_workers,
+                                    args.seed, device)
     if get_world_size() > 1:  # --head-bn: statistics over the global batch, as with one process
         probe.head = convert_sync_batchnorm(probe.head, device)
     trained = probe.head if args.cache_features else probe
@@ -134,7 +141,8 @@ def main(args):
     criterion = torch.nn.CrossEntropyLoss()
     logger.info(f"linear probe on {backbone_cfg['arch']} ({args.pretrained or 'random init'}), {num_classes} "
                 f"classes, {len(train_set)} training images at {args.img_size} px, {'LARS' if args.lars else 'SGD'} "
-                f"lr {lr:.3g}{', cached features' if args.cache_features else ''}")
+                f"lr {lr:.3g}{', cached features' if args.cache_features else ''}, "
+                f"data path {'device' if on_device else 'cpu workers'}")
 
     def train_steps(batch, rng):
         guard.snapshot()                       # before the first optimizer step of this process

@@ -349,6 +349,26 @@ def aps_device_views(preset, img_size: int, **kwargs) -> DeviceAPSViews:
     return DeviceAPSViews(DeviceView(img_size, preset.mean, preset.std, **kwargs))
 
 
+class DeviceSingleView:
+    """One view per image, without its box and flip: lincls's RandomResizedCrop(0.08-1) + flip, normalised."""
+
+    def __init__(self, view: DeviceView):
+        self.view = view
+
+    def compile(self):
+        self.view.compile()
+        return self
+
+    def __call__(self, images, rng: BatchRandom = None):
+        return self.view(to_float(images), rng)[0]
+
+
+def lincls_device_view(preset, img_size: int) -> DeviceSingleView:
+    """The device twin of augment.transforms.lincls_transforms' training half."""
+    return DeviceSingleView(DeviceView(img_size, preset.mean, preset.std, scale=(0.08, 1.0), jitter_p=0.0,
+                                       gray_p=0.0))
+
+
 def moco_device_views(preset, size: int, blur_prob=0.5, num_key_views=1, num_minis=0, mini_size=96,
                       mini_scale=(0.05, 0.14), asym_aug=False, scalemix=False) -> DeviceMoCoViews:
     """The device twin of augment.moco.moco_views (same scales: MultiCrop moves the large crops to (max mini

@@ -126,7 +126,7 @@ BASE = ["--dataset", "digits", "--img-size", "16", "--num-workers", "0", "--batc
 def test_probe_beats_chance_keeps_the_backbone_and_evaluate_matches(tmp_path):
     moco_checkpoints(tmp_path)
     out = tmp_path / "out"
-    metrics = lincls_run(BASE + ["--epochs", "2", "--eval-every", "2", "--lr", "1", "--head-bn",
+    metrics = lincls_run(BASE + ["--epochs", "2", "--eval-every", "2", "--lr", "1", "--head-bn", "--data-path", "cpu",
                                  "--pretrained", str(tmp_path / "ref.pth"), "--output-dir", str(out),
                                  "--dist-url", "tcp://localhost:10001", "--multiprocessing-distributed"])
     assert metrics["test_acc1"] > 30, metrics                       # 10 classes: chance is 10 %

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from augment import TwoViews, aps_view_transform
-from augment.device import aps_device_views, moco_device_views
+from augment.device import aps_device_views, lincls_device_view, moco_device_views
 from augment.device_finetune import finetune_device_view
 from data import build_dataset, get_preset
 from data.device import DeviceLoader
@@ -96,7 +96,8 @@ def test_sample_seeded_restores_the_global_generators():
     lambda p: aps_device_views(p, 16, blur_p=0.5),
     lambda p: moco_device_views(p, 16, num_key_views=2, num_minis=2, mini_size=8, asym_aug=True, scalemix=True),
     lambda p: finetune_device_view(p, 16),
-], ids=["aps", "moco", "finetune"])
+    lambda p: lincls_device_view(p, 16),
+], ids=["aps", "moco", "finetune", "lincls"])
 def test_device_views_do_not_depend_on_the_rank_split(make_views):
     data = build_dataset("digits")
     views = make_views(get_preset("digits"))
