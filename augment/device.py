@@ -299,8 +299,8 @@ class DeviceView:
         return self
 
 
-class DeviceAPSViews:
-    """SPEC A1 on the device: uint8 images -> the TwoViews dict (view1/2, box1/2, flip1/2)."""
+class _OneView:
+    """A pipeline built on one DeviceView."""
 
     def __init__(self, view: DeviceView):
         self.view = view
@@ -308,6 +308,10 @@ class DeviceAPSViews:
     def compile(self):
         self.view.compile()
         return self
+
+
+class DeviceAPSViews(_OneView):
+    """SPEC A1 on the device: uint8 images -> the TwoViews dict (view1/2, box1/2, flip1/2)."""
 
     def __call__(self, images, rng: BatchRandom = None):
         x = to_float(images)
@@ -349,15 +353,8 @@ def aps_device_views(preset, img_size: int, **kwargs) -> DeviceAPSViews:
     return DeviceAPSViews(DeviceView(img_size, preset.mean, preset.std, **kwargs))
 
 
-class DeviceSingleView:
+class DeviceSingleView(_OneView):
     """One view per image, without its box and flip: lincls's RandomResizedCrop(0.08-1) + flip, normalised."""
-
-    def __init__(self, view: DeviceView):
-        self.view = view
-
-    def compile(self):
-        self.view.compile()
-        return self
 
     def __call__(self, images, rng: BatchRandom = None):
         return self.view(to_float(images), rng)[0]
