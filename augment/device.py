@@ -90,7 +90,8 @@ def resized_crop_flip(images: torch.Tensor, boxes: torch.Tensor, size, flips: to
 
 
 # ------------------------------------------------------------------ colour
-def _per_sample(v: torch.Tensor, like: torch.Tensor):
+def per_sample(v: torch.Tensor, like: torch.Tensor):
+    """v [N] shaped to broadcast over `like` [N, ...], in its dtype."""
     return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
@@ -104,16 +105,16 @@ def _blend(a, b, ratio):
 
 
 def adjust_brightness(x, factor):
-    return _blend(x, torch.zeros_like(x), _per_sample(factor, x))
+    return _blend(x, torch.zeros_like(x), per_sample(factor, x))
 
 
 def adjust_contrast(x, factor):
     mean = gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(x, mean, _per_sample(factor, x))
+    return _blend(x, mean, per_sample(factor, x))
 
 
 def adjust_saturation(x, factor):
-    return _blend(x, gray(x), _per_sample(factor, x))
+    return _blend(x, gray(x), per_sample(factor, x))
 
 
 def rgb_to_hsv(x):
@@ -143,7 +144,7 @@ def hsv_to_rgb(x):
 
 def adjust_hue(x, factor):
     hsv = rgb_to_hsv(x)
-    h = (hsv[:, 0] + _per_sample(factor, hsv[:, 0])) % 1.0
+    h = (hsv[:, 0] + per_sample(factor, hsv[:, 0])) % 1.0
     return hsv_to_rgb(torch.stack([h, hsv[:, 1], hsv[:, 2]], dim=1)).clamp(0.0, 1.0)
 
 
@@ -167,7 +168,7 @@ def color_jitter(x, order, factors):
         step = order[:, k]
         for op_id, op in enumerate(JITTER_OPS):
             pick = step == op_id
-            x = torch.where(_per_sample(pick, x).bool(), op(x, factors[op_id]), x)
+            x = torch.where(per_sample(pick, x).bool(), op(x, factors[op_id]), x)
     return x
 
 
@@ -206,7 +207,7 @@ def normalize(x, mean, std):
 
 def apply_where(mask, fn, x):
     """fn(x) where mask [N] holds, x elsewhere (computed on the whole batch: no host sync, no gather)."""
-    return torch.where(_per_sample(mask, x).bool(), fn(x), x)
+    return torch.where(per_sample(mask, x).bool(), fn(x), x)
 
 
 # ------------------------------------------------------------------ view pipelines
@@ -219,6 +220,13 @@ def to_float(images):
         images = images[:, None]
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def compile_pixels(fn):
+    """torch.compile an augmentation's pixel work for fixed shapes (room for the few a run sees)."""
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    return torch.compile(fn, dynamic=False)
 
 
 def device_of(images) -> torch.device:
@@ -260,7 +268,7 @@ class DeviceView:
         compiled part)."""
         if isinstance(x, (list, tuple)):
             v = crop_resize_list(x, p["boxes"], self.size)
-            return self._finish(torch.where(_per_sample(p["flips"], v).bool(), v.flip(-1), v), p)
+            return self._finish(torch.where(per_sample(p["flips"], v).bool(), v.flip(-1), v), p)
         return self._apply_batch(x, p)
 
     def _apply_batch(self, x: torch.Tensor, p: dict):
@@ -292,10 +300,8 @@ class DeviceView:
 
     def compile(self) -> "DeviceView":
         """torch.compile the pixel work: its ~100 small element-wise kernels fused into a few."""
-        import torch._dynamo
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-        self._apply_batch = torch.compile(self._apply_batch, dynamic=False)
-        self._finish = torch.compile(self._finish, dynamic=False)
+        self._apply_batch = compile_pixels(self._apply_batch)
+        self._finish = compile_pixels(self._finish)
         return self
 
 
@@ -371,15 +377,15 @@ def moco_device_views(preset, size: int, blur_prob=0.5, num_key_views=1, num_min
     """The device twin of augment.moco.moco_views (same scales: MultiCrop moves the large crops to (max mini
     scale, 1)). AsymAug: the query adds RandAugment rand-m10-n2-mstd0.5 after the flip, the key is crop
     (0.08-1) + flip only. The blur is a true Gaussian (the PIL path uses PIL's box approximation)."""
-    from augment.randaugment import DeviceRandAugment
+    from augment.randaugment import DeviceRandAugment, mean_fill
     scale = (mini_scale[1], 1.0) if num_minis else (0.2, 1.0)
     common = dict(mean=preset.mean, std=preset.std, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
                   jitter_p=0.8, gray_p=0.2, blur_p=blur_prob)
     large = DeviceView(size, scale=scale, **common)
     query, key = large, large
     if asym_aug:
-        fill = [round(255 * m) for m in preset.mean] * (3 if len(preset.mean) == 1 else 1)
-        query = DeviceView(size, scale=scale, randaug=DeviceRandAugment("rand-m10-n2-mstd0.5", fill), **common)
+        randaug = DeviceRandAugment("rand-m10-n2-mstd0.5", mean_fill(preset.mean))
+        query = DeviceView(size, scale=scale, randaug=randaug, **common)
         key = DeviceView(size, preset.mean, preset.std, scale=(0.08, 1.0), jitter_p=0.0, gray_p=0.0)
     mini = DeviceView(mini_size, scale=tuple(mini_scale), **common) if num_minis else None
     return DeviceMoCoViews(query, key, num_key_views, mini, num_minis, scalemix)

@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from augment.device import normalize, resized_crop_flip, to_float
-from augment.randaugment import DeviceRandAugment
+from augment.device import compile_pixels, normalize, resized_crop_flip, to_float
+from augment.randaugment import DeviceRandAugment, mean_fill
 from utils.rng import BatchRandom
 
 ERASE_MODES = ("pixel", "rand", "const")
@@ -51,8 +51,8 @@ class DeviceFinetuneView:
             raise ValueError(f"random erasing mode {remode!r} is not one of {', '.join(ERASE_MODES)}")
         self.size, self.mean, self.std, self.padding = size, mean, std, padding
         self.reprob, self.remode = reprob, remode
-        fill = [round(255 * m) for m in mean] * (3 if len(mean) == 1 else 1)
-        self.randaug = DeviceRandAugment(auto_augment, fill) if auto_augment and auto_augment != "none" else None
+        self.randaug = (DeviceRandAugment(auto_augment, mean_fill(mean)) if auto_augment and auto_augment != "none"
+                        else None)
 
     def params(self, n: int, rng: BatchRandom) -> dict:
         S, pad = self.size, self.padding
@@ -86,7 +86,7 @@ class DeviceFinetuneView:
         return self.apply(images, self.params(images.shape[0], rng))
 
     def compile(self) -> "DeviceFinetuneView":
-        self.apply = torch.compile(self.apply, dynamic=False)
+        self.apply = compile_pixels(self.apply)
         return self
 
 

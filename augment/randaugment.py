@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from augment.device import per_sample
 from utils.rng import BatchRandom
 
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
@@ -45,10 +46,6 @@ def parse_policy(config: str) -> dict:
 
 
 # ------------------------------------------------------------------ ops on 0..255 floats (per-sample args [N])
-def _col(v, x):
-    return v.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-
-
 def gray255(x):
     """torchvision's rgb_to_grayscale on uint8: the weighted sum, truncated. [N, 1, H, W]."""
     r, g, b = x.unbind(dim=1)
@@ -57,7 +54,7 @@ def gray255(x):
 
 def blend255(a, b, ratio):
     """torchvision's uint8 _blend: ratio * a + (1 - ratio) * b, clamped, truncated."""
-    r = _col(ratio, a)
+    r = per_sample(ratio, a)
     return torch.floor((r * a + (1.0 - r) * b).clamp(0.0, 255.0))
 
 
@@ -85,16 +82,16 @@ def equalize(x):
 
 
 def posterize(x, bits):
-    shift = torch.exp2(8.0 - _col(bits, x))
+    shift = torch.exp2(8.0 - per_sample(bits, x))
     return torch.floor(x / shift) * shift
 
 
 def solarize(x, threshold):
-    return torch.where(x >= _col(threshold, x), 255.0 - x, x)
+    return torch.where(x >= per_sample(threshold, x), 255.0 - x, x)
 
 
 def solarize_add(x, add, threshold=128.0):
-    return torch.where(x < threshold, (x + _col(add, x)).clamp(max=255.0), x)
+    return torch.where(x < threshold, (x + per_sample(add, x)).clamp(max=255.0), x)
 
 
 def color(x, factor):
@@ -134,7 +131,7 @@ def affine_matrices(op, arg, height, width):
     cx, cy = width / 2.0, height / 2.0
     rot = torch.stack([torch.stack([cos, sin, cx - cos * cx - sin * cy], 1),
                        torch.stack([-sin, cos, cy + sin * cx - cos * cy], 1)], 1)
-    m = torch.where(_col(op == OP["Rotate"], m).bool(), rot, m)
+    m = torch.where(per_sample(op == OP["Rotate"], m).bool(), rot, m)
     m[:, 0, 1] = torch.where(op == OP["ShearX"], arg, m[:, 0, 1])
     m[:, 1, 0] = torch.where(op == OP["ShearY"], arg, m[:, 1, 0])
     m[:, 0, 2] = torch.where(op == OP["TranslateXRel"], arg * width, m[:, 0, 2])
@@ -156,6 +153,11 @@ def warp(x, matrices, fill):
     cover = out[:, -1:]
     fill = torch.as_tensor(fill, device=x.device, dtype=x.dtype).view(1, C, 1, 1)
     return torch.round(out[:, :-1] + (1.0 - cover) * fill).clamp(0.0, 255.0)
+
+
+def mean_fill(mean) -> list:
+    """timm's img_mean: the normalisation mean on the 0..255 scale, one value per RGB channel."""
+    return [round(255 * m) for m in mean] * (3 if len(mean) == 1 else 1)
 
 
 # ------------------------------------------------------------------ the policy
@@ -211,9 +213,9 @@ class DeviceRandAugment:
         N, C, H, W = x.shape
         y = torch.round(x * 255.0)
         for op, arg in zip(params["ra_ops"], params["ra_args"]):
-            pick = lambda name: _col(op == OP[name], y).bool()  # noqa: E731
+            pick = lambda name: per_sample(op == OP[name], y).bool()  # noqa: E731
             geometric = sum(op == OP[name] for name in GEOMETRIC).bool()
-            y = torch.where(_col(geometric, y).bool(), warp(y, affine_matrices(op, arg.to(y.dtype), H, W), self.fill), y)
+            y = torch.where(per_sample(geometric, y).bool(), warp(y, affine_matrices(op, arg.to(y.dtype), H, W), self.fill), y)
             y = torch.where(pick("AutoContrast"), auto_contrast(y), y)
             y = torch.where(pick("Equalize"), equalize(y), y)
             y = torch.where(pick("Invert"), 255.0 - y, y)

@@ -77,11 +77,13 @@ class DeviceLoader:
     def __init__(self, dataset, global_batch: int, seed: int, device: torch.device, augment,
                  rank: int = None, world: int = None):
         images, labels = uint8_images(dataset)
-        self.batch_sampler = GlobalBatchSampler(len(labels), global_batch, seed, rank, world)
+        self._setup(dataset, len(labels), global_batch, seed, device, augment, rank, world)
         self.images, self.labels = images.to(device), labels.to(device)
+
+    def _setup(self, dataset, n, global_batch, seed, device, augment, rank, world):
+        self.batch_sampler = GlobalBatchSampler(n, global_batch, seed, rank, world)
         self.rng = BatchRandom(device, self.batch_sampler.rank, self.batch_sampler.world)
-        self.device, self.augment, self.seed = device, augment, seed
-        self.dataset = dataset
+        self.dataset, self.seed, self.device, self.augment = dataset, seed, device, augment
 
     def __len__(self):
         return len(self.batch_sampler)
@@ -89,8 +91,7 @@ class DeviceLoader:
     def __iter__(self):
         sampler = self.batch_sampler
         order = sampler.rank_order().to(self.device, non_blocking=True)
-        start, sampler._skip = sampler._skip, 0                 # skipped batches are not augmented at all
-        for i in range(start, len(self)):
+        for i in range(sampler.take_start(), len(self)):       # skipped batches are not augmented at all
             idx = order[i]
             yield self.augment(self.images[idx], self.reseed(i)), self.labels[idx]
 
@@ -136,15 +137,13 @@ class FolderDeviceLoader(DeviceLoader):
     def __init__(self, folder, global_batch: int, seed: int, device: torch.device, augment, num_workers: int,
                  rank: int = None, world: int = None, worker_decode: bool = None):
         worker_decode = device.type != "cuda" if worker_decode is None else worker_decode
-        self.batch_sampler = GlobalBatchSampler(len(folder), global_batch, seed, rank, world)
-        self.rng = BatchRandom(device, self.batch_sampler.rank, self.batch_sampler.world)
-        self.device, self.augment, self.seed, self.dataset = device, augment, seed, folder
+        self._setup(folder, len(folder), global_batch, seed, device, augment, rank, world)
         self.loader = DataLoader(EncodedImages(folder, decode=worker_decode), batch_sampler=self.batch_sampler,
                                  num_workers=num_workers, collate_fn=_as_list, pin_memory=device.type == "cuda",
                                  worker_init_fn=seed_worker)
 
     def __iter__(self):
-        start = self.batch_sampler._skip                          # the sampler skips (and resets) it itself
+        start = self.batch_sampler.next_start                     # the sampler skips (and resets) it itself
         for i, (data, labels, idx) in enumerate(self.loader, start=start):
             images = self.decode(data, idx)
             yield self.augment(images, self.reseed(i)), labels.to(self.device, non_blocking=True)

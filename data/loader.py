@@ -48,6 +48,16 @@ class GlobalBatchSampler(Sampler):
     def skip_next(self, k: int):
         self._skip = k
 
+    @property
+    def next_start(self) -> int:
+        """The global batch the next pass starts at."""
+        return self._skip
+
+    def take_start(self) -> int:
+        """next_start, consumed: the pass after the next one starts at 0 again."""
+        start, self._skip = self._skip, 0
+        return start
+
     def __len__(self):
         return self.n // self.global_batch
 
@@ -59,8 +69,7 @@ class GlobalBatchSampler(Sampler):
 
     def __iter__(self):
         order = self.rank_order()
-        start, self._skip = self._skip, 0
-        for i in range(start, len(self)):
+        for i in range(self.take_start(), len(self)):
             idx = order[i].tolist()
             yield [(self.epoch, j) for j in idx] if self.keys else idx
 

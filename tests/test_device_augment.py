@@ -18,7 +18,7 @@ def images():
     return torch.rand(N, 3, 20, 24, generator=g)
 
 
-def test_resized_crop_flip_matches_torchvision_per_sample(images):
+def test_resized_crop_flip_matches_torchvisionper_sample(images):
     boxes = torch.tensor([[0, 0, 20, 24], [3, 5, 9, 7], [10, 2, 10, 21], [1, 1, 5, 5], [4, 6, 16, 12],
                           [7, 0, 13, 24]], dtype=torch.float32)
     flips = torch.tensor([False, True, False, True, True, False])

@@ -26,7 +26,7 @@ def test_erase_boxes_follow_timms_area_and_aspect_ranges():
     assert torch.log(aspect).mean().abs() < 0.1                         # symmetric in log
 
 
-def test_random_erasing_equals_torchvisions_erase_per_sample():
+def test_random_erasing_equals_torchvisions_eraseper_sample():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, 3, S, S, generator=g)
     boxes, _ = erase_boxes(N, S, S, BatchRandom("cpu").reseed(2))
@@ -39,7 +39,7 @@ def test_random_erasing_equals_torchvisions_erase_per_sample():
         assert torch.equal(got[i], ref), i
 
 
-def test_crop_with_padding_and_flip_equal_torchvision_per_sample():
+def test_crop_with_padding_and_flip_equal_torchvisionper_sample():
     preset = get_preset("digits")
     view = DeviceFinetuneView(S, preset.mean, preset.std, auto_augment="none", reprob=0.0)
     images = torch.randint(0, 256, (N, 1, S, S), dtype=torch.uint8)

@@ -44,7 +44,7 @@ def from_pil(pils):
     return torch.stack([torch.from_numpy(np.array(p)).permute(2, 0, 1) for p in pils])
 
 
-def test_pointwise_ops_equal_torchvision_per_sample(images):
+def test_pointwise_ops_equal_torchvisionper_sample(images):
     x = images.float()
     bits = torch.tensor([1.0, 2, 3, 4, 1, 4])
     thresholds = torch.tensor([0.0, 50, 128, 200, 255, 255])
