@@ -117,38 +117,22 @@ def adjust_saturation(x, factor):
     return _blend(x, gray(x), per_sample(factor, x))
 
 
-def rgb_to_hsv(x):
-    r, g, b = x.unbind(dim=1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    v = maxc
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack([h, s, v], dim=1)
-
-
-def hsv_to_rgb(x):
-    h, s, v = x.unbind(dim=1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    table = torch.stack([torch.stack(c, dim=1) for c in
-                         ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], dim=1)  # [N,6,3,H,W]
-    return table.gather(1, i[:, None, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
-
-
 def adjust_hue(x, factor):
-    hsv = rgb_to_hsv(x)
-    h = (hsv[:, 0] + per_sample(factor, hsv[:, 0])) % 1.0
-    return hsv_to_rgb(torch.stack([h, hsv[:, 1], hsv[:, 2]], dim=1)).clamp(0.0, 1.0)
-
-
-JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    """TF.adjust_hue per sample, without building HSV images: a hue rotation keeps each pixel's max (V) and
+    chroma (max - min), so channel n of the result is max - chroma * clamp(min(k, 4 - k), 0, 1) with
+    k = (n + 6 * hue) mod 6 (n = 5, 3, 1 for R, G, B), the closed form of torchvision's HSV -> RGB table."""
+    r, g, b = x.unbind(dim=1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    h6 = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    h6 = h6 + 6.0 * per_sample(factor, h6)                                            # rotated hue (x 6)
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = h6 + n
+        k = k - 6.0 * torch.floor(k / 6.0)                                              # mod 6
+        out.append(maxc - chroma * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(out, dim=1)
 
 
 def jitter_params(n, brightness, contrast, saturation, hue, rng: BatchRandom = None):
@@ -162,13 +146,26 @@ def jitter_params(n, brightness, contrast, saturation, hue, rng: BatchRandom = N
     return order, factors
 
 
-def color_jitter(x, order, factors):
-    """The four adjustments in each sample's own order (order[i, k]: the op applied k-th to sample i)."""
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # op ids in jitter_params' order and factors
+
+
+def color_jitter(x, order, factors, active=None):
+    """TF.adjust_{brightness,contrast,saturation,hue} in each sample's own order (order[i, k]: the op applied
+    k-th to sample i), only where active [N] (default: everywhere).
+
+    The three linear ops are one blend per position, clamp(f * x + (1 - f) * base), whose base is 0, the
+    grey mean or the grey image by the sample's op; the hue rotation is computed once per position."""
+    if active is not None:
+        order = torch.where(active[:, None], order, torch.full_like(order, -1))        # -1: leave unchanged
     for k in range(4):
-        step = order[:, k]
-        for op_id, op in enumerate(JITTER_OPS):
-            pick = step == op_id
-            x = torch.where(per_sample(pick, x).bool(), op(x, factors[op_id]), x)
+        op = per_sample(order[:, k], x)
+        f = torch.ones_like(op)
+        for op_id in (BRIGHTNESS, CONTRAST, SATURATION):
+            f = torch.where(op == op_id, per_sample(factors[op_id], x), f)
+        g = gray(x)                                                                     # [N, 1, H, W]
+        base = torch.where(op == CONTRAST, g.mean(dim=(1, 2, 3), keepdim=True),
+                           torch.where(op == SATURATION, g, torch.zeros_like(g)))
+        x = torch.where(op == HUE, adjust_hue(x, factors[HUE]), _blend(x, base, f))
     return x
 
 
@@ -279,7 +276,7 @@ class DeviceView:
         if self.randaug is not None:
             v = self.randaug.apply(v, p)
         if self.jitter_p > 0:
-            v = apply_where(p["jitter"], lambda y: color_jitter(y, p["order"], p["factors"]), v)
+            v = color_jitter(v, p["order"], p["factors"], p["jitter"])
         if self.gray_p > 0:
             v = apply_where(p["gray"], grayscale, v)
         if self.blur_p > 0:

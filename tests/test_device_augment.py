@@ -78,6 +78,32 @@ def test_jitter_applies_the_four_ops_in_each_samples_order(images):
     assert (factors[:3] >= 0.6).all() and (factors[:3] <= 1.4).all() and factors[3].abs().max() <= 0.1
 
 
+def test_hue_rotation_matches_torchvision_over_the_whole_circle():
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(11, 3, 8, 8, generator=g)
+    x[:, :, 0, 0] = 0.0                                   # black
+    x[:, :, 0, 1] = 0.5                                   # grey: no chroma
+    x[:, :, 0, 2] = torch.tensor([1.0, 0.0, 0.0])         # pure primaries and a secondary
+    x[:, :, 0, 3] = torch.tensor([0.0, 1.0, 0.0])
+    x[:, :, 0, 4] = torch.tensor([0.0, 0.0, 1.0])
+    x[:, :, 0, 5] = torch.tensor([1.0, 1.0, 0.0])
+    factors = torch.linspace(-0.5, 0.5, 11)
+    got = D.adjust_hue(x, factors)
+    for i in range(11):
+        assert torch.allclose(got[i], TF.adjust_hue(x[i], factors[i].item()), atol=1e-5), i
+    assert torch.equal(got[:, :, 0, :2], x[:, :, 0, :2])    # black and grey stay
+
+
+def test_jitter_leaves_inactive_samples_unchanged(images):
+    torch.manual_seed(4)
+    order, factors = D.jitter_params(N, 0.4, 0.4, 0.4, 0.1)
+    active = torch.tensor([True, False, True, False, False, True])
+    got = D.color_jitter(images, order, factors, active)
+    full = D.color_jitter(images, order, factors)
+    assert torch.equal(got[~active], images[~active])
+    assert torch.equal(got[active], full[active])
+
+
 def test_grayscale_blur_solarize_match_torchvision(images):
     assert torch.allclose(D.grayscale(images), TF.rgb_to_grayscale(images, num_output_channels=3), atol=1e-6)
     sigma = torch.linspace(0.1, 2.0, N)
