@@ -49,6 +49,12 @@ def test_bench_prints_json_lines(capsys):
     for ratio, (dev, cpu) in ((results[-4], ("device", "cpu")), (results[-1], ("jpeg-device", "jpeg-cpu"))):
         assert ratio["device_over_cpu"] == pytest.approx(paths[dev]["img_per_s"] / paths[cpu]["img_per_s"],
                                                          rel=0.05)  # from rounded rates
+    for ratio, (dev, cpu) in ((results[-4], ("device", "cpu")), (results[-1], ("jpeg-device", "jpeg-cpu"))):
+        assert ratio["cpu_data_over_training"] == pytest.approx(
+            paths[cpu]["data_img_per_s"] / paths[cpu]["img_per_s"], rel=0.05)
+        assert paths[dev]["data_img_per_s"] > paths[dev]["img_per_s"]     # the loader alone outruns loader + model
+    aps = {r["path"]: r for r in results if r["bench"] == "aps_pipeline"}
+    assert all(r["data_pairs_per_s"] > r["pairs_per_s"] for r in aps.values())
     assert capsys.readouterr().out.count("{") == len(results)
 
 

@@ -177,6 +177,15 @@ def main(args):
     return results
 
 
+def ratio_record(kind, arch, dev, cpu, rate, data_rate) -> dict:
+    """device_over_cpu: the on-device path's full-step rate over the CPU-worker path's. cpu_data_over_training:
+    the CPU workers' rate alone over the CPU path's full-step rate; near 1 the workers set the pace, well
+    above 1 the model does, and then no data path can make the step faster (device_over_cpu <= ~1)."""
+    return {"bench": kind, "arch": arch, "device_over_cpu": round(dev[rate] / cpu[rate], 2),
+            "cpu_data_over_training": round(cpu[data_rate] / cpu[rate], 2),
+            "device_data_over_training": round(dev[data_rate] / dev[rate], 2)}
+
+
 def pipelines(args, device, amp, gpu, batch, peak):
     """APS and MoCo full steps through the CPU-worker and the on-device data paths, and their ratio."""
     out = []
@@ -198,7 +207,7 @@ def pipelines(args, device, amp, gpu, batch, peak):
                 rec["mfu"] = round(rec["gflops_per_img"] * 1e9 * rec["pairs_per_s"] / (peak * 1e12), 4)
             emit(rec)
         model_rate = recs["device"]["pairs_per_s"]
-        emit({"bench": "aps_ratio", "arch": arch, "device_over_cpu": round(model_rate / recs["cpu"]["pairs_per_s"], 2),
+        emit({**ratio_record("aps_ratio", arch, recs["device"], recs["cpu"], "pairs_per_s", "data_pairs_per_s"),
               "augment_over_training": round(aug["pairs_per_s"] / model_rate, 1)})
     arch = args.moco_arch or ("resnet50" if gpu else "resnet18")
     mb = args.moco_batch or (256 if gpu else 16)
@@ -209,15 +218,14 @@ def pipelines(args, device, amp, gpu, batch, peak):
         if peak and "gflops_per_img" in rec:
             rec["mfu"] = round(rec["gflops_per_img"] * 1e9 * rec["img_per_s"] / (peak * 1e12), 4)
         emit(rec)
-    emit({"bench": "moco_ratio", "arch": arch, "device_over_cpu":
-          round(recs["device"]["img_per_s"] / recs["cpu"]["img_per_s"], 2)})
+    emit(ratio_record("moco_ratio", arch, recs["device"], recs["cpu"], "img_per_s", "data_img_per_s"))
     if args.moco_jpeg:
         recs = {path: P.moco_pipeline(path, arch, mb, size, device, amp, batches, warm, workers, args.compile)
                 for path in ("jpeg-cpu", "jpeg-device")}
         for rec in recs.values():
             emit(rec)
-        emit({"bench": "moco_jpeg_ratio", "arch": arch, "device_over_cpu":
-              round(recs["jpeg-device"]["img_per_s"] / recs["jpeg-cpu"]["img_per_s"], 2)})
+        emit(ratio_record("moco_jpeg_ratio", arch, recs["jpeg-device"], recs["jpeg-cpu"], "img_per_s",
+                          "data_img_per_s"))
     return out
 
 

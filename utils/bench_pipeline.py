@@ -97,6 +97,14 @@ def run_pipeline(loader, step, batches: int, warmup: int, device, per_batch: int
     return out
 
 
+def data_rate(make_loader_fn, device, batches: int, warmup: int, per_batch: int) -> float:
+    """Images/s of a fresh loader alone (loaded, moved to the device, augmented there if that is its path; no
+    model): what the data path could feed a model that took no time."""
+    loader = make_loader_fn()
+    return run_pipeline(loader, lambda b: to_device(b, device), batches, warmup, device, per_batch,
+                        count=False)["img_per_s"]
+
+
 def to_device(batch, device):
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
@@ -145,9 +153,12 @@ def aps_pipeline(arch, path, batch, img_size, patch, ratio, K, device, amp, batc
     preset = get_preset("cifar10")
     model, opt = aps_model(arch, img_size, patch, device, compile_model)
     scaler = make_grad_scaler(device, amp)
-    loader = make_loader(path, batch * (batches + warmup + 1), img_size, batch, workers, device,
-                         TwoViews(aps_view_transform(preset, img_size)), aps_device_views(preset, img_size),
-                         compile_model)
+
+    def new_loader():
+        return make_loader(path, batch * (batches + warmup + 1), img_size, batch, workers, device,
+                           TwoViews(aps_view_transform(preset, img_size)), aps_device_views(preset, img_size),
+                           compile_model)
+    loader = new_loader()
 
     def step(b):
         views = to_device(b[0], device)
@@ -158,6 +169,7 @@ def aps_pipeline(arch, path, batch, img_size, patch, ratio, K, device, amp, batc
             backward_step(loss, opt, scaler)
 
     out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
+    out["data_pairs_per_s"] = data_rate(new_loader, device, batches, warmup, batch)
     return {"bench": "aps_pipeline", "arch": arch, "path": path, "batch": batch, "nsampling": K,
             "compile": compile_model,
             "device": str(device), "workers": workers if path == "cpu" else 0, "pairs_per_s": out.pop("img_per_s"),
@@ -220,8 +232,11 @@ def moco_pipeline(path, arch, batch, img_size, device, amp, batches, warmup, wor
         model.encoder_k.compile()
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4, **fused(device))
     src = max(img_size, round(img_size * 256 / 224))                           # stored images a bit larger
-    loader = make_loader(path, batch * (batches + warmup + 1), src, batch, workers, device,
-                         moco_views(preset, img_size), moco_device_views(preset, img_size), compile_model)
+
+    def new_loader():
+        return make_loader(path, batch * (batches + warmup + 1), src, batch, workers, device,
+                           moco_views(preset, img_size), moco_device_views(preset, img_size), compile_model)
+    loader = new_loader()
     scaler = make_grad_scaler(device, amp)
 
     def step(b):
@@ -230,6 +245,7 @@ def moco_pipeline(path, arch, batch, img_size, device, amp, batches, warmup, wor
         backward_step(loss, opt, scaler)
 
     out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
+    out["data_img_per_s"] = data_rate(new_loader, device, batches, warmup, batch)
     return {"bench": "moco_pipeline", "arch": arch, "path": path, "batch": batch, "img_size": img_size,
             "compile": compile_model,
             "device": str(device), "workers": 0 if path == "device" else workers, **out}
