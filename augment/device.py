@@ -13,6 +13,7 @@ functional op applied per sample with the same parameters (tests/test_device_aug
 The view pipelines (APS: SPEC A1; MoCo v2: SPEC C1 with MultiCrop, MeanEnc and ScaleMix) return the same
 named groups as the PIL pipelines, crop boxes and flips included.
 """
+import functools
 import math
 
 import torch
@@ -95,9 +96,21 @@ def per_sample(v: torch.Tensor, like: torch.Tensor):
     return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def channel_constant(values, like: torch.Tensor) -> torch.Tensor:
+    """values as [1, C, 1, 1] on like's device and dtype, made once per device and dtype (no copy per call)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+    return _constant(tuple(values), like.device, like.dtype).view(1, -1, 1, 1)
+
+
 def gray(images: torch.Tensor) -> torch.Tensor:
-    r, g, b = images.unbind(dim=1)
-    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)   # [N, 1, H, W]
+    """[N, 3, H, W] -> [N, 1, H, W] luma, torchvision's weights (two kernels)."""
+    return (images * channel_constant(GRAY_WEIGHTS, images)).sum(dim=1, keepdim=True)
 
 
 def _blend(a, b, ratio):
@@ -118,21 +131,19 @@ def adjust_saturation(x, factor):
 
 
 def adjust_hue(x, factor):
-    """TF.adjust_hue per sample, without building HSV images: a hue rotation keeps each pixel's max (V) and
-    chroma (max - min), so channel n of the result is max - chroma * clamp(min(k, 4 - k), 0, 1) with
-    k = (n + 6 * hue) mod 6 (n = 5, 3, 1 for R, G, B), the closed form of torchvision's HSV -> RGB table."""
-    r, g, b = x.unbind(dim=1)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    h6 = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    h6 = h6 + 6.0 * per_sample(factor, h6)                                            # rotated hue (x 6)
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = h6 + n
-        k = k - 6.0 * torch.floor(k / 6.0)                                              # mod 6
-        out.append(maxc - chroma * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
-    return torch.stack(out, dim=1)
+    """TF.adjust_hue per sample, without building HSV images. A hue rotation keeps each pixel's max (V) and
+    chroma C = max - min, so channel c of the result is max - C * clamp(min(k, 4 - k), 0, 1) with
+    k = (6 * hue + n_c) mod 6, n = 5, 3, 1 for R, G, B: the closed form of torchvision's HSV -> RGB table.
+    The hue itself (x 6) is (x[c+1] - x[c+2]) / C + 2c for the first channel c holding the max."""
+    maxc = x.amax(dim=1, keepdim=True)                                     # [N, 1, H, W]
+    chroma = maxc - x.amin(dim=1, keepdim=True)
+    safe = torch.where(chroma > 0, chroma, 1.0)
+    hue6 = (x.roll(-1, dims=1) - x.roll(-2, dims=1)) / safe + channel_constant((0.0, 2.0, 4.0), x)
+    r_max, g_max = x[:, :1] == maxc, x[:, 1:2] == maxc                      # the first max, as torchvision
+    hue6 = torch.where(r_max, hue6[:, :1], torch.where(g_max, hue6[:, 1:2], hue6[:, 2:]))
+    hue6 = hue6 + 6.0 * per_sample(factor, x)                              # rotated hue (x 6), [N, 1, H, W]
+    k = torch.remainder(hue6 + channel_constant((5.0, 3.0, 1.0), x), 6.0)   # [N, 3, H, W]
+    return maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
 def jitter_params(n, brightness, contrast, saturation, hue, rng: BatchRandom = None):
@@ -153,19 +164,38 @@ def color_jitter(x, order, factors, active=None):
     """TF.adjust_{brightness,contrast,saturation,hue} in each sample's own order (order[i, k]: the op applied
     k-th to sample i), only where active [N] (default: everywhere).
 
-    The three linear ops are one blend per position, clamp(f * x + (1 - f) * base), whose base is 0, the
-    grey mean or the grey image by the sample's op; the hue rotation is computed once per position."""
+    Each sample's ops split around its hue rotation: the linear ops before it (positions 0-2), the rotation
+    (once, for the whole batch), the linear ops after it (positions 1-3). The three linear ops are one blend
+    per position, clamp(f * x + (1 - f) * base) as torchvision computes it, whose base is 0 (brightness), the
+    grey mean (contrast) or the grey image (saturation): base * (1 - f) = mean * w_mean + grey * w_grey with
+    per-sample weights. A sample with no op at a position has f = 1 and zero weights: it stays exactly as it
+    is. Every per-sample coefficient is made up front ([N, 6]), so each blend is a handful of kernels."""
+    hue_at = (order == HUE).long().argmax(dim=1, keepdim=True)                       # [N, 1]
+    pos = torch.arange(4, device=order.device)
+    slots = torch.cat([order[:, :3].masked_fill(pos[:3] >= hue_at, -1),              # before the rotation
+                       order[:, 1:].masked_fill(pos[1:] <= hue_at, -1)], dim=1)      # after it; [N, 6]
     if active is not None:
-        order = torch.where(active[:, None], order, torch.full_like(order, -1))        # -1: leave unchanged
-    for k in range(4):
-        op = per_sample(order[:, k], x)
-        f = torch.ones_like(op)
-        for op_id in (BRIGHTNESS, CONTRAST, SATURATION):
-            f = torch.where(op == op_id, per_sample(factors[op_id], x), f)
-        g = gray(x)                                                                     # [N, 1, H, W]
-        base = torch.where(op == CONTRAST, g.mean(dim=(1, 2, 3), keepdim=True),
-                           torch.where(op == SATURATION, g, torch.zeros_like(g)))
-        x = torch.where(op == HUE, adjust_hue(x, factors[HUE]), _blend(x, base, f))
+        slots = slots.masked_fill(~active[:, None], -1)
+    dt = x.dtype
+    f = torch.ones_like(slots, dtype=dt)
+    for op_id in (BRIGHTNESS, CONTRAST, SATURATION):
+        f = torch.where(slots == op_id, factors[op_id].to(dt)[:, None], f)
+    rest = 1.0 - f
+    w_mean = torch.where(slots == CONTRAST, rest, 0.0)
+    w_grey = torch.where(slots == SATURATION, rest, 0.0)
+
+    def linear_ops(x, j):
+        fj, wm, wg = (t[:, j].view(-1, 1, 1, 1) for t in (f, w_mean, w_grey))
+        g = gray(x)                                                                   # [N, 1, H, W]
+        base = torch.addcmul(g.mean(dim=(1, 2, 3), keepdim=True) * wm, g, wg)
+        return (x * fj + base).clamp_(0.0, 1.0)
+
+    for j in range(3):
+        x = linear_ops(x, j)
+    rotated = adjust_hue(x, factors[HUE])
+    x = rotated if active is None else torch.where(per_sample(active, x).bool(), rotated, x)
+    for j in range(3, 6):
+        x = linear_ops(x, j)
     return x
 
 
@@ -197,9 +227,7 @@ def solarize(x, threshold: float):
 
 
 def normalize(x, mean, std):
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
+    return (x - channel_constant(mean, x)) / channel_constant(std, x)
 
 
 def apply_where(mask, fn, x):
