@@ -20,7 +20,7 @@ from utils.errors import UserError
 from utils.log import MeanMeter, Progress, RunLog, get_logger, setup_logger
 from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
 from utils.rng import BatchRandom
-from utils.runtime import AMP_CHOICES, autocast, seed_everything
+from utils.runtime import AMP_CHOICES, add_compile_arg, autocast, compile_in_place, seed_everything
 from utils.schedule import set_lr
 
 
@@ -33,7 +33,7 @@ def add_runtime_args(parser):
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="autocast precision; auto = bf16 on GPU, off (fp32) on CPU; fp16 adds a grad scaler")
     g.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines / TB points")
-    g.add_argument("--compile", action="store_true", help="torch.compile the training model (first steps are slow)")
+    add_compile_arg(g, "the training model and the device augmentation")
     g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
                    help="skip up to N optimizer steps whose loss is not finite (checks every step: a host sync) "
                         "instead of stopping at the first")
@@ -128,8 +128,7 @@ class Trainer:
         self.log = RunLog(args.output_dir)
         self.logger = get_logger()
         self.last_metrics = {}
-        if getattr(args, "compile", False):
-            self.model.compile()                # in place: state-dict keys stay the same
+        compile_in_place(self.model, getattr(args, "compile", None))
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, epoch: int, batches_done: int = 0) -> dict:

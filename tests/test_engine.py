@@ -9,13 +9,13 @@ from engine import NonFiniteLoss, Trainer
 from utils.checkpoint import load_file
 
 
-def make_trainer(tmp_path, steps_fn, K, epochs, lr_log):
+def make_trainer(tmp_path, steps_fn, K, epochs, lr_log, **flags):
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     data = TensorDataset(torch.randn(10, 2), torch.zeros(10))
     loader = DataLoader(data, batch_size=2, shuffle=False)
     args = argparse.Namespace(output_dir=str(tmp_path), print_freq=1, batch_size=2, seed=0, resume="",
-                              save_every=0)
+                              save_every=0, **flags)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def lr_at(e):
@@ -58,3 +58,28 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     ckpt = load_file(str(tmp_path / "checkpoint.pth"))
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("flags, mode", [([], None), (["--compile"], None),
+                                         (["--compile", "max-autotune"], "max-autotune"),
+                                         (["--compile", "reduce-overhead"], "reduce-overhead")])
+def test_compile_flag_reaches_torch_compile_with_its_mode(tmp_path, monkeypatch, flags, mode):
+    from engine import add_runtime_args
+    parser = argparse.ArgumentParser()
+    add_runtime_args(parser)
+    args = parser.parse_args(flags)
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self), kw)))
+    make_trainer(tmp_path, lambda model, batch: iter(()), K=1, epochs=1, lr_log=[], compile=args.compile)
+    assert calls == ([(torch.nn.Linear, {"mode": mode})] if flags else [])
+
+
+def test_compile_flag_rejects_an_unknown_mode(capsys):
+    from engine import add_runtime_args
+    from utils.errors import ArgumentParser
+    parser = ArgumentParser()
+    add_runtime_args(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--compile", "fast"])
+    err = capsys.readouterr().err
+    assert "--compile" in err and "max-autotune" in err and "Traceback" not in err

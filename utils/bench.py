@@ -20,7 +20,7 @@ from samplers.aps import kept_per_view, random_boxes, sample_aps
 from utils.dist import resolve_device
 from utils.errors import ArgumentParser, exit_on_user_error
 from utils import bench_pipeline as P
-from utils.runtime import AMP_CHOICES, amp_dtype, autocast, make_grad_scaler
+from utils.runtime import AMP_CHOICES, add_compile_arg, amp_dtype, autocast, make_grad_scaler
 
 
 def sync(device):
@@ -56,7 +56,7 @@ def bench_step(arch, batch, img_size, patch, ratio, device, amp, steps, warmup, 
     sync(device)
     elapsed = time.perf_counter() - start
     return {"bench": "aps_step", "arch": arch, "patch": patch, "img_size": img_size, "batch": batch,
-            "compile": compile_model,
+            "compile": compile_model or False,
             "kept": n, "device": str(device), "amp": str(amp).replace("torch.", ""),
             "pairs_per_s": round(steps * batch / elapsed, 1), "step_ms": round(1000 * elapsed / steps, 2),
             "peak_mem_mib": round(peak_memory_mib(device), 1)}
@@ -129,7 +129,7 @@ def get_args_parser():
     p.add_argument("--loop-pairs", type=int, default=200, help="pairs timed with the per-pair numpy loop")
     p.add_argument("--skip-model", action="store_true", help="only time the sampler")
     p.add_argument("--skip-pipeline", action="store_true", help="skip the data-path comparisons")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models (as the scripts' --compile)")
+    add_compile_arg(p, "the models and the device augmentation (as the scripts' --compile)")
     p.add_argument("--pipeline-archs", default="vit-small", help="APS archs timed through both data paths")
     p.add_argument("--pipeline-batches", type=int, default=None, help="timed batches per data path "
                                                                        "(default 10 on GPU, 2 on CPU)")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.runtime import autocast, fused, make_grad_scaler
+from utils.runtime import autocast, compile_in_place, fused, make_grad_scaler
 
 # dense bf16 tensor-core peaks (TFLOP/s) of the accelerators we know; --peak-tflops for others
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
@@ -55,8 +55,7 @@ def aps_model(arch, img_size, patch, device, compile_model=False):
     from models import APS, create_vit
     torch.manual_seed(0)
     model = APS(create_vit(arch, img_size, patch)).to(device)
-    if compile_model:
-        model.compile()
+    compile_in_place(model, compile_model)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **fused(device))
 
 
@@ -171,7 +170,7 @@ def aps_pipeline(arch, path, batch, img_size, patch, ratio, K, device, amp, batc
     out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
     out["data_pairs_per_s"] = data_rate(new_loader, device, batches, warmup, batch)
     return {"bench": "aps_pipeline", "arch": arch, "path": path, "batch": batch, "nsampling": K,
-            "compile": compile_model,
+            "compile": compile_model or False,
             "device": str(device), "workers": workers if path == "cpu" else 0, "pairs_per_s": out.pop("img_per_s"),
             **out}
 
@@ -191,7 +190,7 @@ def aps_augment(batch, img_size, device, repeats, compile_views=False):
     for _ in range(repeats):
         views(x)
     sync(device)
-    return {"bench": "aps_augment", "device": str(device), "batch": batch, "compile": compile_views,
+    return {"bench": "aps_augment", "device": str(device), "batch": batch, "compile": compile_views or False,
             "pairs_per_s": round(repeats * batch / (time.perf_counter() - start), 1)}
 
 
@@ -227,9 +226,8 @@ def moco_pipeline(path, arch, batch, img_size, device, amp, batches, warmup, wor
     model = MoCo(encoder, 128, 65536 // batch * batch).to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    if compile_model:
-        model.encoder_q.compile()
-        model.encoder_k.compile()
+    compile_in_place(model.encoder_q, compile_model)
+    compile_in_place(model.encoder_k, compile_model)
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4, **fused(device))
     src = max(img_size, round(img_size * 256 / 224))                           # stored images a bit larger
 
@@ -247,5 +245,5 @@ def moco_pipeline(path, arch, batch, img_size, device, amp, batches, warmup, wor
     out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
     out["data_img_per_s"] = data_rate(new_loader, device, batches, warmup, batch)
     return {"bench": "moco_pipeline", "arch": arch, "path": path, "batch": batch, "img_size": img_size,
-            "compile": compile_model,
+            "compile": compile_model or False,
             "device": str(device), "workers": 0 if path == "device" else workers, **out}

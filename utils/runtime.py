@@ -6,6 +6,20 @@ import numpy as np
 import torch
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def add_compile_arg(parser, what: str):
+    """--compile [MODE]: bare means torch.compile's default mode; absent means eager."""
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                        help=f"torch.compile {what} (first steps are slow); MODE one of {', '.join(COMPILE_MODES)} "
+                             "(bare: default; max-autotune also tunes the matmuls and fuses their epilogues)")
+
+
+def compile_in_place(module: torch.nn.Module, mode):
+    """module.compile() with --compile's mode (state-dict keys stay the same); mode None or False: nothing."""
+    if mode:
+        module.compile(mode=None if mode in (True, "default") else mode)
 
 
 def seed_everything(seed: int):
