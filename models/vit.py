@@ -50,12 +50,35 @@ class APSViT(VisionTransformer):
         return self.patch_embed.norm(tokens) + pos
 
     def forward_kept(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """cls feature computed from cls + the patches at flat indices idx: [B, n] (in that order)."""
+        """cls feature computed from cls + the patches at flat indices idx: [B, n] (in that order). The last
+        block runs for the cls token only (cls_block): nothing reads its other outputs."""
         tokens = self.embed_kept(x, idx)                                  # [B, n, D]
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)              # [B, 1, D]
         h = self.norm_pre(self.pos_drop(torch.cat([cls, tokens], dim=1)))  # [B, 1+n, D]
-        h = self.norm(self.blocks(h))
-        return h[:, 0]                                                    # [B, D]
+        h = cls_block(self.blocks[-1], self.blocks[:-1](h))              # [B, 1, D]
+        return self.norm(h)[:, 0]                                         # [B, D]
+
+
+def cls_block(block, h: torch.Tensor) -> torch.Tensor:
+    """block(h)[:, :1] for a timm pre-norm Block, computed for the first token only: its query attends to
+    every token's key and value, then the projection, the residuals and the MLP run on that one token
+    (in the last block, 1/(1+n) of the work after the key/value projection)."""
+    attn = block.attn
+    if attn.gate is not None:                                             # a layout this shortcut doesn't know
+        return block(h)[:, :1]
+    B, T, _ = h.shape
+    A, heads = attn.attn_dim, attn.num_heads
+    y = block.norm1(h)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(y[:, :1], w[:A], None if b is None else b[:A])                       # [B, 1, A]
+    kv = F.linear(y, w[A:], None if b is None else b[A:])                             # [B, T, 2A]
+    q = attn.q_norm(q.view(B, 1, heads, -1).transpose(1, 2))                          # [B, h, 1, hd]
+    k, v = kv.view(B, T, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)               # [B, h, T, hd]
+    o = F.scaled_dot_product_attention(q, attn.k_norm(k), v,
+                                       dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, 1, A))))
+    x = h[:, :1] + block.drop_path1(block.ls1(o))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 def create_vit(arch: str = "vit-small", img_size: int = 32, patch_size: int = 2, **overrides) -> APSViT:

@@ -35,6 +35,25 @@ def test_forward_on_kept_indices_equals_hand_built_tokens():
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_cls_only_last_block_gives_the_full_blocks_output_and_gradients(qkv_bias):
+    model = tiny_vit(qkv_bias=qkv_bias).train()
+    x = torch.randn(3, 3, 16, 16)
+    idx = torch.stack([torch.randperm(16)[:6] for _ in range(3)])
+    got = model.forward_kept(x, idx)
+    grads = torch.autograd.grad(got.square().sum(), list(model.parameters()), allow_unused=True)
+    tokens = model.embed_kept(x, idx)                                            # every block on every token
+    h = torch.cat([model.cls_token.expand(3, -1, -1), tokens], dim=1)
+    expected = model.norm(model.blocks(h))[:, 0]
+    ref = torch.autograd.grad(expected.square().sum(), list(model.parameters()), allow_unused=True)
+    assert torch.allclose(got, expected, atol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), grads, ref):
+        if b is None:
+            assert a is None, name
+        else:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+
+
 def test_all_indices_in_order_equal_the_plain_forward():
     model = tiny_vit()
     x = torch.randn(2, 3, 16, 16)
