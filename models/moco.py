@@ -29,16 +29,6 @@ def view_major(z: torch.Tensor, views: int, groups: int) -> torch.Tensor:
     return z.view(groups, views, -1, z.shape[-1]).transpose(0, 1).flatten(1, 2)
 
 
-def encode_in_groups(encoder: nn.Module, x: torch.Tensor, groups: int) -> torch.Tensor:
-    """encoder(x) where split BN's chunk g is rows [g m, (g + 1) m) of x (m = len(x) / groups): the rows one of
-    `groups` processes would encode. (SplitBatchNorm's chunk k is every groups-th row from k: interleave.)"""
-    if groups == 1:
-        return encoder(x)
-    m = x.shape[0] // groups
-    y = encoder(x.view(groups, m, *x.shape[1:]).transpose(0, 1).flatten(0, 1))
-    return y.view(m, groups, -1).transpose(0, 1).flatten(0, 1)
-
-
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """CE([q.k, q.queue] / T, label 0). q, k: [N, d] L2-normalised; queue: [d, K] L2-normalised columns."""
     l_pos = (q * k).sum(dim=1, keepdim=True)                         # [N, 1]
@@ -102,14 +92,14 @@ class MoCo(nn.Module):
         total = x_all.shape[0]
         perm = rng.randperm(total) if rng is not None else broadcast(torch.randperm(total, device=x.device))
         mine = perm[rank * per:(rank + 1) * per]
-        z_all = all_gather(_fp32(encode_in_groups(self.encoder_k, x_all[mine], self.splits)))
+        z_all = all_gather(_fp32(self.encoder_k(x_all[mine])))
         z = torch.empty_like(z_all)
         z[perm] = z_all                                              # unshuffle
         z = view_major(z[rank * per:(rank + 1) * per], V, self.splits)  # [V, N, d]
         return F.normalize(z.mean(dim=0), dim=1)
 
     def forward(self, query, keys, mini_queries=None, rng=None):
-        q = F.normalize(_fp32(encode_in_groups(self.encoder_q, query, self.splits)), dim=1)   # [N, d]
+        q = F.normalize(_fp32(self.encoder_q(query)), dim=1)                              # [N, d]
         with torch.no_grad():
             self.momentum_update()
             k = self.encode_keys(keys, rng)                          # [N, d]
@@ -118,7 +108,7 @@ class MoCo(nn.Module):
         stats = {"loss_large": loss.detach()}
         if mini_queries is not None and mini_queries.shape[0] > 0:
             M = mini_queries.shape[0]
-            qm = encode_in_groups(self.encoder_q, group_major(mini_queries, self.splits), self.splits)
+            qm = self.encoder_q(group_major(mini_queries, self.splits))
             qm = F.normalize(_fp32(view_major(qm, M, self.splits)), dim=2)              # [M, N, d]
             mini = torch.stack([moco_loss(qm[i], k, queue, self.temperature) for i in range(M)]).mean()
             loss = loss + mini

@@ -6,8 +6,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class SplitBatchNorm(_BatchNorm):
-    """BN over [N, C, ...] (a BatchNorm1d or 2d) whose statistics are per chunk: chunk k is every
-    num_splits-th sample from k. The running statistics are the chunks' average."""
+    """BN over [N, C, ...] (a BatchNorm1d or 2d) whose statistics are per chunk of consecutive samples: chunk k
+    is rows [k m, (k + 1) m), m = N / num_splits, what process k of num_splits would hold. Each chunk is a
+    slice normalised by the native BN kernel, so a channels_last input stays channels_last (no layout copies
+    around every BN). The running statistics are the chunks' average."""
 
     def __init__(self, num_features, num_splits: int = 1, **kw):
         super().__init__(num_features, **kw)
@@ -24,12 +26,12 @@ class SplitBatchNorm(_BatchNorm):
         s = self.num_splits
         if N % s:
             raise ValueError(f"split BN: batch {N} is not divisible by --bn-splits {s}")
-        mean = self.running_mean.repeat(s)
-        var = self.running_var.repeat(s)
-        y = F.batch_norm(x.reshape(N // s, C * s, *x.shape[2:]), mean, var, self.weight.repeat(s),
-                         self.bias.repeat(s), True, self.momentum, self.eps)   # each chunk sees its own stats
+        mean = self.running_mean.repeat(s, 1)                             # [s, C]: each chunk's running stats
+        var = self.running_var.repeat(s, 1)
+        y = torch.cat([F.batch_norm(part, mean[k], var[k], self.weight, self.bias, True, self.momentum, self.eps)
+                       for k, part in enumerate(x.chunk(s))])
         with torch.no_grad():
-            self.running_mean.copy_(mean.view(s, C).mean(dim=0))
-            self.running_var.copy_(var.view(s, C).mean(dim=0))
+            self.running_mean.copy_(mean.mean(dim=0))
+            self.running_var.copy_(var.mean(dim=0))
             self.num_batches_tracked.add_(1)
-        return y.view(x.shape)
+        return y

@@ -75,15 +75,32 @@ def test_split_bn_equals_per_chunk_bn_by_hand():
     x = torch.randn(8, 3, 2, 2)
     y = bn(x)
     for j in range(2):
-        chunk = x[j::2]                                            # the chunks are strided
+        chunk = x[4 * j:4 * j + 4]                                 # the chunks are consecutive rows
         mean = chunk.mean(dim=(0, 2, 3), keepdim=True)
         var = chunk.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
         expected = (chunk - mean) / torch.sqrt(var + 1e-5) * bn.weight.view(1, 3, 1, 1) + bn.bias.view(1, 3, 1, 1)
-        assert torch.allclose(y[j::2], expected, atol=1e-5)
-    chunk_means = torch.stack([x[j::2].mean(dim=(0, 2, 3)) for j in range(2)]).mean(dim=0)
+        assert torch.allclose(y[4 * j:4 * j + 4], expected, atol=1e-5)
+    chunk_means = torch.stack([x[4 * j:4 * j + 4].mean(dim=(0, 2, 3)) for j in range(2)]).mean(dim=0)
     assert torch.allclose(bn.running_mean, 0.1 * chunk_means, atol=1e-6)
+    chunk_vars = torch.stack([x[4 * j:4 * j + 4].var(dim=(0, 2, 3)) for j in range(2)]).mean(dim=0)  # unbiased
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * chunk_vars, atol=1e-6)
     bn.eval()
     assert torch.allclose(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias), atol=1e-6)
+
+
+def test_split_bn_keeps_channels_last_and_its_gradients_match():
+    torch.manual_seed(5)
+    bn = SplitBatchNorm(4, num_splits=4)
+    x = torch.randn(8, 4, 3, 5, requires_grad=True)
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    y, y_cl = bn(x), bn(x_cl)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)      # no layout copies around the BN
+    assert torch.allclose(y, y_cl, atol=1e-6)
+    w = torch.randn_like(y)
+    g, = torch.autograd.grad((y * w).sum(), x)
+    ref = torch.cat([torch.autograd.grad((F.batch_norm(x[2 * k:2 * k + 2], None, None, bn.weight, bn.bias, True)
+                                          * w[2 * k:2 * k + 2]).sum(), x)[0][2 * k:2 * k + 2] for k in range(4)])
+    assert torch.allclose(g, ref, atol=1e-5)
 
 
 def test_multicrop_and_mean_encoding_compose_as_specified():
