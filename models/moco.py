@@ -63,9 +63,10 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        """k <- m k + (1 - m) q for every parameter (BN buffers are not averaged)."""
-        for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            pk.mul_(self.momentum).add_(pq.detach(), alpha=1.0 - self.momentum)
+        """k <- m k + (1 - m) q for every parameter (BN buffers are not averaged), in two multi-tensor kernels."""
+        keys = list(self.encoder_k.parameters())
+        torch._foreach_mul_(keys, self.momentum)
+        torch._foreach_add_(keys, [p.detach() for p in self.encoder_q.parameters()], alpha=1.0 - self.momentum)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor):
