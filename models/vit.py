@@ -35,6 +35,16 @@ class APSViT(VisionTransformer):
         self.grid = self.patch_embed.grid_size[0]
         self.patch = self.patch_embed.patch_size[0]
 
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        """timm's forward (features, token pooling, head); the last block runs for the cls token only, the one
+        output token pooling reads (cls_block). Other pooling, masks or checkpointing: timm's own forward."""
+        if (attn_mask is not None or is_causal or self.global_pool != "token" or self.attn_pool is not None
+                or self.grad_checkpointing):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        h = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))    # [B, 1+L, D]
+        h = cls_block(self.blocks[-1], self.blocks[:-1](h))                          # [B, 1, D]
+        return self.forward_head(self.norm(h))
+
     def embed_kept(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Patch + positional embedding of the kept cells only (equal to embedding all, then gathering)."""
         B, C, H, W = x.shape                                              # x: [B, C, H, W]

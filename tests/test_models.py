@@ -54,6 +54,24 @@ def test_cls_only_last_block_gives_the_full_blocks_output_and_gradients(qkv_bias
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
 
 
+def test_forward_equals_timms_forward_with_drop_path_and_a_head():
+    from timm.models.vision_transformer import VisionTransformer
+    model = tiny_vit(drop_path_rate=0.2, num_classes=5).train()
+    x = torch.randn(4, 3, 16, 16)
+    torch.manual_seed(7)
+    got = model(x)                                                              # cls-only last block
+    grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    torch.manual_seed(7)                                                        # the same drop-path draws
+    expected = VisionTransformer.forward(model, x)                              # every block on every token
+    ref = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
+    assert got.shape == (4, 5) and torch.allclose(got, expected, atol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), grads, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+    model.set_grad_checkpointing(True)                                          # falls back to timm's path
+    torch.manual_seed(7)
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
 def test_all_indices_in_order_equal_the_plain_forward():
     model = tiny_vit()
     x = torch.randn(2, 3, 16, 16)
