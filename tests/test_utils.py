@@ -132,3 +132,12 @@ def test_view_reports_its_crop_box_and_flip():
         assert torch.allclose(x, expected)
         flips.add(bool(flipped))
     assert flips == {True, False}
+
+
+def test_configure_device_turns_on_cudnn_benchmark_for_cuda_only(monkeypatch):
+    from utils.runtime import configure_device
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    configure_device(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    configure_device(torch.device("cuda", 0))                 # a flag only: no GPU needed to set it
+    assert torch.backends.cudnn.benchmark is True

@@ -20,7 +20,7 @@ from samplers.aps import kept_per_view, random_boxes, sample_aps
 from utils.dist import resolve_device
 from utils.errors import ArgumentParser, exit_on_user_error
 from utils import bench_pipeline as P
-from utils.runtime import AMP_CHOICES, add_compile_arg, amp_dtype, autocast, make_grad_scaler
+from utils.runtime import AMP_CHOICES, add_compile_arg, amp_dtype, autocast, configure_device, make_grad_scaler
 
 
 def sync(device):
@@ -148,6 +148,7 @@ def get_args_parser():
 @exit_on_user_error
 def main(args):
     device = resolve_device(args.device)
+    configure_device(device)
     gpu = device.type == "cuda"
     amp = amp_dtype(args.amp, device)
     batch = args.batch_size or (512 if gpu else 32)

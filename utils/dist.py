@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from utils.errors import UserError
+from utils.runtime import configure_device
 
 
 def is_dist() -> bool:
@@ -43,10 +44,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device_name: str = "auto") -> torch.device:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); return this process's device."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); return this process's device
+    (configured: utils.runtime.configure_device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
+    configure_device(device)
     if world_size > 1 and not is_dist():
         if device.type == "cuda":
             torch.cuda.set_device(device)
