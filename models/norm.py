@@ -22,8 +22,7 @@ class SplitBatchNorm(_BatchNorm):
     def forward(self, x):
         if not self.training or self.num_splits <= 1:
             return super().forward(x)
-        N, C = x.shape[:2]                                                # x: [N, C, ...]
-        s = self.num_splits
+        N, s = x.shape[0], self.num_splits                                # x: [N, C, ...]
         if N % s:
             raise ValueError(f"split BN: batch {N} is not divisible by --bn-splits {s}")
         mean = self.running_mean.repeat(s, 1)                             # [s, C]: each chunk's running stats
