@@ -11,7 +11,7 @@ import main_finetune
 import main_lincls
 import main_moco
 import main_pretrain
-from utils import weights
+from utils import bench, weights
 
 TINY = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4"]
 PRE = TINY + ["--proj-hidden-dim", "32", "--proj-dim", "16", "--pred-hidden-dim", "32", "--nepoch", "1",
@@ -109,6 +109,8 @@ CASES = [
     ("lincls-pickle-payload", main_lincls, LIN + ["--pretrained", "F/payload.pth"], "pickled Python objects"),
     ("lincls-evaluate-a-non-probe", main_lincls, LIN + ["--evaluate", "--resume", "F/aps_p4.pth"],
      "not a main_lincls.py checkpoint"),
+    ("bench-unknown-pipeline-arch", bench, ["--device", "cpu", "--pipeline-archs", "vit-small,vit-huge"],
+     "unknown arch 'vit-huge' in --pipeline-archs"),
     ("weights-unknown-name", weights, ["download", "asym-siam/nope-r50"], "unknown weights"),
     ("weights-aps-without-a-file", weights, ["download", "aps:"], "names no file"),
     ("weights-convert-a-text-file", weights, ["convert", "F/notes.pth", "F/out.pth"], "notes.pth"),
@@ -124,7 +126,7 @@ def test_bad_input_exits_2_with_one_line_and_keeps_outputs(name, module, argv, e
     (out / "checkpoint-0001.pth").write_bytes(b"an earlier run's checkpoint")
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
     argv = [a.replace("F/", f"{files}/") for a in argv]
-    if module is not weights and "--output-dir" not in argv:
+    if module not in (weights, bench) and "--output-dir" not in argv:
         argv += ["--output-dir", str(out)]
     if name == "disk-full-during-save":
         disk_full(monkeypatch)

@@ -18,7 +18,7 @@ import torch
 from models import ARCHS
 from samplers.aps import kept_per_view, random_boxes, sample_aps
 from utils.dist import resolve_device
-from utils.errors import ArgumentParser, exit_on_user_error
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils import bench_pipeline as P
 from utils.runtime import AMP_CHOICES, add_compile_arg, amp_dtype, autocast, configure_device, make_grad_scaler
 
@@ -130,7 +130,8 @@ def get_args_parser():
     p.add_argument("--skip-model", action="store_true", help="only time the sampler")
     p.add_argument("--skip-pipeline", action="store_true", help="skip the data-path comparisons")
     add_compile_arg(p, "the models and the device augmentation (as the scripts' --compile)")
-    p.add_argument("--pipeline-archs", default="vit-small", help="APS archs timed through both data paths")
+    p.add_argument("--pipeline-archs", default=None,
+                   help="APS archs timed through both data paths (default: all on GPU, vit-tiny on CPU)")
     p.add_argument("--pipeline-batches", type=int, default=None, help="timed batches per data path "
                                                                        "(default 10 on GPU, 2 on CPU)")
     p.add_argument("--workers", type=int, default=None, help="CPU-path loader workers (default: min(16, cores))")
@@ -156,14 +157,13 @@ def main(args):
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     grid = args.img_size // args.patch_size
     peak = P.peak_tflops(device, args.peak_tflops)
+    archs = arch_list(args.archs, "--archs")
+    pipeline_archs = arch_list(args.pipeline_archs or (",".join(ARCHS) if gpu else "vit-tiny"), "--pipeline-archs")
     results = [bench_sampler(args.sampler_batch, grid, args.sampling_ratio, 4, 3.0, device, args.loop_pairs,
                              50 if gpu else 10)]
     print(json.dumps(results[-1]), flush=True)
     if not args.skip_model:
-        for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
-            if arch not in ARCHS:
-                from utils.errors import UserError
-                raise UserError(f"unknown arch {arch!r} in --archs; choose from {', '.join(ARCHS)}")
+        for arch in archs:
             rec = bench_step(arch, batch, args.img_size, args.patch_size, args.sampling_ratio, device, amp, steps,
                              warmup, args.compile)
             flops = P.aps_step_flops(arch, min(batch, 8), args.img_size, args.patch_size, args.sampling_ratio,
@@ -174,8 +174,16 @@ def main(args):
             results.append(rec)
             print(json.dumps(rec), flush=True)
     if not args.skip_pipeline:
-        results += pipelines(args, device, amp, gpu, batch, peak)
+        results += pipelines(args, device, amp, gpu, batch, peak, pipeline_archs)
     return results
+
+
+def arch_list(value: str, flag: str) -> list:
+    archs = [a.strip() for a in value.split(",") if a.strip()]
+    for arch in archs:
+        if arch not in ARCHS:
+            raise UserError(f"unknown arch {arch!r} in {flag}; choose from {', '.join(ARCHS)}")
+    return archs
 
 
 def ratio_record(kind, arch, dev, cpu, rate, data_rate) -> dict:
@@ -187,7 +195,7 @@ def ratio_record(kind, arch, dev, cpu, rate, data_rate) -> dict:
             "device_data_over_training": round(dev[data_rate] / dev[rate], 2)}
 
 
-def pipelines(args, device, amp, gpu, batch, peak):
+def pipelines(args, device, amp, gpu, batch, peak, archs):
     """APS and MoCo full steps through the CPU-worker and the on-device data paths, and their ratio."""
     out = []
 
@@ -200,7 +208,7 @@ def pipelines(args, device, amp, gpu, batch, peak):
     warm = 3 if gpu else 1
     aug = P.aps_augment(batch, args.img_size, device, 20 if gpu else 3, args.compile)
     emit(aug)
-    for arch in [a.strip() for a in args.pipeline_archs.split(",") if a.strip()]:
+    for arch in archs:
         recs = {path: P.aps_pipeline(arch, path, batch, args.img_size, args.patch_size, args.sampling_ratio, 4,
                                      device, amp, batches, warm, workers, args.compile) for path in ("cpu", "device")}
         for rec in recs.values():
