@@ -63,7 +63,8 @@ def crop_boxes(n: int, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), r
 
 def crop_resize_list(images, boxes: torch.Tensor, size) -> torch.Tensor:
     """Images of different sizes (uint8 [C, h_i, w_i], on one device) -> float [N, C, S, S] in [0, 1]: each box
-    cropped and resized (bilinear, antialiased, as TF.resized_crop with antialias=True). One host sync."""
+    cropped and resized (bilinear, antialiased, as TF.resized_crop with antialias=True). Boxes on the CPU
+    (FolderDeviceLoader draws them there) cost no host sync; boxes on a GPU, one."""
     oh, ow = (size, size) if isinstance(size, int) else size
     out = []
     for img, (t, l, h, w) in zip(images, boxes.long().tolist()):
@@ -290,9 +291,11 @@ class DeviceView:
 
     def apply(self, x, p: dict):
         """x: float [N, 3, H, W], or a list of uint8 [3, h_i, w_i] (cropped image by image, outside the
-        compiled part)."""
+        compiled part). For a list, parameters drawn on the CPU (a CPU rng) give the crop loop its boxes
+        without a host sync; they move to the images' device after it."""
         if isinstance(x, (list, tuple)):
             v = crop_resize_list(x, p["boxes"], self.size)
+            p = {k: t.to(v.device, non_blocking=True) if torch.is_tensor(t) else t for k, t in p.items()}
             return self._finish(torch.where(per_sample(p["flips"], v).bool(), v.flip(-1), v), p)
         return self._apply_batch(x, p)
 
@@ -315,9 +318,9 @@ class DeviceView:
 
     def __call__(self, x, rng: BatchRandom = None):
         device = device_of(x)
-        if isinstance(x, (list, tuple)):                     # images of different sizes
-            H = torch.tensor([img.shape[-2] for img in x], device=device)
-            W = torch.tensor([img.shape[-1] for img in x], device=device)
+        if isinstance(x, (list, tuple)):                     # images of different sizes (their sizes: host data)
+            H = torch.tensor([img.shape[-2] for img in x])
+            W = torch.tensor([img.shape[-1] for img in x])
             N = len(x)
         else:
             N, _, H, W = x.shape

@@ -138,6 +138,8 @@ class FolderDeviceLoader(DeviceLoader):
                  rank: int = None, world: int = None, worker_decode: bool = None):
         worker_decode = device.type != "cuda" if worker_decode is None else worker_decode
         self._setup(folder, len(folder), global_batch, seed, device, augment, rank, world)
+        # the views' random numbers are drawn on the CPU: the crop loop reads the boxes without a host sync
+        self.rng = BatchRandom("cpu", self.batch_sampler.rank, self.batch_sampler.world)
         self.loader = DataLoader(EncodedImages(folder, decode=worker_decode), batch_sampler=self.batch_sampler,
                                  num_workers=num_workers, collate_fn=_as_list, pin_memory=device.type == "cuda",
                                  worker_init_fn=seed_worker)

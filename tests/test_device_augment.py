@@ -1,13 +1,16 @@
 """On-device batched augmentation: each op against torchvision's functional op per sample, same parameters."""
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 import augment.device as D
 from data import build_dataset, get_preset
 from data.device import DeviceLoader, uint8_images
+from utils.rng import BatchRandom
 
 N = 6
 
@@ -227,3 +230,23 @@ def test_device_views_of_images_of_different_sizes():
         assert t + h <= img.shape[1] and l + w <= img.shape[2]
         ref = D.crop_resize_list([img], out["box1"][k:k + 1], 16)[0]
         assert torch.allclose(plain[k], ref.flip(-1) if out["flip1"][k] else ref, atol=1e-5)
+
+
+def test_views_of_images_elsewhere_take_parameters_drawn_on_the_cpu(tmp_path):
+    """The folder loader draws the views' numbers on the CPU (no host sync in the crop loop) while the images
+    are on the GPU. 'meta' stands in for the GPU here: any op mixing the two devices raises."""
+    from data.datasets import build_imagefolder
+    from data.device import FolderDeviceLoader
+    preset = get_preset("imagefolder")
+    images = [torch.empty(3, 40 + 3 * i, 50, dtype=torch.uint8, device="meta") for i in range(4)]
+    rng = BatchRandom("cpu", 0, 1).reseed(1, 2)
+    moco = D.moco_device_views(preset, 24, asym_aug=True, num_minis=2, mini_size=8, scalemix=True)(images, rng)
+    aps = D.aps_device_views(preset, 16, blur_p=0.5)(images, rng)
+    assert all(v.device.type == "meta" for v in [*moco.values(), *aps.values()])
+    assert moco["mini_queries"].shape == (4, 2, 3, 8, 8) and aps["box1"].shape == (4, 4)
+    for c in range(2):
+        (tmp_path / "train" / f"c{c}").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / f"c{c}" / "0.jpg")
+    loader = FolderDeviceLoader(build_imagefolder(str(tmp_path), True), 2, 0, torch.device("cpu"),
+                                D.aps_device_views(preset, 8), 0)
+    assert loader.rng.device.type == "cpu" and loader.rng.generator is not None
