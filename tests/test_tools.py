@@ -1,4 +1,5 @@
 """The sampler picture, the benchmark, and the image-folder data path."""
+import json
 import os
 
 import pytest
@@ -25,7 +26,7 @@ def test_bench_prints_json_lines(capsys):
         ["--device", "cpu", "--archs", "vit-tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0",
          "--sampler-batch", "16", "--loop-pairs", "4", "--img-size", "16", "--patch-size", "4",
          "--pipeline-archs", "vit-tiny", "--pipeline-batches", "1", "--workers", "0", "--moco-arch", "resnet18",
-         "--moco-batch", "4", "--moco-img-size", "32", "--peak-tflops", "1", "--moco-jpeg"])
+         "--moco-batch", "4", "--moco-img-size", "32", "--peak-tflops", "1", "--moco-jpeg", "--profile", "1"])
     results = bench.main(args)
     kinds = [r["bench"] for r in results]
     assert kinds == ["aps_sampler", "aps_step", "aps_augment", "aps_pipeline", "aps_pipeline", "aps_ratio",
@@ -34,6 +35,12 @@ def test_bench_prints_json_lines(capsys):
     assert results[0]["pairs_per_s"] > 0 and results[0]["loop_pairs_per_s"] > 0
     step = results[1]
     assert step["pairs_per_s"] > 0 and step["peak_mem_mib"] > 0
+    split = step["time_split"]                                  # the profiled step's time by kernel kind
+    assert split["matmul"] > 0 and split["attention"] > 0 and split["other"] >= 0
+    assert split["matmul"] + split["attention"] + split["other"] == pytest.approx(1.0, abs=2e-3)
+    top = [t for _, t in split["top_ms"]]
+    assert top == sorted(top, reverse=True) and top[0] > 0
+    assert any(name in ("aten::mm", "aten::addmm") for name, _ in split["top_ms"])
     # FLOPs by hand: 2 views x (forward + backward = 3 x 2 flops per multiply-add) over the block and head
     # matmuls; 16 px / patch 4 = 16 cells, 25 % kept = 4 tokens + cls (attention and patch embedding: < 2 %)
     from models import APS, create_vit
@@ -57,7 +64,8 @@ def test_bench_prints_json_lines(capsys):
         assert paths[dev]["data_img_per_s"] > paths[dev]["img_per_s"]     # the loader alone outruns loader + model
     aps = {r["path"]: r for r in results if r["bench"] == "aps_pipeline"}
     assert all(r["data_pairs_per_s"] > r["pairs_per_s"] for r in aps.values())
-    assert capsys.readouterr().out.count("{") == len(results)
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines if line.startswith("{")] == results     # one JSON line each
 
 
 def make_folder(root, classes=2, per_class=6, size=(40, 48)):

@@ -34,8 +34,38 @@ def peak_memory_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
-def bench_step(arch, batch, img_size, patch, ratio, device, amp, steps, warmup, compile_model=False):
-    """Pairs/s of one APS optimizer step (one sampling round) at `batch` pairs."""
+MATMUL_KERNELS = ("gemm", "cutlass", "xmma", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
+                  "aten::baddbmm")
+ATTENTION_KERNELS = ("flash", "fmha", "attention")
+
+
+def time_split(prof, device, steps: int, top: int = 8) -> dict:
+    """Where a profiled step's time goes: the share of matmul, attention and other kernels (GPU kernels on
+    CUDA, aten ops' self time on the CPU), and the `top` kernels in ms per step."""
+    from torch.autograd import DeviceType
+    times = {}
+    for e in prof.key_averages():
+        if device.type == "cuda":
+            t = e.device_time_total if e.device_type == DeviceType.CUDA else 0.0
+        else:
+            t = e.self_cpu_time_total
+        if t > 0:
+            times[e.key] = times.get(e.key, 0.0) + t / 1000.0 / steps              # us -> ms per step
+    total = sum(times.values()) or 1.0
+
+    def share(keys):
+        return round(sum(t for k, t in times.items() if any(s in k.lower() for s in keys)) / total, 3)
+
+    matmul, attention = share(MATMUL_KERNELS), share(ATTENTION_KERNELS)
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return {"matmul": matmul, "attention": attention, "other": round(1.0 - matmul - attention, 3),
+            "top_ms": [[k[:80], round(t, 3)] for k, t in ranked]}
+
+
+def bench_step(arch, batch, img_size, patch, ratio, device, amp, steps, warmup, compile_model=False,
+               profile_steps=0):
+    """Pairs/s of one APS optimizer step (one sampling round) at `batch` pairs; with profile_steps, also
+    where that many more steps spend their time (time_split)."""
     model, opt = P.aps_model(arch, img_size, patch, device, compile_model)
     scaler = make_grad_scaler(device, amp)
     grid = img_size // patch
@@ -55,11 +85,22 @@ def bench_step(arch, batch, img_size, patch, ratio, device, amp, steps, warmup, 
         P.backward_step(loss, opt, scaler)
     sync(device)
     elapsed = time.perf_counter() - start
-    return {"bench": "aps_step", "arch": arch, "patch": patch, "img_size": img_size, "batch": batch,
-            "compile": compile_model or False,
-            "kept": n, "device": str(device), "amp": str(amp).replace("torch.", ""),
-            "pairs_per_s": round(steps * batch / elapsed, 1), "step_ms": round(1000 * elapsed / steps, 2),
-            "peak_mem_mib": round(peak_memory_mib(device), 1)}
+    rec = {"bench": "aps_step", "arch": arch, "patch": patch, "img_size": img_size, "batch": batch,
+           "compile": compile_model or False,
+           "kept": n, "device": str(device), "amp": str(amp).replace("torch.", ""),
+           "pairs_per_s": round(steps * batch / elapsed, 1), "step_ms": round(1000 * elapsed / steps, 2),
+           "peak_mem_mib": round(peak_memory_mib(device), 1)}
+    if profile_steps:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(profile_steps):
+                with autocast(device, amp):
+                    loss, _ = model(x1, x2, idx1, idx2)
+                P.backward_step(loss, opt, scaler)
+            sync(device)
+        rec["time_split"] = time_split(prof, device, profile_steps)
+    return rec
 
 
 def numpy_per_pair_sampler(box1, flip1, box2, flip2, grid, n, K, power, rng):
@@ -128,6 +169,9 @@ def get_args_parser():
     p.add_argument("--sampler-batch", type=int, default=512, help="pairs per sampler call")
     p.add_argument("--loop-pairs", type=int, default=200, help="pairs timed with the per-pair numpy loop")
     p.add_argument("--skip-model", action="store_true", help="only time the sampler")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N more APS steps per arch: the time's split into matmul, attention and other "
+                        "kernels, and the top kernels (time_split in the aps_step record)")
     p.add_argument("--skip-pipeline", action="store_true", help="skip the data-path comparisons")
     add_compile_arg(p, "the models and the device augmentation (as the scripts' --compile)")
     p.add_argument("--pipeline-archs", default=None,
@@ -165,7 +209,7 @@ def main(args):
     if not args.skip_model:
         for arch in archs:
             rec = bench_step(arch, batch, args.img_size, args.patch_size, args.sampling_ratio, device, amp, steps,
-                             warmup, args.compile)
+                             warmup, args.compile, args.profile)
             flops = P.aps_step_flops(arch, min(batch, 8), args.img_size, args.patch_size, args.sampling_ratio,
                                      device, amp)
             rec["gflops_per_pair"] = round(flops / 1e9, 3)
