@@ -114,21 +114,25 @@ def gray(images: torch.Tensor) -> torch.Tensor:
     return (images * channel_constant(GRAY_WEIGHTS, images)).sum(dim=1, keepdim=True)
 
 
-def _blend(a, b, ratio):
-    return (ratio * a + (1.0 - ratio) * b).clamp(0.0, 1.0)
+def linear_blend(x, f, w_mean, w_grey):
+    """clamp(f x + w_mean * grey mean + w_grey * grey), per-sample coefficients [N]: torchvision's _blend,
+    ratio * x + (1 - ratio) * base, for brightness (weights 0), contrast (w_mean = 1 - f) and saturation
+    (w_grey = 1 - f). f = 1 with zero weights leaves x exactly as it is."""
+    g = gray(x)                                                                       # [N, 1, H, W]
+    base = torch.addcmul(g.mean(dim=(1, 2, 3), keepdim=True) * per_sample(w_mean, g), g, per_sample(w_grey, g))
+    return (x * per_sample(f, x) + base).clamp_(0.0, 1.0)
 
 
 def adjust_brightness(x, factor):
-    return _blend(x, torch.zeros_like(x), per_sample(factor, x))
+    return linear_blend(x, factor, torch.zeros_like(factor), torch.zeros_like(factor))
 
 
 def adjust_contrast(x, factor):
-    mean = gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(x, mean, per_sample(factor, x))
+    return linear_blend(x, factor, 1.0 - factor, torch.zeros_like(factor))
 
 
 def adjust_saturation(x, factor):
-    return _blend(x, gray(x), per_sample(factor, x))
+    return linear_blend(x, factor, torch.zeros_like(factor), 1.0 - factor)
 
 
 def adjust_hue(x, factor):
@@ -169,8 +173,9 @@ def color_jitter(x, order, factors, active=None):
     (once, for the whole batch), the linear ops after it (positions 1-3). The three linear ops are one blend
     per position, clamp(f * x + (1 - f) * base) as torchvision computes it, whose base is 0 (brightness), the
     grey mean (contrast) or the grey image (saturation): base * (1 - f) = mean * w_mean + grey * w_grey with
-    per-sample weights. A sample with no op at a position has f = 1 and zero weights: it stays exactly as it
-    is. Every per-sample coefficient is made up front ([N, 6]), so each blend is a handful of kernels."""
+    per-sample weights (linear_blend). A sample with no op at a position has f = 1 and zero weights: it stays
+    exactly as it is. Every per-sample coefficient is made up front ([N, 6]), so each blend is a handful of
+    kernels."""
     hue_at = (order == HUE).long().argmax(dim=1, keepdim=True)                       # [N, 1]
     pos = torch.arange(4, device=order.device)
     slots = torch.cat([order[:, :3].masked_fill(pos[:3] >= hue_at, -1),              # before the rotation
@@ -185,18 +190,12 @@ def color_jitter(x, order, factors, active=None):
     w_mean = torch.where(slots == CONTRAST, rest, 0.0)
     w_grey = torch.where(slots == SATURATION, rest, 0.0)
 
-    def linear_ops(x, j):
-        fj, wm, wg = (t[:, j].view(-1, 1, 1, 1) for t in (f, w_mean, w_grey))
-        g = gray(x)                                                                   # [N, 1, H, W]
-        base = torch.addcmul(g.mean(dim=(1, 2, 3), keepdim=True) * wm, g, wg)
-        return (x * fj + base).clamp_(0.0, 1.0)
-
     for j in range(3):
-        x = linear_ops(x, j)
+        x = linear_blend(x, f[:, j], w_mean[:, j], w_grey[:, j])
     rotated = adjust_hue(x, factors[HUE])
     x = rotated if active is None else torch.where(per_sample(active, x).bool(), rotated, x)
     for j in range(3, 6):
-        x = linear_ops(x, j)
+        x = linear_blend(x, f[:, j], w_mean[:, j], w_grey[:, j])
     return x
 
 
