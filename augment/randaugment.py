@@ -58,17 +58,19 @@ def blend255(a, b, ratio):
     return torch.floor((r * a + (1.0 - r) * b).clamp(0.0, 255.0))
 
 
-def auto_contrast(x):
+def auto_contrast(x, active=None):
+    """Each channel stretched to 0..255 (unchanged when flat, or where active [N] is False)."""
     lo = x.amin(dim=(2, 3), keepdim=True)
     hi = x.amax(dim=(2, 3), keepdim=True)
-    scale = 255.0 / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    out = torch.floor(((x - lo) * scale).clamp(0.0, 255.0))
-    return torch.where(hi > lo, out, x)
+    stretch = hi > lo if active is None else (hi > lo) & per_sample(active, hi).bool()
+    scale = torch.where(stretch, 255.0 / torch.where(stretch, hi - lo, 1.0), 1.0)
+    return torch.floor(((x - torch.where(stretch, lo, 0.0)) * scale).clamp(0.0, 255.0))
 
 
-def equalize(x):
+def equalize(x, active=None):
     """Per sample and channel histogram equalisation, the PIL/torchvision way (lut from the cumulative
-    histogram in steps of (pixels - count of the top value) // 255; identity when that step is 0)."""
+    histogram in steps of (pixels - count of the top value) // 255; identity when that step is 0, or where
+    active [N] is False)."""
     N, C, H, W = x.shape
     v = x.reshape(N * C, H * W).long()
     hist = torch.zeros(N * C, 256, device=x.device, dtype=x.dtype).scatter_add_(1, v, torch.ones_like(x).view(N * C, -1))
@@ -77,8 +79,9 @@ def equalize(x):
     safe = torch.where(step > 0, step, torch.ones_like(step))
     lut = torch.floor((hist.cumsum(dim=1) + torch.floor(step / 2)) / safe)
     lut = F.pad(lut, (1, 0))[:, :-1].clamp(0.0, 255.0)
-    out = lut.gather(1, v).view(N, C, H, W)
-    return torch.where((step > 0).view(N, C, 1, 1), out, x)
+    keep = step > 0 if active is None else (step > 0) & active.view(N, 1).expand(N, C).reshape(N * C, 1)
+    lut = torch.where(keep, lut, torch.arange(256, device=x.device, dtype=x.dtype))
+    return lut.gather(1, v).view(N, C, H, W)
 
 
 def posterize(x, bits):
@@ -107,16 +110,19 @@ def brightness(x, factor):
     return blend255(x, torch.zeros_like(x), factor)
 
 
-def sharpness(x, factor):
-    """Blend with the 3x3 smoothed image (centre weight 5 of 13, rounded); the border pixels stay."""
-    N, C, H, W = x.shape
+def smoothed(x):
+    """PIL's SMOOTH filter (3x3, centre weight 5 of 13, rounded) inside; the border pixels stay."""
+    C = x.shape[1]
     k = torch.ones(3, 3, device=x.device, dtype=x.dtype)
     k[1, 1] = 5.0
     k = (k / k.sum()).expand(C, 1, 3, 3)
-    smooth = torch.round(F.conv2d(x, k, groups=C))
-    degenerate = x.clone()
-    degenerate[:, :, 1:-1, 1:-1] = smooth
-    return blend255(x, degenerate, factor)
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = torch.round(F.conv2d(x, k, groups=C))
+    return out
+
+
+def sharpness(x, factor):
+    return blend255(x, smoothed(x), factor)
 
 
 def affine_matrices(op, arg, height, width):
@@ -210,23 +216,34 @@ class DeviceRandAugment:
         return {"ra_ops": torch.stack(ops), "ra_args": torch.stack(args)}
 
     def apply(self, x: torch.Tensor, params: dict) -> torch.Tensor:
-        N, C, H, W = x.shape
         y = torch.round(x * 255.0)
         for op, arg in zip(params["ra_ops"], params["ra_args"]):
-            pick = lambda name: per_sample(op == OP[name], y).bool()  # noqa: E731
-            geometric = sum(op == OP[name] for name in GEOMETRIC).bool()
-            y = torch.where(per_sample(geometric, y).bool(), warp(y, affine_matrices(op, arg.to(y.dtype), H, W), self.fill), y)
-            y = torch.where(pick("AutoContrast"), auto_contrast(y), y)
-            y = torch.where(pick("Equalize"), equalize(y), y)
-            y = torch.where(pick("Invert"), 255.0 - y, y)
-            y = torch.where(pick("Posterize"), posterize(y, arg), y)
-            y = torch.where(pick("Solarize"), solarize(y, arg), y)
-            y = torch.where(pick("SolarizeAdd"), solarize_add(y, arg), y)
-            y = torch.where(pick("Color"), color(y, arg), y)
-            y = torch.where(pick("Contrast"), contrast(y, arg), y)
-            y = torch.where(pick("Brightness"), brightness(y, arg), y)
-            y = torch.where(pick("Sharpness"), sharpness(y, arg), y)
+            y = self.layer(y, op, arg.to(y.dtype))
         return y / 255.0
+
+    def layer(self, y: torch.Tensor, op: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+        """One layer: every sample gets its own op. A sample holds at most one op, so the families below
+        commute; the pointwise and enhance families run on the whole batch in one pass each, with neutral
+        arguments (exact identities on 0..255 integers) for the samples whose op is elsewhere."""
+        H, W = y.shape[-2:]
+        hot = op.unsqueeze(0) == torch.arange(len(OPS), device=op.device).unsqueeze(1)   # [15, N]
+        is_op = lambda *names: (hot[OP[names[0]]] if len(names) == 1  # noqa: E731
+                                else torch.stack([hot[OP[n]] for n in names]).any(0))
+        rows = lambda mask: mask.view(-1, 1, 1, 1)  # noqa: E731
+        warped = warp(y, affine_matrices(op, arg, H, W), self.fill)
+        y = torch.where(rows(is_op(*GEOMETRIC)), warped, y)
+        y = auto_contrast(y, is_op("AutoContrast"))
+        y = equalize(y, is_op("Equalize"))
+        # Invert = Solarize at 0; Posterize keeps 8 bits, Solarize starts at 256, SolarizeAdd adds 0 elsewhere
+        y = posterize(y, torch.where(is_op("Posterize"), arg, 8.0))
+        y = solarize(y, torch.where(is_op("Solarize"), arg, torch.where(is_op("Invert"), 0.0, 256.0)))
+        y = solarize_add(y, torch.where(is_op("SolarizeAdd"), arg, 0.0))
+        # Color / Contrast / Brightness / Sharpness: one blend with the sample's degenerate image (ratio 1 elsewhere)
+        gray = gray255(y)
+        degenerate = torch.where(rows(is_op("Color")), gray,
+                                 torch.where(rows(is_op("Contrast")), gray.mean(dim=(1, 2, 3), keepdim=True),
+                                             torch.where(rows(is_op("Sharpness")), smoothed(y), 0.0)))
+        return blend255(y, degenerate, torch.where(is_op(*ENHANCE), arg, 1.0))
 
     def __call__(self, x: torch.Tensor, rng: BatchRandom = None) -> torch.Tensor:
         N, _, H, W = x.shape

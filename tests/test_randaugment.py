@@ -171,3 +171,33 @@ def test_moco_asym_aug_views_on_the_device():
     assert views.key.jitter_p == 0 and views.key.gray_p == 0 and views.key.scale == (0.08, 1.0)
     assert views.query.randaug.policy == dict(magnitude=10.0, num_layers=2, magnitude_std=0.5, increasing=False,
                                               prob=0.5)
+
+
+def test_policy_applies_each_samples_own_op_and_nothing_else(images):
+    """Two layers, every op (and none) somewhere in each: the batched policy equals running each sample's two ops
+    one after the other on that sample alone (the single ops are checked against torchvision above)."""
+    singles = {"AutoContrast": lambda y, a: R.auto_contrast(y), "Equalize": lambda y, a: R.equalize(y),
+               "Invert": lambda y, a: 255.0 - y, "Posterize": R.posterize, "Solarize": R.solarize,
+               "SolarizeAdd": R.solarize_add, "Color": R.color, "Contrast": R.contrast, "Brightness": R.brightness,
+               "Sharpness": R.sharpness}
+    singles.update({g: (lambda name: lambda y, a: R.warp(y, R.affine_matrices(torch.full((1,), R.OP[name]), a,
+                                                                               H, W), FILL))(g)
+                    for g in R.GEOMETRIC})
+    args = {"Rotate": 20.0, "ShearX": 0.2, "ShearY": -0.25, "TranslateXRel": 0.3, "TranslateYRel": -0.2,
+            "Posterize": 2.0, "Solarize": 100.0, "SolarizeAdd": 60.0, "Color": 1.7, "Contrast": 0.4,
+            "Brightness": 1.5, "Sharpness": 0.3}
+    n = len(R.OPS) + 1                                                   # op -1: none
+    x = torch.cat([images, images, images])[:n].float()
+    x[:, :, 2:4, 2:5] = 255.0                                           # the ends of the range, inside
+    x[:, :, 5:7, 2:5] = 0.0
+    ops = torch.stack([torch.arange(-1, n - 1), torch.arange(n - 2, -2, -1)])
+    arg = torch.tensor([[args.get(R.OPS[o], 0.0) if o >= 0 else 0.0 for o in row.tolist()] for row in ops])
+    ra = R.DeviceRandAugment("rand-m9", fill=FILL)
+    got = ra.apply(x / 255.0, {"ra_ops": ops, "ra_args": arg}) * 255.0
+    for i in range(n):
+        y = x[i:i + 1]
+        for layer in range(2):
+            o = ops[layer, i].item()
+            if o >= 0:
+                y = singles[R.OPS[o]](y, arg[layer, i:i + 1])
+        assert torch.allclose(got[i:i + 1], y, atol=1e-3), (i, [R.OPS[o] for o in ops[:, i].tolist() if o >= 0])
