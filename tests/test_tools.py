@@ -31,7 +31,7 @@ def test_bench_prints_json_lines(capsys):
     kinds = [r["bench"] for r in results]
     assert kinds == ["aps_sampler", "aps_step", "aps_augment", "aps_pipeline", "aps_pipeline", "aps_ratio",
                      "moco_pipeline", "moco_pipeline", "moco_ratio", "moco_pipeline", "moco_pipeline",
-                     "moco_jpeg_ratio"]
+                     "moco_jpeg_ratio", "targets"]
     assert results[0]["pairs_per_s"] > 0 and results[0]["loop_pairs_per_s"] > 0
     step = results[1]
     assert step["pairs_per_s"] > 0 and step["peak_mem_mib"] > 0
@@ -55,17 +55,47 @@ def test_bench_prints_json_lines(capsys):
     assert step["mfu"] == pytest.approx(step["gflops_per_pair"] * 1e9 * step["pairs_per_s"] / 1e12, abs=1e-4)  # 4 decimals
     paths = {r["path"]: r for r in results if r["bench"] == "moco_pipeline"}
     assert set(paths) == {"cpu", "device", "jpeg-cpu", "jpeg-device"} and all(r["img_per_s"] > 0 for r in paths.values())
-    for ratio, (dev, cpu) in ((results[-4], ("device", "cpu")), (results[-1], ("jpeg-device", "jpeg-cpu"))):
+    ratios = {r["bench"]: r for r in results if r["bench"].endswith("_ratio")}
+    pairs = ((ratios["moco_ratio"], ("device", "cpu")), (ratios["moco_jpeg_ratio"], ("jpeg-device", "jpeg-cpu")))
+    for ratio, (dev, cpu) in pairs:
         assert ratio["device_over_cpu"] == pytest.approx(paths[dev]["img_per_s"] / paths[cpu]["img_per_s"],
                                                          rel=0.05)  # from rounded rates
-    for ratio, (dev, cpu) in ((results[-4], ("device", "cpu")), (results[-1], ("jpeg-device", "jpeg-cpu"))):
+    for ratio, (dev, cpu) in pairs:
         assert ratio["cpu_data_over_training"] == pytest.approx(
             paths[cpu]["data_img_per_s"] / paths[cpu]["img_per_s"], rel=0.05)
         assert paths[dev]["data_img_per_s"] > paths[dev]["img_per_s"]     # the loader alone outruns loader + model
     aps = {r["path"]: r for r in results if r["bench"] == "aps_pipeline"}
     assert all(r["data_pairs_per_s"] > r["pairs_per_s"] for r in aps.values())
+    assert ratios["aps_ratio"]["batch"] == 2 and ratios["aps_ratio"]["amp"] == "float32"
+    checks = results[-1]["checks"]                             # on a CPU: each device path >= its CPU path
+    assert [c["measured"] for c in checks] == [ratios["aps_ratio"]["device_over_cpu"],
+                                               ratios["moco_ratio"]["device_over_cpu"]]
+    assert [c["met"] for c in checks] == [c["measured"] >= 1.0 for c in checks]
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line) for line in lines if line.startswith("{")] == results     # one JSON line each
+
+
+def test_bench_targets_read_the_records_of_the_target_shapes():
+    from utils.bench_targets import check_targets
+    aps = {"batch": 512, "img_size": 32, "patch": 2, "amp": "bfloat16"}
+    results = [{"bench": "aps_step", "arch": "vit-tiny", "mfu": 0.5, **aps},
+               {"bench": "aps_step", "arch": "vit-small", "mfu": 0.36, **aps},
+               {"bench": "aps_ratio", "arch": "vit-small", "device_over_cpu": 0.98, "augment_over_training": 20.0,
+                **aps},
+               {"bench": "moco_ratio", "arch": "resnet50", "device_over_cpu": 2.4, "batch": 128, "img_size": 224,
+                "amp": "bfloat16"}]
+    report = check_targets(results, gpu=True, device_name="NVIDIA H100 80GB HBM3")
+    got = [(c["measured"], c["met"], c.get("at_spec_shape")) for c in report["checks"]]
+    assert got == [(0.36, True, True), (0.98, False, True), (20.0, True, True), (2.4, True, False)]
+    assert report["all_met"] is False and report["device_name"].startswith("NVIDIA H100")
+    results[2]["device_over_cpu"] = 3.0
+    assert check_targets(results, gpu=True)["all_met"] is True
+    del results[1]["mfu"]                                      # unknown peak FLOP/s: no MFU, not met either
+    report = check_targets(results, gpu=True)
+    assert report["checks"][0]["measured"] is None and report["checks"][0]["met"] is None
+    assert report["all_met"] is False
+    cpu = check_targets([{"bench": "aps_ratio", "arch": "vit-tiny", "device_over_cpu": 0.97}], gpu=False)
+    assert [(c["measured"], c["met"]) for c in cpu["checks"]] == [(0.97, False), (None, None)]
 
 
 def make_folder(root, classes=2, per_class=6, size=(40, 48)):

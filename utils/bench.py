@@ -20,12 +20,9 @@ from samplers.aps import kept_per_view, random_boxes, sample_aps
 from utils.dist import resolve_device
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils import bench_pipeline as P
+from utils.bench_pipeline import sync
+from utils.bench_targets import check_targets
 from utils.runtime import AMP_CHOICES, add_compile_arg, amp_dtype, autocast, configure_device, make_grad_scaler
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_mib(device) -> float:
@@ -87,7 +84,7 @@ def bench_step(arch, batch, img_size, patch, ratio, device, amp, steps, warmup, 
     elapsed = time.perf_counter() - start
     rec = {"bench": "aps_step", "arch": arch, "patch": patch, "img_size": img_size, "batch": batch,
            "compile": compile_model or False,
-           "kept": n, "device": str(device), "amp": str(amp).replace("torch.", ""),
+           "kept": n, "device": str(device), "amp": P.amp_name(amp),
            "pairs_per_s": round(steps * batch / elapsed, 1), "step_ms": round(1000 * elapsed / steps, 2),
            "peak_mem_mib": round(peak_memory_mib(device), 1)}
     if profile_steps:
@@ -219,6 +216,8 @@ def main(args):
             print(json.dumps(rec), flush=True)
     if not args.skip_pipeline:
         results += pipelines(args, device, amp, gpu, batch, peak, pipeline_archs)
+    results.append(check_targets(results, gpu, torch.cuda.get_device_name(device) if gpu else "cpu"))
+    print(json.dumps(results[-1]), flush=True)
     return results
 
 
@@ -234,7 +233,8 @@ def ratio_record(kind, arch, dev, cpu, rate, data_rate) -> dict:
     """device_over_cpu: the on-device path's full-step rate over the CPU-worker path's. cpu_data_over_training:
     the CPU workers' rate alone over the CPU path's full-step rate; near 1 the workers set the pace, well
     above 1 the model does, and then no data path can make the step faster (device_over_cpu <= ~1)."""
-    return {"bench": kind, "arch": arch, "device_over_cpu": round(dev[rate] / cpu[rate], 2),
+    return {"bench": kind, "arch": arch, **{k: dev[k] for k in ("batch", "img_size", "patch", "amp") if k in dev},
+            "device_over_cpu": round(dev[rate] / cpu[rate], 2),
             "cpu_data_over_training": round(cpu[data_rate] / cpu[rate], 2),
             "device_data_over_training": round(dev[data_rate] / dev[rate], 2)}
 

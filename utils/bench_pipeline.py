@@ -45,6 +45,11 @@ class SyntheticRGB(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
+def amp_name(amp) -> str:
+    """torch.bfloat16 -> 'bfloat16', None (no autocast) -> 'float32': the precision a record was measured in."""
+    return "float32" if amp is None else str(amp).replace("torch.", "")
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -169,8 +174,8 @@ def aps_pipeline(arch, path, batch, img_size, patch, ratio, K, device, amp, batc
 
     out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
     out["data_pairs_per_s"] = data_rate(new_loader, device, batches, warmup, batch)
-    return {"bench": "aps_pipeline", "arch": arch, "path": path, "batch": batch, "nsampling": K,
-            "compile": compile_model or False,
+    return {"bench": "aps_pipeline", "arch": arch, "path": path, "batch": batch, "img_size": img_size, "patch": patch,
+            "nsampling": K, "amp": amp_name(amp), "compile": compile_model or False,
             "device": str(device), "workers": workers if path == "cpu" else 0, "pairs_per_s": out.pop("img_per_s"),
             **out}
 
@@ -245,5 +250,5 @@ def moco_pipeline(path, arch, batch, img_size, device, amp, batches, warmup, wor
     out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
     out["data_img_per_s"] = data_rate(new_loader, device, batches, warmup, batch)
     return {"bench": "moco_pipeline", "arch": arch, "path": path, "batch": batch, "img_size": img_size,
-            "compile": compile_model or False,
+            "amp": amp_name(amp), "compile": compile_model or False,
             "device": str(device), "workers": 0 if path == "device" else workers, **out}
