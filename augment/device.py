@@ -120,7 +120,7 @@ def linear_blend(x, f, w_mean, w_grey):
     (w_grey = 1 - f). f = 1 with zero weights leaves x exactly as it is."""
     g = gray(x)                                                                       # [N, 1, H, W]
     base = torch.addcmul(g.mean(dim=(1, 2, 3), keepdim=True) * per_sample(w_mean, g), g, per_sample(w_grey, g))
-    return (x * per_sample(f, x) + base).clamp_(0.0, 1.0)
+    return torch.addcmul(base, x, per_sample(f, x)).clamp_(0.0, 1.0)
 
 
 def adjust_brightness(x, factor):
@@ -139,13 +139,15 @@ def adjust_hue(x, factor):
     """TF.adjust_hue per sample, without building HSV images. A hue rotation keeps each pixel's max (V) and
     chroma C = max - min, so channel c of the result is max - C * clamp(min(k, 4 - k), 0, 1) with
     k = (6 * hue + n_c) mod 6, n = 5, 3, 1 for R, G, B: the closed form of torchvision's HSV -> RGB table.
-    The hue itself (x 6) is (x[c+1] - x[c+2]) / C + 2c for the first channel c holding the max."""
+    The hue itself (x 6) is (x[c+1] - x[c+2]) / C + 2c for the first channel c holding the max (worked out
+    on the one-channel planes: only the max channel's difference is ever used)."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     maxc = x.amax(dim=1, keepdim=True)                                     # [N, 1, H, W]
     chroma = maxc - x.amin(dim=1, keepdim=True)
     safe = torch.where(chroma > 0, chroma, 1.0)
-    hue6 = (x.roll(-1, dims=1) - x.roll(-2, dims=1)) / safe + channel_constant((0.0, 2.0, 4.0), x)
-    r_max, g_max = x[:, :1] == maxc, x[:, 1:2] == maxc                      # the first max, as torchvision
-    hue6 = torch.where(r_max, hue6[:, :1], torch.where(g_max, hue6[:, 1:2], hue6[:, 2:]))
+    diff = torch.where(r == maxc, g - b, torch.where(g == maxc, torch.add(b - r, chroma, alpha=2.0),
+                                                     torch.add(r - g, chroma, alpha=4.0)))
+    hue6 = diff / safe                                                     # the first max, as torchvision
     hue6 = hue6 + 6.0 * per_sample(factor, x)                              # rotated hue (x 6), [N, 1, H, W]
     k = torch.remainder(hue6 + channel_constant((5.0, 3.0, 1.0), x), 6.0)   # [N, 3, H, W]
     return maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
