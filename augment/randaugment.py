@@ -227,8 +227,10 @@ class DeviceRandAugment:
         arguments (exact identities on 0..255 integers) for the samples whose op is elsewhere."""
         H, W = y.shape[-2:]
         hot = op.unsqueeze(0) == torch.arange(len(OPS), device=op.device).unsqueeze(1)   # [15, N]
-        is_op = lambda *names: (hot[OP[names[0]]] if len(names) == 1  # noqa: E731
-                                else torch.stack([hot[OP[n]] for n in names]).any(0))
+
+        def is_op(*names):                                                 # [N] bool
+            return hot[OP[names[0]]] if len(names) == 1 else torch.stack([hot[OP[n]] for n in names]).any(0)
+
         rows = lambda mask: mask.view(-1, 1, 1, 1)  # noqa: E731
         warped = warp(y, affine_matrices(op, arg, H, W), self.fill)
         y = torch.where(rows(is_op(*GEOMETRIC)), warped, y)

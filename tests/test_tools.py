@@ -94,8 +94,11 @@ def test_bench_targets_read_the_records_of_the_target_shapes():
     report = check_targets(results, gpu=True)
     assert report["checks"][0]["measured"] is None and report["checks"][0]["met"] is None
     assert report["all_met"] is False
-    cpu = check_targets([{"bench": "aps_ratio", "arch": "vit-tiny", "device_over_cpu": 0.97}], gpu=False)
-    assert [(c["measured"], c["met"]) for c in cpu["checks"]] == [(0.97, False), (None, None)]
+    cpu = check_targets([{"bench": "aps_ratio", "arch": "vit-tiny", "device_over_cpu": 0.97},
+                         {"bench": "aps_ratio", "arch": "vit-small", "device_over_cpu": 1.1}], gpu=False)
+    assert [(c["arch"], c["measured"], c["met"]) for c in cpu["checks"]] == [
+        ("vit-tiny", 0.97, False), ("vit-small", 1.1, True), (None, None, None)]        # no MoCo record
+    assert cpu["all_met"] is False
 
 
 def make_folder(root, classes=2, per_class=6, size=(40, 48)):
