@@ -187,17 +187,13 @@ class DeviceRandAugment:
         bits = (4 - bits) if inc else bits
         threshold = torch.floor(frac * 256).clamp(max=256)
         threshold = (256 - threshold) if inc else threshold
-        arg = torch.zeros_like(level)
-        for names, value in ((("Rotate",), signed(frac * 30.0)),
-                             (("ShearX", "ShearY"), signed(frac * 0.3)),
-                             (("TranslateXRel", "TranslateYRel"), signed(frac * self.translate_pct)),
-                             (("Posterize",), bits.clamp(min=1)),
-                             (("Solarize",), threshold),
-                             (("SolarizeAdd",), torch.floor(frac * 110).clamp(max=128)),
-                             (ENHANCE, enhance)):
-            for name in names:
-                arg = torch.where(op == OP[name], value, arg)
-        return arg
+        shear, translate = signed(frac * 0.3), signed(frac * self.translate_pct)
+        by_op = {"Rotate": signed(frac * 30.0), "ShearX": shear, "ShearY": shear, "TranslateXRel": translate,
+                 "TranslateYRel": translate, "Posterize": bits.clamp(min=1), "Solarize": threshold,
+                 "SolarizeAdd": torch.floor(frac * 110).clamp(max=128), **{name: enhance for name in ENHANCE}}
+        zero = torch.zeros_like(level)                                    # AutoContrast, Equalize, Invert
+        table = torch.stack([by_op.get(name, zero) for name in OPS], dim=1)               # [n, 15]
+        return table.gather(1, op.clamp(min=0)[:, None])[:, 0]
 
     def params(self, n: int, height: int, width: int, rng: BatchRandom) -> dict:
         """Per layer: op [n] (-1: not applied) and its argument [n]. Draws 4 numbers per sample and layer."""
