@@ -1,26 +1,31 @@
-"""The training loop shared by every script: lr per step, autocast, K optimizer steps per loaded batch,
+"""The training loop shared by every script: lr per step, autocast, several optimizer steps per loaded batch,
 non-finite detection without host syncs, progress lines, TensorBoard/JSON logs, evaluation, atomic
 checkpoints and exact resume.
 
-A script supplies `train_steps(batch, rng)`, a generator that yields (loss, stats) once per optimizer step
-(APS: one per sampling round; the other methods: one per batch). rng is a utils.rng.BatchRandom reseeded
-per global batch from (seed, epoch, batch): per-sample randomness drawn from it (APS's patch sampling,
-ScaleMix, shuffle-BN's permutation) is the same for any number of processes. Every epoch also reseeds the
-global RNGs from (seed, epoch, rank) (dropout, drop path), and a mid-epoch checkpoint saves them.
+A script hands the Trainer a `Method` (what it trains: the model, the steps of one loaded batch, the lr schedule,
+the evaluation and the hooks) and `TrainSettings` (the runtime flags). `Method.training_steps(batch, rng)`
+yields (loss, stats) once per optimizer step (APS: one per sampling round; the other methods: one per batch).
+rng is a utils.rng.BatchRandom reseeded per global batch from (seed, epoch, batch): per-sample randomness drawn
+from it (APS's patch sampling, ScaleMix, shuffle-BN's permutation) is the same for any number of processes.
+Every epoch also reseeds the global RNGs from (seed, epoch, rank) (dropout, drop path), and a mid-epoch
+checkpoint saves them.
 """
 import os
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 
 from utils.checkpoint import LATEST, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
-from utils.dist import all_reduce_min, get_rank, get_world_size, is_dist, is_main_process
+from utils.dist import all_reduce_min, cleanup, get_rank, get_world_size, is_dist, is_main_process
 from utils.errors import UserError
 from utils.log import MeanMeter, Progress, RunLog, get_logger, setup_logger
 from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
 from utils.rng import BatchRandom
-from utils.runtime import AMP_CHOICES, add_compile_arg, autocast, compile_in_place, seed_everything
+from utils.runtime import (AMP_CHOICES, add_compile_arg, autocast, compile_in_place, make_grad_scaler, seed_everything,
+                           to_device)
 from utils.schedule import set_lr
 
 
@@ -64,6 +69,24 @@ def start_run(args):
     return logger
 
 
+def describe_run(what: str, data, lr: float, device: torch.device, amp, details: dict = None) -> str:
+    """The opening line every script logs: what trains on how many images, the lr, where, on which data path.
+    data: a data.pipeline.TrainData; details: {name: value}, shown after the process count."""
+    extra = "".join(f", {k} {v}" for k, v in (details or {}).items())
+    return (f"{what}, {len(data.dataset)} images, lr {lr:.3g}, device {device}, {get_world_size()} process(es)"
+            f"{extra}, precision {amp or torch.float32}, data path {data.path}")
+
+
+def finish(trainer: "Trainer", metrics: dict) -> dict:
+    """Log the method's closing line and where the checkpoint is, leave the process group; return metrics."""
+    line = trainer.method.summary(metrics, trainer.best)
+    if line:
+        trainer.logger.info(line)
+    trainer.logger.info(f"checkpoint: {os.path.join(trainer.settings.output_dir, LATEST)}")
+    cleanup()
+    return metrics
+
+
 def all_rng_states() -> list:
     """Every rank's RNG state, in rank order (a collective under torchrun)."""
     state = rng_state()
@@ -78,16 +101,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def to_device(batch, device):
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
 NO_STEP = 2**62  # "no non-finite loss seen"
 STEP_STREAM = 2  # key part that keeps the training step's BatchRandom stream apart from others
 BEST = "checkpoint-best.pth"
@@ -98,37 +111,93 @@ class NonFiniteLoss(UserError):
     pass
 
 
-class Trainer:
-    """Runs epochs [start, epochs) of `train_steps` over `loader`, evaluating and checkpointing as it goes.
+class Method:
+    """What a training method gives the Trainer; a new method is one small subclass (methods/).
 
-    module: the unwrapped model (what is saved); model: what is called (DDP-wrapped or the same).
-    lr_at(fractional_epoch) -> lr. evaluate(epoch) -> dict of metrics (optional). extra_state: objects
-    with state_dict()/load_state_dict() saved alongside (EMA, ...). model_config: how to rebuild the model.
+    module: the unwrapped model (what is saved); model: what is called (DDP-wrapped, or the module itself).
+    steps_per_batch: optimizer steps per loaded batch (APS: its sampling rounds, --nsampling). extra_state:
+    objects with state_dict()/load_state_dict() saved alongside the model (an EMA, ...). model_config: how to
+    build the model again (saved in every checkpoint). select_metric: an evaluate() key whose best value writes
+    checkpoint-best.pth.
     """
+    steps_per_batch = 1
+    select_metric = None
 
-    def __init__(self, *, args, module, model, optimizer, scaler, loader, train_steps, steps_per_batch, lr_at,
-                 epochs, device, amp, evaluate=None, eval_every=0, extra_state=None, model_config=None,
-                 after_step=None, after_epoch=None, select_metric=None):
-        self.args, self.module, self.model = args, module, model
-        self.optimizer, self.scaler, self.loader = optimizer, scaler, loader
-        self.train_steps, self.steps_per_batch, self.lr_at = train_steps, steps_per_batch, lr_at
-        self.epochs, self.device, self.amp = epochs, device, amp
-        self.evaluate, self.eval_every = evaluate, eval_every
-        self.extra_state = extra_state or {}
+    def __init__(self, module: torch.nn.Module, model: torch.nn.Module = None, model_config: dict = None,
+                 extra_state: dict = None):
+        self.module = module
+        self.model = module if model is None else model
         self.model_config = model_config or {}
-        self.after_step = after_step            # called after every optimizer step (e.g. an EMA update)
-        self.after_epoch = after_epoch          # called with the epoch index after its training, before evaluation
-        self.select_metric = select_metric      # evaluation key whose best value writes checkpoint-best.pth
+        self.extra_state = extra_state or {}
+
+    def training_steps(self, batch, rng: BatchRandom):
+        """Yield (loss, stats) for each optimizer step of one loaded batch (on the device); the Trainer steps the
+        optimizer before it asks for the next."""
+        raise NotImplementedError
+
+    def lr_at(self, epoch: float) -> float:
+        """The learning rate at a fractional epoch (before any per-group lr_scale)."""
+        raise NotImplementedError
+
+    def after_step(self, step: int):
+        """Called after every optimizer step (e.g. an EMA update)."""
+
+    def after_epoch(self, epoch: int):
+        """Called with the epoch's index after its training, before its evaluation."""
+
+    def evaluate(self, epoch: int) -> Optional[dict]:
+        """Metrics after `epoch` (None: the method has no evaluation)."""
+        return None
+
+    def summary(self, metrics: dict, best=None) -> str:
+        """The run's closing line from its last metrics ('' when there is nothing to report)."""
+        if "knn_top1" in metrics:
+            return f"final kNN top-1 {metrics['knn_top1']:.2f}% (top-5 {metrics['knn_top5']:.2f}%)"
+        if "test_acc1" in metrics:
+            return f"final test top-1 {metrics['test_acc1']:.2f}% (top-5 {metrics['test_acc5']:.2f}%)"
+        return ""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The loop's settings: how long, where to write, how often to log, evaluate and save (the runtime flags)."""
+    output_dir: str
+    epochs: int
+    batch_size: int                  # global: images per loaded batch, for the images/s figures
+    seed: int = 0
+    resume: str = ""
+    print_freq: int = 20
+    eval_every: int = 0              # 0: never; else every N epochs and after the last
+    save_every: int = 0
+    skip_nonfinite: int = 0
+    compile: Optional[str] = None
+    flags: dict = field(default_factory=dict)   # the run's flags, saved in every checkpoint
+
+    @classmethod
+    def from_args(cls, args, eval_every: int) -> "TrainSettings":
+        return cls(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                   resume=args.resume, print_freq=args.print_freq, eval_every=eval_every, save_every=args.save_every,
+                   skip_nonfinite=args.skip_nonfinite, compile=args.compile, flags=dict(vars(args)))
+
+
+class Trainer:
+    """Runs epochs [start, settings.epochs) of `method` over `loader`, evaluating and checkpointing as it goes."""
+
+    def __init__(self, method: Method, optimizer: torch.optim.Optimizer, loader, settings: TrainSettings,
+                 device: torch.device, amp: Optional[torch.dtype]):
+        self.method, self.optimizer, self.loader, self.settings = method, optimizer, loader, settings
+        self.device, self.amp = device, amp
+        self.scaler = make_grad_scaler(device, amp)
         self.best = None
         self.start_epoch, self.global_step = 0, 0
         self.skip_batches, self.resume_rng = 0, None    # a mid-epoch (preemption) checkpoint's position
         self.stop = StopRequest()
         self.rng = BatchRandom(device)
         self.skipped_nonfinite = 0
-        self.log = RunLog(args.output_dir)
+        self.log = RunLog(settings.output_dir)
         self.logger = get_logger()
         self.last_metrics = {}
-        compile_in_place(self.model, getattr(args, "compile", None))
+        compile_in_place(method.model, settings.compile)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, epoch: int, batches_done: int = 0) -> dict:
@@ -136,14 +205,14 @@ class Trainer:
         return {
             "batches_done": batches_done,
             "rng": all_rng_states() if batches_done else None,     # one per rank
-            "model": self.module.state_dict(),
+            "model": self.method.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
             "global_step": self.global_step,
-            "args": {k: v for k, v in vars(self.args).items()},
-            "model_config": self.model_config,
-            "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
+            "args": dict(self.settings.flags),
+            "model_config": self.method.model_config,
+            "extra": {k: v.state_dict() for k, v in self.method.extra_state.items()},
             "metrics": self.last_metrics,
             "best": self.best,
         }
@@ -152,24 +221,24 @@ class Trainer:
         if not is_main_process():
             return
         state = self.state_dict(epoch)
-        save_checkpoint(state, os.path.join(self.args.output_dir, LATEST))
-        every = getattr(self.args, "save_every", 0)
+        save_checkpoint(state, os.path.join(self.settings.output_dir, LATEST))
+        every = self.settings.save_every
         if every and epoch % every == 0:
-            save_checkpoint(state, os.path.join(self.args.output_dir, f"checkpoint-{epoch:04d}.pth"))
+            save_checkpoint(state, os.path.join(self.settings.output_dir, f"checkpoint-{epoch:04d}.pth"))
 
     def resume(self):
-        path = find_resume_path(self.args.resume, self.args.output_dir)
+        path = find_resume_path(self.settings.resume, self.settings.output_dir)
         if path is None:
             return
         ckpt = load_training_checkpoint(path)
-        if not self.args.resume:  # auto-resume: refuse a checkpoint left there by a different run
-            saved, now = ckpt["args"], vars(self.args)
+        if not self.settings.resume:  # auto-resume: refuse a checkpoint left there by a different run
+            saved, now = ckpt["args"], self.settings.flags
             diff = [f"--{k.replace('_', '-')} {saved[k]} vs {now[k]}" for k in RUN_IDENTITY
                     if k in saved and k in now and saved[k] != now[k]]
             if diff:
                 raise UserError(f"{path} belongs to a different run ({', '.join(diff)}); use another --output-dir "
                                 "or pass --resume explicitly")
-        load_strict(self.module, ckpt["model"], path)
+        load_strict(self.method.module, ckpt["model"], path)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
@@ -177,7 +246,7 @@ class Trainer:
                             "or use another --output-dir") from e
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        for k, obj in self.extra_state.items():
+        for k, obj in self.method.extra_state.items():
             if k in ckpt.get("extra", {}):
                 obj.load_state_dict(ckpt["extra"][k])
         self.start_epoch = int(ckpt["epoch"])
@@ -214,7 +283,7 @@ class Trainer:
         """Save the position (mid-epoch) and leave with status 0."""
         state = self.state_dict(epoch, batches_done)       # gathers every rank's RNG: all ranks call it
         if is_main_process():
-            save_checkpoint(state, os.path.join(self.args.output_dir, LATEST))
+            save_checkpoint(state, os.path.join(self.settings.output_dir, LATEST))
         self.log.close()
         msg = (f"stopped by signal {self.stop.signum}: checkpoint at epoch {epoch + 1}, batch {batches_done}; "
                "rerun the same command to resume")
@@ -223,7 +292,7 @@ class Trainer:
 
     def _finite_or_skip(self, loss: torch.Tensor, epoch: int) -> bool:
         """--skip-nonfinite N: False (skip this step) for up to N non-finite losses, then stop."""
-        limit = getattr(self.args, "skip_nonfinite", 0)
+        limit = self.settings.skip_nonfinite
         if not limit:
             return True
         finite = torch.isfinite(loss.detach()).all().to(torch.int64)
@@ -238,20 +307,20 @@ class Trainer:
         return False
 
     def train_one_epoch(self, epoch: int, skip: int = 0) -> dict:
-        self.model.train()
+        method, settings = self.method, self.settings
+        method.model.train()
         n_iter = len(self.loader)
-        K = self.steps_per_batch
+        steps_per_batch = method.steps_per_batch
         meter, window = MeanMeter(), MeanMeter()
         first_bad = torch.full((), NO_STEP, dtype=torch.long, device=self.device)  # first non-finite step
-        progress = Progress(n_iter, f"epoch {epoch + 1}/{self.epochs}", self.args.print_freq,
-                            self.args.batch_size)
+        progress = Progress(n_iter, f"epoch {epoch + 1}/{settings.epochs}", settings.print_freq, settings.batch_size)
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         for it, batch in enumerate(self.batches(skip), start=skip):
-            self.rng.reseed(self.args.seed, epoch, it, STEP_STREAM)
-            steps = self.train_steps(to_device(batch, self.device), self.rng)
-            for t in range(K):
-                lr = self.lr_at(epoch + (it * K + t) / (n_iter * K))
+            self.rng.reseed(settings.seed, epoch, it, STEP_STREAM)
+            steps = method.training_steps(to_device(batch, self.device), self.rng)
+            for t in range(steps_per_batch):
+                lr = method.lr_at(epoch + (it * steps_per_batch + t) / (n_iter * steps_per_batch))
                 set_lr(self.optimizer, lr)
                 with autocast(self.device, self.amp):
                     loss, stats = next(steps)
@@ -264,8 +333,7 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                if self.after_step is not None:
-                    self.after_step(self.global_step)
+                method.after_step(self.global_step)
                 values = {"loss": loss, **stats}
                 meter.update(**values)
                 window.update(**values)
@@ -283,14 +351,14 @@ class Trainer:
         self._check_finite(first_bad, epoch)
         out = meter.averages(sync=True)
         out["lr"] = lr
-        out["img_per_s"] = n_iter * self.args.batch_size / max(time.perf_counter() - start, 1e-9)
+        out["img_per_s"] = n_iter * settings.batch_size / max(time.perf_counter() - start, 1e-9)
         return out
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int):
         """Stop (on every rank together) if any rank saw a non-finite loss since the start of the epoch."""
         bad = int(all_reduce_min(first_bad).item())
         if bad != NO_STEP:
-            ckpt = os.path.join(self.args.output_dir, LATEST)
+            ckpt = os.path.join(self.settings.output_dir, LATEST)
             kept = f"the last good checkpoint {ckpt} is kept" if os.path.exists(ckpt) else "no checkpoint was written"
             raise NonFiniteLoss(f"loss became non-finite at step {bad} (epoch {epoch + 1}); {kept}; "
                                 "lower --base-lr or use --amp bf16/off")
@@ -303,39 +371,41 @@ class Trainer:
             self.stop.restore()
 
     def _fit(self) -> dict:
+        method, settings, epochs = self.method, self.settings, self.settings.epochs
         self.resume()
-        if self.start_epoch >= self.epochs:
-            self.logger.info(f"nothing to train: {self.start_epoch} of {self.epochs} epochs already done")
-        for epoch in range(self.start_epoch, self.epochs):
-            seed_everything(epoch_seed(self.args.seed, epoch, get_rank()))
+        if self.start_epoch >= epochs:
+            self.logger.info(f"nothing to train: {self.start_epoch} of {epochs} epochs already done")
+        for epoch in range(self.start_epoch, epochs):
+            seed_everything(epoch_seed(settings.seed, epoch, get_rank()))
             for sampler in (getattr(self.loader, "batch_sampler", None), getattr(self.loader, "sampler", None)):
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(epoch)
             t0 = time.perf_counter()
             train = self.train_one_epoch(epoch, self.skip_batches if epoch == self.start_epoch else 0)
-            if self.after_epoch is not None:
-                self.after_epoch(epoch)
+            method.after_epoch(epoch)
             metrics = {f"train_{k}": v for k, v in train.items()}
-            last = epoch + 1 == self.epochs
-            if self.evaluate is not None and self.eval_every > 0 and ((epoch + 1) % self.eval_every == 0 or last):
-                ev = self.evaluate(epoch)
+            last = epoch + 1 == epochs
+            ev = None
+            if settings.eval_every > 0 and ((epoch + 1) % settings.eval_every == 0 or last):
+                ev = method.evaluate(epoch)
+            if ev is not None:
                 metrics.update(ev)
                 self.log.scalars(ev, epoch + 1, prefix="eval/")
                 self.logger.info(f"epoch {epoch + 1}: " + " ".join(f"{k} {v:.2f}" for k, v in ev.items()))
             self.last_metrics = metrics
             self.log.record({"epoch": epoch + 1, "step": self.global_step,
                              "epoch_time_s": round(time.perf_counter() - t0, 3), **metrics})
-            improved = self.select_metric in metrics and (self.best is None or metrics[self.select_metric] > self.best)
+            key = method.select_metric
+            improved = key in metrics and (self.best is None or metrics[key] > self.best)
             if improved:
-                self.best = metrics[self.select_metric]
+                self.best = metrics[key]
             self.save(epoch + 1)
             if improved and is_main_process():
-                save_checkpoint(self.state_dict(epoch + 1), os.path.join(self.args.output_dir, BEST))
-                self.logger.info(f"best {self.select_metric} so far: {self.best:.2f} (epoch {epoch + 1})")
-            if epoch + 1 < self.epochs and self.stop.requested(self.device, sync=True):
+                save_checkpoint(self.state_dict(epoch + 1), os.path.join(settings.output_dir, BEST))
+                self.logger.info(f"best {key} so far: {self.best:.2f} (epoch {epoch + 1})")
+            if epoch + 1 < epochs and self.stop.requested(self.device, sync=True):
                 self.log.close()
                 raise Preempted(f"stopped by signal {self.stop.signum} after epoch {epoch + 1} (checkpoint written); "
                                 "rerun the same command to resume")
         self.log.close()
         return self.last_metrics
-

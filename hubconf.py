@@ -3,7 +3,7 @@
     torch.hub.load(REPO_DIR, "asym_siam_resnet50", source="local", variant="multicrop", pretrained=True)
     torch.hub.load(REPO_DIR, "aps_vit_small", source="local", weights="aps:pretrain/<file>")  # or a path
 
-Weights are fetched into the cache of `python -m utils.weights` and verified before loading.
+Weights are fetched into the cache of `python -m tools.weights` and verified before loading.
 """
 dependencies = ["torch", "torchvision", "timm"]
 
@@ -31,7 +31,7 @@ def _aps_vit(arch: str, weights=None, img_size: int = 32, patch_size: int = 2, p
     if weights:
         return load_backbone(weights, arch=arch, **kwargs)
     if pretrained:
-        raise UserError("name the APS file: weights='aps:pretrain/<file>' (see `python -m utils.weights list "
+        raise UserError("name the APS file: weights='aps:pretrain/<file>' (see `python -m tools.weights list "
                         "--remote aps`) or weights=PATH of a downloaded file")
     return create_vit(arch, img_size, patch_size, **kwargs)
 

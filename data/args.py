@@ -4,6 +4,8 @@ import os
 from data.datasets import PRESETS, get_preset
 from utils.errors import UserError
 
+DATA_PATHS = ("auto", "cpu", "device")
+
 
 def add_data_dir_arg(parser):
     """The reference scripts' positional DATA_DIR (an ImageNet-style folder with train/ and val/)."""
@@ -39,6 +41,11 @@ def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: 
                    help="data-loading worker processes per GPU/process (default 4, or the CPU count if smaller)")
     g.add_argument("--output-dir", default=output_dir,
                    help="where checkpoints, log.txt, log.jsonl and tensorboard/ go; a checkpoint there is resumed")
+    g.add_argument("--data-path", default="auto", choices=DATA_PATHS,
+                   help="device: augment batches on the training device (in-memory datasets live there as "
+                        "uint8; image folders: workers read the JPEGs, the GPU decodes them); cpu: PIL "
+                        "transforms in worker processes (the reference's way); auto: device for the in-memory "
+                        "datasets (digits, MNIST, Fashion-MNIST, CIFAR), cpu for image folders")
     return g
 
 

@@ -25,6 +25,11 @@ class Preset:
     note: str
     finetune_imagenet_norm: bool = False  # the reference fine-tunes CIFAR/ImageNet with ImageNet statistics
 
+    @property
+    def finetune_stats(self) -> tuple:
+        """(mean, std) of fine-tuning: ImageNet statistics for CIFAR and folders, as the reference uses."""
+        return (IMAGENET_MEAN, IMAGENET_STD) if self.finetune_imagenet_norm else (self.mean, self.std)
+
 
 PRESETS = {
     "digits": Preset(32, 2, (0.3054,) * 3, (0.3233,) * 3, 10,

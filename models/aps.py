@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads import mlp_bn_head
+from samplers.aps import sample_aps
 from utils.dist import all_gather, get_rank
 
 
@@ -52,15 +53,14 @@ class APS(nn.Module):
         return loss12 + loss21, {"pos_cos": (cos12 + cos21) / 2}
 
 
-def aps_training_steps(model, batch: dict, grid: int, ratio: float, nsampling: int, power: float, rng=None):
-    """One loaded batch of view pairs -> `nsampling` optimizer steps, one per sampling round (SPEC A5).
+def aps_training_steps(model, batch: dict, grid: int, ratio: float, steps_per_batch: int, power: float, rng=None):
+    """One loaded batch of view pairs -> `steps_per_batch` optimizer steps, one per sampling round (SPEC A5).
 
     batch: view1/view2 [B, 3, H, W], box1/box2 [B, 4], flip1/flip2 [B], on the training device.
     Yields (loss, stats) for round t; the caller steps the optimizer before asking for round t + 1.
     rng: the sampler's random numbers (a utils.rng.BatchRandom; default the device's global generator).
     """
-    from samplers.aps import sample_aps
     idx1, idx2 = sample_aps(batch["box1"], batch["flip1"], batch["box2"], batch["flip2"], grid, ratio,
-                            nsampling, power, rng)                            # [B, K, n] each
-    for t in range(nsampling):
+                            steps_per_batch, power, rng)                            # [B, K, n] each
+    for t in range(steps_per_batch):
         yield model(batch["view1"], batch["view2"], idx1[:, t], idx2[:, t])

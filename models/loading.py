@@ -13,6 +13,8 @@ import math
 import os
 import re
 
+from models.registry import is_registry_name, resolve
+from models.resnet import create_resnet
 from models.vit import ARCHS, create_vit
 from utils.checkpoint import load_file, load_strict
 from utils.errors import UserError
@@ -153,14 +155,13 @@ def detect_format(ckpt: dict, source: str = "checkpoint") -> str:
 
 
 def open_weights(source):
-    """(name, loaded dict) of a path, a registry name (downloaded and verified first, see utils.weights) or an
+    """(name, loaded dict) of a path, a registry name (downloaded and verified first, see models.registry) or an
     already loaded dict. Loading is torch.load(weights_only=True) only."""
     if not isinstance(source, str):
         return "checkpoint", source
-    from utils.weights import is_registry_name, resolve
     if not os.path.exists(source) and not is_registry_name(source):
         raise UserError(f"weights {source} does not exist and is not a registry name; check the path, or see "
-                        "`python -m utils.weights list`")
+                        "`python -m tools.weights list`")
     return source, load_file(resolve(source), "weights")
 
 
@@ -223,7 +224,6 @@ def load_resnet(ckpt: dict, name: str, arch: str = None, num_classes: int = 0):
     """A ResNet from a MoCo checkpoint's query encoder without its projector: a feature extractor (fc =
     Identity), or with num_classes a new fc, the missing keys then being exactly {fc.weight, fc.bias}.
     Returns the model (its `config` attribute says how to build it again)."""
-    from models.resnet import create_resnet
     fmt = detect_format(ckpt, name)
     state, dropped, _ = next(c for n, _, c in FORMATS if n == fmt)(ckpt)
     cfg = infer_resnet_config(state, name)
@@ -252,3 +252,15 @@ def load_classifier(source, num_classes: int, arch: str = None, patch_size: int 
     report_dropped(name, fmt, dropped)
     get_logger().info(f"new head: {', '.join(sorted(head))} ({num_classes} classes)")
     return model, cfg
+
+
+def build_classifier(weights: str, num_classes: int, arch: str, patch_size: int, img_size: int,
+                     drop_path_rate: float = 0.0, **overrides):
+    """(ViT classifier, its config): the backbone of `weights` (any ViT format above, a path or a registry name)
+    with a new head, or, without weights, one trained from scratch (overrides: depth, embed_dim, num_heads)."""
+    if weights:
+        extra = {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {}
+        return load_classifier(weights, num_classes, arch, patch_size, img_size, drop_path_rate=drop_path_rate, **extra)
+    cfg = dict(arch=arch, img_size=img_size, patch_size=patch_size, num_classes=num_classes,
+               drop_path_rate=drop_path_rate, **overrides)
+    return create_vit(**cfg), cfg

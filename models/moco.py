@@ -7,9 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.norm import SplitBatchNorm
+from augment.mix import scalemix
+from models.norm import SplitBatchNorm, convert_sync_batchnorm
+from models.resnet import create_resnet, moco_projector
 from utils.dist import all_gather, broadcast, get_rank, get_world_size, rank_group
-from utils.syncbn import convert_sync_batchnorm
+from utils.errors import UserError
 
 
 def _fp32(z: torch.Tensor) -> torch.Tensor:
@@ -127,6 +129,27 @@ def synchronise_key_projector(module: MoCo, device: torch.device, group_size: in
 
 def check_queue(queue_size: int, global_batch: int):
     if queue_size % global_batch:
-        from utils.errors import UserError
         raise UserError(f"--moco-k {queue_size} is not a multiple of the global batch {global_batch} "
                         f"({get_world_size()} processes); choose a queue size that is")
+
+
+def build_moco(arch: str = "resnet50", cifar_stem: bool = False, bn_splits: int = 1, hidden_dim: int = 2048,
+               dim: int = 128, queue_size: int = 65536, momentum: float = 0.999, temperature: float = 0.2,
+               device: torch.device = torch.device("cpu")) -> MoCo:
+    """MoCo v2 on a torchvision ResNet (SPEC C1), on `device`: the projector in place of fc, split BN in the trunk
+    and the projector when bn_splits > 1, channels_last on CUDA (NHWC convolutions; the inputs follow the
+    weights' layout). What main_moco.py trains and the benchmark times."""
+    encoder = create_resnet(arch, cifar_stem, bn_splits)
+    encoder.fc = moco_projector(encoder.feature_dim, hidden_dim, dim, bn_splits)
+    module = MoCo(encoder, dim, queue_size, momentum, temperature).to(device)
+    if device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+def moco_inputs(views: dict, rng=None):
+    """A batch's named views (augment.recipes.MoCoViews' groups) -> MoCo's (query [N, ...], keys [V, N, ...],
+    mini queries [M, N, ...] or None). With ScaleMix, the query is query_mix's box pasted into query."""
+    query = scalemix(views["query"], views["query_mix"], rng)[0] if "query_mix" in views else views["query"]
+    minis = views["mini_queries"].transpose(0, 1) if "mini_queries" in views else None
+    return query, views["keys"].transpose(0, 1), minis

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
+from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
 
 from utils.errors import UserError
 
@@ -99,6 +100,15 @@ def create_vit(arch: str = "vit-small", img_size: int = 32, patch_size: int = 2,
         raise UserError(f"--img-size {img_size} is not a multiple of --patch-size {patch_size}; "
                         "use e.g. patch 2 at 32 px or patch 16 at 224 px")
     return APSViT(img_size=img_size, patch_size=patch_size, **{**ARCHS[arch], **overrides})
+
+
+def param_groups(module: APSViT, weight_decay: float, layer_decay: float = None):
+    """Fine-tuning's AdamW groups (SPEC B): no decay on ndim <= 1 tensors (norms, biases) and on pos_embed /
+    cls_token; with layer decay, each group carries timm's `lr_scale` (layer_decay ** (depth + 1 - layer))."""
+    no_decay = module.no_weight_decay()
+    if layer_decay:
+        return param_groups_layer_decay(module, weight_decay, no_decay, layer_decay=layer_decay)
+    return param_groups_weight_decay(module, weight_decay, no_weight_decay_list=no_decay)
 
 
 def add_vit_args(parser):

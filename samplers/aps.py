@@ -1,6 +1,7 @@
 """Asymmetric patch sampling (SPEC A2), batched on the training device.
 
-View 1 keeps K disjoint random subsets of n cells (sparse sampling). For each subset, view 2 keeps n
+View 1 keeps K disjoint random subsets of n cells (sparse sampling; K = steps_per_batch, the flag --nsampling:
+each subset feeds one optimizer step). For each subset, view 2 keeps n
 cells drawn without replacement with probability proportional to r^power, where r is the fraction
 of the view-2 cell that the kept view-1 cells do not cover (selective sampling). All geometry is in
 source-image pixels and honours horizontal flips. Covered area is separable, so for the whole batch
@@ -9,18 +10,20 @@ source-image pixels and honours horizontal flips. Covered area is separable, so 
 
 and Gumbel top-k draws the samples without replacement. No per-sample Python loop anywhere.
 
-`python -m samplers.aps --show` draws a few pairs with the kept patches highlighted.
+`python -m tools.show_aps` draws a few pairs with the kept patches highlighted.
 """
 import math
 
 import torch
+import torchvision.transforms as T
 
+from augment.recipes import APS_VIEW
 from utils.rng import BatchRandom
 
 POSITIVE_EPS = 1e-5  # r below this counts as fully covered (float round-off of exact cover)
 
 
-def kept_per_view(num_cells: int, ratio: float, nsampling: int) -> int:
+def kept_per_view(num_cells: int, ratio: float, steps_per_batch: int) -> int:
     """n = floor(L * ratio); checks 0 < ratio < 1, n >= 1 and K * n <= L."""
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"sampling ratio {ratio} must lie in (0, 1)")
@@ -28,8 +31,8 @@ def kept_per_view(num_cells: int, ratio: float, nsampling: int) -> int:
     if n < 1:
         raise ValueError(f"sampling ratio {ratio} keeps no patch of {num_cells}; raise it to at least "
                          f"{1 / num_cells:.4g}")
-    if nsampling < 1 or nsampling * n > num_cells:
-        raise ValueError(f"nsampling {nsampling} x {n} kept patches exceeds the {num_cells} patches; need "
+    if steps_per_batch < 1 or steps_per_batch * n > num_cells:
+        raise ValueError(f"nsampling {steps_per_batch} x {n} kept patches exceeds the {num_cells} patches; need "
                          f"nsampling * floor(L * ratio) <= L, e.g. nsampling <= {num_cells // n}")
     return n
 
@@ -75,152 +78,65 @@ def gumbel(rng, n: int, *shape: int) -> torch.Tensor:
     return u.log_().neg_().log_().neg_()
 
 
-def sample_aps(box1, flip1, box2, flip2, grid: int, ratio: float, nsampling: int, power: float,
+def sample_aps(box1, flip1, box2, flip2, grid: int, ratio: float, steps_per_batch: int, power: float,
                rng: BatchRandom = None):
     """Asymmetric patch sampling for a batch of view pairs.
 
     box1, box2: [B, 4] float (top, left, height, width) in source pixels; flip1, flip2: [B] bool.
-    Returns idx1, idx2: [B, nsampling, n] long, flat row-major cell indices in each view's own frame.
+    Returns idx1, idx2: [B, steps_per_batch, n] long, flat row-major cell indices in each view's own frame.
     rng (a utils.rng.BatchRandom on the boxes' device): where the random numbers come from; default the
     device's global generator.
     """
-    B, L, K = box1.shape[0], grid * grid, nsampling
-    n = kept_per_view(L, ratio, K)
+    B, L = box1.shape[0], grid * grid
+    n = kept_per_view(L, ratio, steps_per_batch)
     device = box1.device
     rng = rng or BatchRandom.local(device)
     flip1, flip2 = flip1.to(device=device, dtype=torch.bool), flip2.to(device=device, dtype=torch.bool)
 
     # view 1: one permutation per pair, round t takes the t-th block of n cells
     perm = rng.rand(B, L).argsort(dim=1)                                                 # [B, L]
-    idx1 = perm[:, :K * n].reshape(B, K, n)                                              # [B, K, n]
-    mask1 = torch.zeros(B, K, L, device=device).scatter_(2, idx1, 1.0)                   # [B, K, L]
+    idx1 = perm[:, :steps_per_batch * n].reshape(B, steps_per_batch, n)            # [B, K, n]
+    mask1 = torch.zeros(B, steps_per_batch, L, device=device).scatter_(2, idx1, 1.0)     # [B, K, L]
 
     # view 2: r^power weights, Gumbel top-k = sampling without replacement (geometry in fp32, never autocast)
     with torch.autocast(device_type=device.type, enabled=False):
-        r = uncovered_fraction(box1, flip1, box2, flip2, grid, mask1.view(B, K, grid, grid)).flatten(2)  # [B, K, L]
+        r = uncovered_fraction(box1, flip1, box2, flip2, grid, mask1.view(B, -1, grid, grid)).flatten(2)  # [B, K, L]
     # key = power * log(r) + Gumbel. Covered cells (r = 0) score below every uncovered one (power * log r >=
     # power * log eps, Gumbel in [-2.63, 13.8]) plus their own Gumbel noise, so they are drawn last and
     # uniformly among themselves: the fill for large ratios
     covered_score = -(12.0 * power + 20.0)
     key = torch.log(r.clamp_min(POSITIVE_EPS)).mul_(power)                              # [B, K, L]
-    key = torch.where(r > POSITIVE_EPS, key, covered_score).add_(gumbel(rng, B, K, L))
+    key = torch.where(r > POSITIVE_EPS, key, covered_score).add_(gumbel(rng, B, steps_per_batch, L))
     idx2 = key.topk(n, dim=2).indices                                                    # [B, K, n]
     return idx1, idx2
 
 
 def covered_fraction_of(idx1, idx2, box1, flip1, box2, flip2, grid: int) -> torch.Tensor:
     """Mean covered fraction (1 - r) of each round's selected view-2 cells: [B, K]."""
-    B, K, _ = idx1.shape
-    mask1 = torch.zeros(B, K, grid * grid, device=idx1.device).scatter_(2, idx1, 1.0)
-    r = uncovered_fraction(box1, flip1, box2, flip2, grid, mask1.view(B, K, grid, grid)).flatten(2)
+    B, steps_per_batch, _ = idx1.shape
+    mask1 = torch.zeros(B, steps_per_batch, grid * grid, device=idx1.device).scatter_(2, idx1, 1.0)
+    r = uncovered_fraction(box1, flip1, box2, flip2, grid, mask1.view(B, steps_per_batch, grid, grid)).flatten(2)
     return 1.0 - r.gather(2, idx2).mean(dim=2)
 
 
-def coverage_stats(box1, flip1, box2, flip2, grid, ratio, nsampling, power) -> dict:
+def coverage_stats(box1, flip1, box2, flip2, grid, ratio, steps_per_batch, power) -> dict:
     """How much of view 2's kept area view 1 already saw: ours, the reference (flip ignored), uniform."""
-    idx1, idx2 = sample_aps(box1, flip1, box2, flip2, grid, ratio, nsampling, power)
+    idx1, idx2 = sample_aps(box1, flip1, box2, flip2, grid, ratio, steps_per_batch, power)
     no_flip = torch.zeros_like(flip1, dtype=torch.bool)
-    ref1, ref2 = sample_aps(box1, no_flip, box2, no_flip, grid, ratio, nsampling, power)
-    B, K, n = idx2.shape
-    uni2 = torch.rand(B, K, grid * grid, device=box1.device).argsort(dim=2)[:, :, :n]
+    ref1, ref2 = sample_aps(box1, no_flip, box2, no_flip, grid, ratio, steps_per_batch, power)
+    B, steps_per_batch, n = idx2.shape
+    uni2 = torch.rand(B, steps_per_batch, grid * grid, device=box1.device).argsort(dim=2)[:, :, :n]
     cov = lambda i1, i2: covered_fraction_of(i1, i2, box1, flip1, box2, flip2, grid).mean().item()  # noqa: E731
     return {"aps": cov(idx1, idx2), "aps_flip_ignored": cov(ref1, ref2), "uniform": cov(idx1, uni2)}
 
 
-def random_boxes(batch: int, src_size: int, scale=(0.15, 1.0)):
-    """Crop boxes and flips drawn like the training pipeline (RandomResizedCrop + flip p=0.5)."""
-    import torchvision.transforms as T
+def random_boxes(batch: int, src_size: int, scale=None):
+    """Crop boxes and flips drawn like the training pipeline (RandomResizedCrop + flip p=0.5; scale: the APS
+    view's, augment.recipes.APS_VIEW, unless given)."""
     img = torch.empty(3, src_size, src_size)
-    boxes = [torch.tensor(T.RandomResizedCrop.get_params(img, scale, (3 / 4, 4 / 3)), dtype=torch.float32)
+    scale = APS_VIEW.scale if scale is None else scale
+    boxes = [torch.tensor(T.RandomResizedCrop.get_params(img, scale, APS_VIEW.ratio), dtype=torch.float32)
              for _ in range(2 * batch)]
     boxes = torch.stack(boxes).view(2, batch, 4)
     flips = torch.rand(2, batch) < 0.5
     return boxes[0], flips[0], boxes[1], flips[1]
-
-
-def _show(args):
-    """Write a PNG: per pair, the source with both crop boxes, then each view with its kept patches lit."""
-    import torchvision.transforms as T
-    from PIL import Image, ImageDraw
-
-    from augment import BoxedView
-    from data import build_dataset, get_preset
-
-    preset = get_preset(args.dataset)
-    size = args.img_size or preset.img_size
-    patch = args.patch_size or preset.patch_size
-    grid = size // patch
-    torch.manual_seed(args.seed)
-    dataset = build_dataset(args.dataset, args.data_root, train=True)
-    view = BoxedView(size, post=T.ToTensor())
-    picks = torch.randperm(len(dataset))[:args.num_pairs].tolist()
-    sources, views, boxes, flips = [], [], [], []
-    for i in picks:
-        img, _ = dataset[i]
-        sources.append(img)
-        (x1, b1, f1), (x2, b2, f2) = view(img), view(img)
-        views.append((x1, x2))
-        boxes.append((b1, b2))
-        flips.append((f1, f2))
-    box1, box2 = torch.stack([b[0] for b in boxes]), torch.stack([b[1] for b in boxes])
-    flip1, flip2 = torch.stack([f[0] for f in flips]), torch.stack([f[1] for f in flips])
-    idx1, idx2 = sample_aps(box1, flip1, box2, flip2, grid, args.sampling_ratio, 1, args.power)
-    cov = covered_fraction_of(idx1, idx2, box1, flip1, box2, flip2, grid)[:, 0]
-
-    tile = args.tile
-    top_margin = 44
-    canvas = Image.new("RGB", (3 * tile + 20, top_margin + len(picks) * (tile + 20)), "white")
-    draw = ImageDraw.Draw(canvas)
-    stats = coverage_stats(*random_boxes(512, size), grid, args.sampling_ratio, args.nsampling, args.power)
-    draw.text((4, 4), "covered fraction of view-2 kept cells (512 pairs):", fill="black")
-    draw.text((4, 20), "APS {aps:.3f} | flip ignored {aps_flip_ignored:.3f} | uniform {uniform:.3f}".format(**stats),
-              fill="black")
-    for row, src in enumerate(sources):
-        y = top_margin + row * (tile + 20)
-        s = tile / src.width
-        canvas.paste(src.resize((tile, tile), Image.NEAREST), (0, y))
-        for (b, colour) in zip(boxes[row], ("red", "blue")):
-            top, left, h, w = b.tolist()
-            draw.rectangle([left * s, y + top * s, (left + w) * s - 1, y + (top + h) * s - 1], outline=colour)
-        draw.text((2, y + tile + 3), "source: 1 red, 2 blue", fill="black")
-        for col, (x, idx) in enumerate(zip(views[row], (idx1[row, 0], idx2[row, 0]))):
-            lit = torch.full((grid * grid,), 0.25)
-            lit[idx] = 1.0
-            lit = lit.view(1, 1, grid, grid)
-            mask = torch.nn.functional.interpolate(lit, size=(size, size), mode="nearest")[0]
-            img = T.ToPILImage()((x * mask).clamp(0, 1)).resize((tile, tile), Image.NEAREST)
-            x0 = (col + 1) * (tile + 10)
-            canvas.paste(img, (x0, y))
-            flip = " (flip)" if flips[row][col] else ""
-            label = f"view 1{flip}" if col == 0 else f"view 2{flip}: {cov[row]:.2f} seen"
-            draw.text((x0 + 2, y + tile + 3), label, fill="black")
-    canvas.save(args.out)
-    print(f"wrote {args.out}: {len(picks)} pairs, grid {grid}x{grid}, ratio {args.sampling_ratio}; "
-          "covered fraction of view-2 kept cells: APS {aps:.3f}, flip ignored {aps_flip_ignored:.3f}, "
-          "uniform {uniform:.3f}".format(**stats))
-
-
-def main():
-    from data import PRESETS
-    from utils.errors import ArgumentParser, exit_on_user_error
-    p = ArgumentParser(description="Visualise asymmetric patch sampling (writes a PNG).")
-    p.add_argument("--show", action="store_true", help="write the picture (the only action)")
-    p.add_argument("--dataset", default="digits", choices=sorted(PRESETS), help="where the images come from")
-    p.add_argument("--data-root", default=None, help="dataset folder (see main_pretrain.py --help)")
-    p.add_argument("--img-size", type=int, default=None, help="view size (default: dataset preset)")
-    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: dataset preset)")
-    p.add_argument("--sampling-ratio", type=float, default=0.25, help="fraction of patches kept per view")
-    p.add_argument("--nsampling", type=int, default=4, help="sampling rounds (for the coverage figures)")
-    p.add_argument("--power", type=float, default=3.0, help="exponent on the uncovered fraction")
-    p.add_argument("--num-pairs", type=int, default=4, help="image pairs drawn")
-    p.add_argument("--tile", type=int, default=160, help="pixels per image in the picture")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--out", default="aps_samples.png", help="output PNG path")
-    args = p.parse_args()
-    if not args.show:
-        p.error("nothing to do: pass --show")
-    exit_on_user_error(_show)(args)
-
-
-if __name__ == "__main__":
-    main()

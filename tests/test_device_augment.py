@@ -7,9 +7,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-import augment.device as D
+import augment.ops as D
+from augment.batched import batched_pipeline
+from augment.recipes import aps_pair, moco_views
 from data import build_dataset, get_preset
-from data.device import DeviceLoader, uint8_images
+from data.device_loaders import DeviceLoader, uint8_images
 from utils.rng import BatchRandom
 
 N = 6
@@ -21,7 +23,7 @@ def images():
     return torch.rand(N, 3, 20, 24, generator=g)
 
 
-def test_resized_crop_flip_matches_torchvisionper_sample(images):
+def test_resized_crop_flip_matches_torchvision_per_sample(images):
     boxes = torch.tensor([[0, 0, 20, 24], [3, 5, 9, 7], [10, 2, 10, 21], [1, 1, 5, 5], [4, 6, 16, 12],
                           [7, 0, 13, 24]], dtype=torch.float32)
     flips = torch.tensor([False, True, False, True, True, False])
@@ -119,8 +121,8 @@ def test_grayscale_blur_solarize_match_torchvision(images):
 def test_aps_views_carry_boxes_and_flips_of_their_crop():
     preset = get_preset("digits")
     x = torch.randint(0, 256, (N, 1, 32, 32), dtype=torch.uint8)
-    views = D.aps_device_views(preset, 16, scale=(0.15, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
-                               jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.0, gray_p=0.0)
+    views = batched_pipeline(aps_pair(preset, 16, scale=(0.15, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
+                               jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.0, gray_p=0.0))
     torch.manual_seed(0)
     out = views(x)
     assert set(out) == {"view1", "box1", "flip1", "view2", "box2", "flip2"}
@@ -128,7 +130,7 @@ def test_aps_views_carry_boxes_and_flips_of_their_crop():
     plain = out["view1"] * preset.std[0] + preset.mean[0]          # no colour ops: undo the normalisation
     expect = D.resized_crop_flip(D.to_float(x), out["box1"], 16, out["flip1"])
     assert torch.allclose(plain, expect, atol=1e-5)
-    moco = D.moco_device_views(preset, 16, num_key_views=2, num_minis=3, mini_size=8, scalemix=True)(x)
+    moco = batched_pipeline(moco_views(preset, 16, num_key_views=2, num_minis=3, mini_size=8, scalemix=True))(x)
     assert moco["query"].shape == (N, 3, 16, 16) and moco["keys"].shape == (N, 2, 3, 16, 16)
     assert moco["mini_queries"].shape == (N, 3, 3, 8, 8) and moco["query_mix"].shape == (N, 3, 16, 16)
 
@@ -184,7 +186,7 @@ def _folder_with_odd_files(root):
 @pytest.mark.parametrize("worker_decode", [True, False], ids=["workers-decode", "batched-decode_jpeg"])
 def test_folder_device_loader_yields_the_cpu_loaders_images_and_order(tmp_path, worker_decode):
     from data.datasets import build_imagefolder
-    from data.device import FolderDeviceLoader
+    from data.device_loaders import FolderDeviceLoader
     from data.loader import GlobalBatchSampler
     _folder_with_odd_files(tmp_path)
     folder = build_imagefolder(str(tmp_path), train=True)
@@ -205,7 +207,7 @@ def test_folder_device_loader_yields_the_cpu_loaders_images_and_order(tmp_path, 
 
 def test_folder_device_loader_names_a_corrupt_jpeg(tmp_path):
     from data.datasets import build_imagefolder
-    from data.device import FolderDeviceLoader
+    from data.device_loaders import FolderDeviceLoader
     from utils.errors import UserError
     _folder_with_odd_files(tmp_path)
     bad = tmp_path / "train" / "class0" / "0.jpg"
@@ -220,7 +222,7 @@ def test_folder_device_loader_names_a_corrupt_jpeg(tmp_path):
 
 def test_device_views_of_images_of_different_sizes():
     preset = get_preset("digits")
-    views = D.aps_device_views(preset, 16, jitter_p=0.0, gray_p=0.0)
+    views = batched_pipeline(aps_pair(preset, 16, jitter_p=0.0, gray_p=0.0))
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((20, 30), (40, 24), (33, 33))]
     out = views(images)
     assert out["view1"].shape == (3, 3, 16, 16) and out["box2"].shape == (3, 4)
@@ -236,17 +238,17 @@ def test_views_of_images_elsewhere_take_parameters_drawn_on_the_cpu(tmp_path):
     """The folder loader draws the views' numbers on the CPU (no host sync in the crop loop) while the images
     are on the GPU. 'meta' stands in for the GPU here: any op mixing the two devices raises."""
     from data.datasets import build_imagefolder
-    from data.device import FolderDeviceLoader
+    from data.device_loaders import FolderDeviceLoader
     preset = get_preset("imagefolder")
     images = [torch.empty(3, 40 + 3 * i, 50, dtype=torch.uint8, device="meta") for i in range(4)]
     rng = BatchRandom("cpu", 0, 1).reseed(1, 2)
-    moco = D.moco_device_views(preset, 24, asym_aug=True, num_minis=2, mini_size=8, scalemix=True)(images, rng)
-    aps = D.aps_device_views(preset, 16, blur_p=0.5)(images, rng)
+    moco = batched_pipeline(moco_views(preset, 24, asym_aug=True, num_minis=2, mini_size=8, scalemix=True))(images, rng)
+    aps = batched_pipeline(aps_pair(preset, 16, blur_p=0.5))(images, rng)
     assert all(v.device.type == "meta" for v in [*moco.values(), *aps.values()])
     assert moco["mini_queries"].shape == (4, 2, 3, 8, 8) and aps["box1"].shape == (4, 4)
     for c in range(2):
         (tmp_path / "train" / f"c{c}").mkdir(parents=True)
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / f"c{c}" / "0.jpg")
     loader = FolderDeviceLoader(build_imagefolder(str(tmp_path), True), 2, 0, torch.device("cpu"),
-                                D.aps_device_views(preset, 8), 0)
+                                batched_pipeline(aps_pair(preset, 8)), 0)
     assert loader.rng.device.type == "cpu" and loader.rng.generator is not None

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from augment.device_finetune import DeviceFinetuneView, erase_boxes, finetune_device_view, random_erasing
+from augment.batched import BatchedView
+from augment.ops import erase_boxes, random_erasing, to_float
+from augment.recipes import finetune_view
 from data import get_preset
 from utils.rng import BatchRandom
 
@@ -26,7 +28,7 @@ def test_erase_boxes_follow_timms_area_and_aspect_ranges():
     assert torch.log(aspect).mean().abs() < 0.1                         # symmetric in log
 
 
-def test_random_erasing_equals_torchvisions_eraseper_sample():
+def test_random_erasing_equals_torchvisions_erase_per_sample():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, 3, S, S, generator=g)
     boxes, _ = erase_boxes(N, S, S, BatchRandom("cpu").reseed(2))
@@ -39,12 +41,12 @@ def test_random_erasing_equals_torchvisions_eraseper_sample():
         assert torch.equal(got[i], ref), i
 
 
-def test_crop_with_padding_and_flip_equal_torchvisionper_sample():
+def test_crop_with_padding_and_flip_equal_torchvision_per_sample():
     preset = get_preset("digits")
-    view = DeviceFinetuneView(S, preset.mean, preset.std, auto_augment="none", reprob=0.0)
+    view = BatchedView(finetune_view(preset, S, randaugment="none", erase_p=0.0))
     images = torch.randint(0, 256, (N, 1, S, S), dtype=torch.uint8)
-    p = view.params(N, BatchRandom("cpu").reseed(3))
-    got = view.apply(images, p) * preset.std[0] + preset.mean[0]
+    p = view.params(N, S, S, BatchRandom("cpu").reseed(3))
+    got = view.apply(to_float(images), p)[0] * preset.std[0] + preset.mean[0]
     assert set(p["boxes"][:, :2].flatten().tolist()) <= set(range(9)) and p["flips"].any() and (~p["flips"]).any()
     for i in range(N):
         t, l = p["boxes"][i, :2].long().tolist()
@@ -55,10 +57,11 @@ def test_crop_with_padding_and_flip_equal_torchvisionper_sample():
 
 @pytest.mark.parametrize("remode", ["pixel", "rand", "const"])
 def test_finetune_view_erases_a_quarter_with_the_modes_values(remode):
-    view = finetune_device_view(get_preset("cifar10"), S, "rand-m9-mstd0.5-inc1", reprob=0.25, remode=remode)
+    view = BatchedView(finetune_view(get_preset("cifar10"), S, randaugment="rand-m9-mstd0.5-inc1", erase_p=0.25,
+                                     erase_mode=remode))
     images = torch.randint(0, 256, (400, 3, 32, 32), dtype=torch.uint8)     # resized to 16 px first
-    p = view.params(400, BatchRandom("cpu").reseed(4))
-    out = view.apply(images, p)
+    p = view.params(400, 32, 32, BatchRandom("cpu").reseed(4))
+    out = view.apply(to_float(images), p)[0]
     assert out.shape == (400, 3, S, S) and "ra_ops" in p
     assert p["erase"].float().mean().item() == pytest.approx(0.25, abs=0.06)
     k = int(p["erase"].nonzero()[0])

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from models import APS, create_vit
-from utils.syncbn import convert_sync_batchnorm
+from models.norm import convert_sync_batchnorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 8

@@ -5,27 +5,33 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from engine import NonFiniteLoss, Trainer
+from engine import Method, NonFiniteLoss, Trainer, TrainSettings
 from utils.checkpoint import load_file
 
 
-def make_trainer(tmp_path, steps_fn, K, epochs, lr_log, **flags):
+class Toy(Method):
+    """A method made of the test's step function and an lr schedule that logs where it is asked."""
+
+    def __init__(self, model, steps_fn, steps_per_batch, epochs, lr_log):
+        super().__init__(model)
+        self.steps_fn, self.steps_per_batch, self.epochs, self.lr_log = steps_fn, steps_per_batch, epochs, lr_log
+
+    def training_steps(self, batch, rng):
+        return self.steps_fn(self.model, batch)
+
+    def lr_at(self, e):
+        self.lr_log.append(e)
+        return 0.1 * (1 - e / self.epochs)
+
+
+def make_trainer(tmp_path, steps_fn, K, epochs, lr_log, **settings):
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     data = TensorDataset(torch.randn(10, 2), torch.zeros(10))
     loader = DataLoader(data, batch_size=2, shuffle=False)
-    args = argparse.Namespace(output_dir=str(tmp_path), print_freq=1, batch_size=2, seed=0, resume="",
-                              save_every=0, **flags)
+    settings = TrainSettings(output_dir=str(tmp_path), epochs=epochs, batch_size=2, print_freq=1, **settings)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def lr_at(e):
-        lr_log.append(e)
-        return 0.1 * (1 - e / epochs)
-
-    return Trainer(args=args, module=model, model=model, optimizer=opt,
-                   scaler=torch.amp.GradScaler("cpu", enabled=False), loader=loader,
-                   train_steps=lambda batch, rng: steps_fn(model, batch), steps_per_batch=K, lr_at=lr_at,
-                   epochs=epochs, device=torch.device("cpu"), amp=None), opt
+    return Trainer(Toy(model, steps_fn, K, epochs, lr_log), opt, loader, settings, torch.device("cpu"), None), opt
 
 
 def test_k_steps_per_batch_and_lr_at_fractional_epochs(tmp_path):

@@ -7,6 +7,7 @@ from timm.layers import DropPath
 
 import main_finetune
 from models import create_vit
+from models.vit import param_groups
 from models.loading import load_classifier
 from test_loading import reference_state, tiny_aps
 from utils.errors import UserError
@@ -54,7 +55,7 @@ def test_drop_path_is_active_in_train_mode_only():
 
 def test_param_groups_weight_decay_and_layer_decay_follow_the_schedule():
     model = create_vit("vit-tiny", 16, 4, depth=2, embed_dim=32, num_heads=2, num_classes=3)
-    groups = main_finetune.param_groups(model, 0.05, layer_decay=0.5)
+    groups = param_groups(model, 0.05, layer_decay=0.5)
     names = {id(p): n for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(groups, lr=1.0)
     expected_scale = {"cls_token": 0.125, "pos_embed": 0.125, "patch_embed.proj.weight": 0.125,
@@ -102,9 +103,11 @@ def test_ema_is_what_gets_evaluated(tmp_path):
     assert again["test_acc1"] == pytest.approx(metrics["test_acc1"])
     live = create_vit(**ckpt["model_config"])
     live.load_state_dict(ckpt["model"])
-    from augment import finetune_transforms
+    from augment.pil import pil_pipeline
+    from augment.recipes import eval_view
     from data import build_dataset, build_eval_loader, get_preset
-    _, eval_tf = finetune_transforms(get_preset("digits"), 32)
+    preset = get_preset("digits")
+    eval_tf = pil_pipeline(eval_view(preset, 32, *preset.finetune_stats))
     loader = build_eval_loader(build_dataset("digits", train=False, transform=eval_tf), 128, 0, torch.device("cpu"))
     from utils.accuracy import evaluate_classifier
     live_loss = evaluate_classifier(live, loader, torch.device("cpu"))["loss"]

@@ -180,25 +180,36 @@ def test_queue_must_be_a_multiple_of_the_batch(tmp_path, capsys):
 
 def test_asym_aug_query_and_key_pipelines_differ_as_specified():
     import torchvision.transforms as T
+    from PIL import Image
     from timm.data.auto_augment import RandAugment
 
-    from augment.moco import moco_views
+    from augment.pil import pil_pipeline
+    from augment.recipes import moco_views
     from data import get_preset
     preset = get_preset("imagefolder")
-    views = moco_views(preset, 224, asym_aug=True)
-    q = [type(t) for t in views.query_tf.transforms]
-    k = views.key_tf.transforms
-    flip = q.index(T.RandomHorizontalFlip)
-    assert q[flip + 1] is RandAugment and q[flip + 2] is T.ToTensor          # RandAugment right after the flip
-    assert T.RandomApply in q and T.RandomGrayscale in q                        # colour and blur as in v2
-    assert [type(t) for t in k] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
-    assert k[0].scale == (0.08, 1.0)
-    ra = views.query_tf.transforms[flip + 1]
-    assert ra.num_layers == 2 and all(op.magnitude == 10 for op in ra.ops)
-    assert all(op.hparams["translate_const"] == 100 for op in ra.ops)
-    base = moco_views(preset, 224)
-    assert base.query_tf is base.key_tf                                          # symmetric baseline
-    from PIL import Image
+    views = pil_pipeline(moco_views(preset, 224, asym_aug=True))
+    q, k = views.query, views.key
+    calls = []                                                                  # the query's order, op by op
+    q.colour = lambda img: calls.append("colour") or img
+    q.flip = lambda img: calls.append("flip") or (img, False)
+    ra = q.randaug
+    q.randaug = lambda img: calls.append("randaugment") or img
+    q(Image.new("RGB", (256, 240)))
+    assert calls == ["colour", "flip", "randaugment"]                          # RandAugment right after the flip
+    assert isinstance(ra, RandAugment) and ra.num_layers == 2 and all(op.magnitude == 10 for op in ra.ops)
+    views = pil_pipeline(moco_views(preset, 224, asym_aug=True))
+    q, k = views.query, views.key
+    assert [type(t) for t in q.colour.transforms] == [T.RandomApply, T.RandomGrayscale, T.RandomApply]  # v2's
+    assert q.view.blur_p == 0.5 and q.view.jitter_p == 0.8
+    assert k.colour.transforms == [] and k.randaug is None and k.view.crop == "resized" and k.view.flip_p == 0.5
+    assert [type(t) for t in k.finish.transforms] == [T.ToTensor, T.Normalize]  # crop + flip, then normalise only
+    assert k.view.scale == (0.08, 1.0)
+    # timm's RandAugment translates by a fraction of the side (TranslateXRel/YRel), never by translate_const
+    assert {op.name for op in q.randaug.ops} >= {"TranslateXRel", "TranslateYRel"}
+    assert not {op.name for op in q.randaug.ops} & {"TranslateX", "TranslateY"}
+    assert all(op.hparams["translate_pct"] == 0.45 for op in q.randaug.ops)
+    base = pil_pipeline(moco_views(preset, 224))
+    assert base.query is base.key                                              # symmetric baseline
     out = views(Image.new("RGB", (256, 240), (120, 60, 30)))
     assert out["query"].shape == (3, 224, 224) and out["keys"].shape == (1, 3, 224, 224)
 

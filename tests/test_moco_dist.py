@@ -20,15 +20,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
-from augment.moco import moco_views
+from augment.pil import pil_pipeline
+from augment.recipes import moco_views
 from data import build_dataset
 from data.datasets import get_preset
-from main_moco import moco_inputs
-from models.moco import MoCo, moco_loss, synchronise_key_projector
+from models.moco import MoCo, moco_inputs, moco_loss, synchronise_key_projector
 from models.norm import SplitBatchNorm
 from models.resnet import create_resnet, moco_projector
 from utils.rng import BatchRandom
-from utils.syncbn import DistBatchNorm
+from models.norm import DistBatchNorm
 
 N, K, STEPS, WORLD = 8, 16, 3, 2           # global batch, queue, steps, processes
 DATA_SWITCHES = ("multicrop", "scalemix", "asymm_aug", "mean_encoding")
@@ -132,9 +132,9 @@ def combos(names):
 def switch_step(combo, rank=0, world=1):
     """One real step of `main_moco`'s pipeline (views -> moco_inputs -> MoCo) with the switches in `combo`."""
     torch.manual_seed(rank)
-    views = moco_views(get_preset("digits"), 16, num_key_views=2 if combo["mean_encoding"] else 1,
-                       num_minis=2 if combo["multicrop"] else 0, mini_size=8, asym_aug=combo["asymm_aug"],
-                       scalemix=combo["scalemix"])
+    views = pil_pipeline(moco_views(get_preset("digits"), 16, num_key_views=2 if combo["mean_encoding"] else 1,
+                                    num_minis=2 if combo["multicrop"] else 0, mini_size=8,
+                                    asym_aug=combo["asymm_aug"], scalemix=combo["scalemix"]))
     data = build_dataset("digits", transform=views)
     batch = default_collate([data[i][0] for i in range(rank * 4, rank * 4 + 4)])
     encoder = create_resnet("resnet18", cifar_stem=True, bn_splits=2 if world == 1 else 1)

@@ -7,14 +7,12 @@ import torch
 from PIL import Image
 
 import main_pretrain
-from samplers import aps as aps_sampler
-from utils import bench
+from tools import bench, show_aps
 
 
-def test_show_writes_a_png(tmp_path, monkeypatch, capsys):
+def test_show_writes_a_png(tmp_path, capsys):
     out = tmp_path / "pairs.png"
-    monkeypatch.setattr("sys.argv", ["aps", "--show", "--num-pairs", "2", "--tile", "64", "--out", str(out)])
-    aps_sampler.main()
+    show_aps.main(show_aps.get_args_parser().parse_args(["--num-pairs", "2", "--tile", "64", "--out", str(out)]))
     img = Image.open(out)
     assert img.size[0] > 3 * 64 and img.size[1] > 2 * 64
     line = capsys.readouterr().out
@@ -76,7 +74,7 @@ def test_bench_prints_json_lines(capsys):
 
 
 def test_bench_targets_read_the_records_of_the_target_shapes():
-    from utils.bench_targets import check_targets
+    from tools.bench_targets import check_targets
     aps = {"batch": 512, "img_size": 32, "patch": 2, "amp": "bfloat16"}
     results = [{"bench": "aps_step", "arch": "vit-tiny", "mfu": 0.5, **aps},
                {"bench": "aps_step", "arch": "vit-small", "mfu": 0.36, **aps},

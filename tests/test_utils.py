@@ -117,16 +117,20 @@ def test_view_reports_its_crop_box_and_flip():
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    from augment import BoxedView
-    src = torch.arange(3 * 20 * 28, dtype=torch.float32).reshape(3, 20, 28)
-    view = BoxedView(8, scale=(0.2, 1.0))
+    from PIL import Image
+
+    from augment.pil import PILView
+    from augment.recipes import View
+    src = Image.fromarray(torch.arange(20 * 28 * 3).remainder(256).to(torch.uint8).reshape(20, 28, 3).numpy())
+    view = PILView(View(size=8, scale=(0.2, 1.0), boxed=True, mean=(0.0,) * 3, std=(1.0,) * 3))
     torch.manual_seed(0)
     flips = set()
     for _ in range(12):
         x, box, flipped = view(src)
         top, left, h, w = [int(v) for v in box]
         assert 0 <= top and top + h <= 20 and 0 <= left and left + w <= 28
-        expected = TF.resized_crop(src, top, left, h, w, [8, 8], InterpolationMode.BILINEAR, antialias=True)
+        expected = TF.to_tensor(TF.resized_crop(src, top, left, h, w, [8, 8], InterpolationMode.BILINEAR,
+                                                antialias=True))
         if flipped:
             expected = expected.flip(-1)
         assert torch.allclose(x, expected)

@@ -15,7 +15,9 @@ import torch.nn as nn
 
 from models.loading import load_backbone
 from models.resnet import ResNetTrunk, create_resnet
-from utils import weights as W
+from models import registry as W
+from tools import weights as tool
+from utils import download
 from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +115,7 @@ def register(monkeypatch, server, tmp_path, name="asym-siam/test-r18", payload=N
 
 
 def run_cli(argv):
-    return W.main(W.get_args_parser().parse_args(argv))
+    return tool.main(tool.get_args_parser().parse_args(argv))
 
 
 def test_download_verifies_moves_into_place_and_loads_by_name(monkeypatch, server, tmp_path, capsys):
@@ -150,12 +152,12 @@ def test_an_interrupted_download_resumes_with_a_range_request(monkeypatch, serve
     w, data, _ = register(monkeypatch, server, tmp_path)
     server.cut_once.add("/asym-siam/ck.pth")
     path = W.cache_path(w.name)
-    check = lambda p: W.verify(p, md5_prefix=w.md5_prefix)  # noqa: E731
+    check = lambda p: download.verify(p, md5_prefix=w.md5_prefix)  # noqa: E731
     with pytest.raises(UserError, match="interrupted at .* run the same command again to resume"):
-        W.fetch(W.asym_siam_url(w), path, check, retries=0)
+        download.fetch(W.asym_siam_url(w), path, check, retries=0)
     part = path + ".part"
     assert os.path.getsize(part) == len(data) // 2 and not os.path.exists(path)   # the partial file is kept
-    W.fetch(W.asym_siam_url(w), path, check, retries=0)                           # the next run resumes
+    download.fetch(W.asym_siam_url(w), path, check, retries=0)                           # the next run resumes
     assert server.log[-1] == ("/asym-siam/ck.pth", f"bytes={len(data) // 2}-")
     assert open(path, "rb").read() == data
     os.remove(path)

@@ -1,16 +1,16 @@
 """What a sample sees does not depend on the number of processes, the rank or --num-workers.
 
 Each rank's batches are built here in one process (rank and world passed explicitly): the parts of P ranks,
-concatenated, must equal the one-process batch. tests/test_equivalence.py then runs the scripts themselves.
+concatenated, must equal the one-process batch. tests/test_distributed.py then runs the scripts themselves.
 """
 import pytest
 import torch
 
-from augment import TwoViews, aps_view_transform
-from augment.device import aps_device_views, lincls_device_view, moco_device_views
-from augment.device_finetune import finetune_device_view
+from augment.batched import batched_pipeline
+from augment.pil import pil_pipeline
+from augment.recipes import aps_pair, finetune_view, lincls_view, moco_views
 from data import build_dataset, get_preset
-from data.device import DeviceLoader
+from data.device_loaders import DeviceLoader
 from data.loader import GlobalBatchSampler, build_train_loader
 from samplers.aps import random_boxes, sample_aps
 from utils.rng import BatchRandom, mix_seed, sample_seeded
@@ -63,7 +63,7 @@ def test_global_batch_sampler_splits_each_global_batch_into_rank_parts():
 
 def test_cpu_views_do_not_depend_on_rank_split_or_workers():
     """PIL views (random crops, flips, colour) of P ranks with workers = the one-process views without."""
-    views = TwoViews(aps_view_transform(get_preset("digits"), 16))
+    views = pil_pipeline(aps_pair(get_preset("digits"), 16))
     data = build_dataset("digits", transform=views)
 
     def first_batches(rank, world, workers, epoch=0):
@@ -93,10 +93,11 @@ def test_sample_seeded_restores_the_global_generators():
 
 
 @pytest.mark.parametrize("make_views", [
-    lambda p: aps_device_views(p, 16, blur_p=0.5),
-    lambda p: moco_device_views(p, 16, num_key_views=2, num_minis=2, mini_size=8, asym_aug=True, scalemix=True),
-    lambda p: finetune_device_view(p, 16),
-    lambda p: lincls_device_view(p, 16),
+    lambda p: batched_pipeline(aps_pair(p, 16, blur_p=0.5)),
+    lambda p: batched_pipeline(moco_views(p, 16, num_key_views=2, num_minis=2, mini_size=8, asym_aug=True,
+                                          scalemix=True)),
+    lambda p: batched_pipeline(finetune_view(p, 16)),
+    lambda p: batched_pipeline(lincls_view(p, 16)),
 ], ids=["aps", "moco", "finetune", "lincls"])
 def test_device_views_do_not_depend_on_the_rank_split(make_views):
     data = build_dataset("digits")

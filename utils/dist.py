@@ -132,3 +132,20 @@ def rank_group(group_size: int):
         if start <= rank < start + group_size:
             mine = group
     return mine
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `module` under torchrun (several processes); the module itself otherwise."""
+    if get_world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def add_reference_launcher_args(parser):
+    """The reference scripts' launcher flags, accepted and ignored: torchrun is the launcher."""
+    g = parser.add_argument_group("reference launcher flags (accepted, ignored: use torchrun)")
+    for flag in ("--dist-url", "--dist-backend", "--world-size", "--rank", "--gpu"):
+        g.add_argument(flag, default=None, help="ignored")
+    g.add_argument("--multiprocessing-distributed", action="store_true", help="ignored")
+    return g

@@ -1,8 +1,9 @@
 """Weighted k-nearest-neighbour monitor (as in DINO's eval_knn), on L2-normalised features."""
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
-from utils.dist import all_gather_uneven, get_world_size
+from utils.dist import all_gather_uneven
 from utils.runtime import autocast
 
 
@@ -23,6 +24,12 @@ def extract_features(model, loader, device, amp=None, normalize=True):
     f = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     return all_gather_uneven(f), all_gather_uneven(y)
+
+
+def feature_dataset(model, loader, device, amp=None) -> TensorDataset:
+    """The features (not normalised) and labels of `loader`'s images, on the CPU: a dataset to train a head on."""
+    feats, labels = extract_features(model, loader, device, amp, normalize=False)
+    return TensorDataset(feats.cpu(), labels.cpu())
 
 
 @torch.no_grad()
@@ -66,18 +73,9 @@ def add_knn_args(parser):
     return g
 
 
-def knn_monitor(args, preset, backbone, device, amp):
-    """evaluate(epoch) -> kNN metrics of `backbone` on args.dataset (deterministic views), or None if
-    --knn-every is 0. Each rank embeds a shard; the features are gathered."""
-    if args.knn_every <= 0:
-        return None
-    from augment import eval_transform
-    from data import build_dataset, build_eval_loader
-    from data.datasets import num_classes_of
-    plain = eval_transform(preset, args.img_size)
-    train = build_dataset(args.dataset, args.data_root, train=True, transform=plain)
-    test = build_dataset(args.dataset, args.data_root, train=False, transform=plain)
-    batch = max(1, args.batch_size // get_world_size())
-    loaders = [build_eval_loader(d, batch, args.num_workers, device) for d in (train, test)]
-    classes = num_classes_of(train)
-    return lambda epoch: knn_evaluate(backbone, *loaders, classes, device, amp, args.knn_k, args.knn_t)
+def knn_monitor(backbone, train_loader, test_loader, num_classes: int, device, amp=None, k: int = 20,
+                temperature: float = 0.07):
+    """evaluate(epoch) -> kNN metrics of `backbone`: the features of train_loader's images are the memory bank,
+    test_loader's the queries (deterministic views, sharded: each rank embeds its part, the features are
+    gathered)."""
+    return lambda epoch: knn_evaluate(backbone, train_loader, test_loader, num_classes, device, amp, k, temperature)

@@ -1,4 +1,5 @@
-"""Per-process runtime choices: seeding and numeric precision (autocast + grad scaler)."""
+"""Per-process runtime choices: seeding, numeric precision (autocast + grad scaler), compilation, and moving
+batches to the device."""
 import contextlib
 import random
 
@@ -64,3 +65,14 @@ def autocast(device: torch.device, dtype):
 def make_grad_scaler(device: torch.device, dtype):
     """A GradScaler that is active only for fp16 (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def to_device(batch, device):
+    """Every tensor of a (nested dict / list / tuple) batch moved to `device` (non-blocking)."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

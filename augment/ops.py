@@ -1,7 +1,9 @@
-"""Batched augmentation on the training device: every op takes a batch and per-sample random parameters.
+"""The pure tensor ops of the batched (on-device) augmentation: each takes a batch and per-sample parameters.
 
-Images are float [N, C, H, W] in [0, 1] (uint8 sources are converted once). Each op matches torchvision's
-functional op applied per sample with the same parameters (tests/test_device_augment.py):
+Images are float [N, C, H, W]: in [0, 1] for the view ops, holding 0..255 integers for RandAugment's ops (the
+`*255` names and the op table OPS). The parameter draws (crop_boxes, jitter_params, erase_boxes) take a
+utils.rng.BatchRandom. Each op matches torchvision's functional op (or timm's PIL op) applied per sample with the
+same parameters (tests/test_device_augment.py, tests/test_randaugment.py):
 
     resized_crop_flip  ~ TF.resized_crop(bilinear, antialias=False) + TF.hflip
                          (= antialias=True whenever the crop is upscaled, as every 32 px crop is)
@@ -9,9 +11,12 @@ functional op applied per sample with the same parameters (tests/test_device_aug
     grayscale          ~ TF.rgb_to_grayscale(num_output_channels=3)
     gaussian_blur      ~ TF.gaussian_blur(kernel, sigma) (reflect padding)
     solarize           ~ TF.solarize
+    random_erasing     ~ timm's RandomErasing (area 0.02-1/3, log-uniform aspect 0.3-1/0.3, ten tries, one box;
+                         'pixel': normal noise per pixel, 'rand': per channel, 'const': zeros) = TF.erase
+    RandAugment's 15 ops on 0..255: the colour and histogram ops equal torchvision's uint8 ops exactly, the
+                         geometric ones resample bilinearly (PIL's within one level inside the image)
 
-The view pipelines (APS: SPEC A1; MoCo v2: SPEC C1 with MultiCrop, MeanEnc and ScaleMix) return the same
-named groups as the PIL pipelines, crop boxes and flips included.
+Nothing here imports anything above utils/.
 """
 import functools
 import math
@@ -237,7 +242,6 @@ def apply_where(mask, fn, x):
     return torch.where(per_sample(mask, x).bool(), fn(x), x)
 
 
-# ------------------------------------------------------------------ view pipelines
 def to_float(images):
     """uint8 [N, C, H, W] (or [N, H, W] grey) -> float [N, 3, H, W] in [0, 1]. A list (images of different
     sizes, decoded to RGB) is passed through: the views crop it image by image."""
@@ -249,172 +253,159 @@ def to_float(images):
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def compile_pixels(fn):
-    """torch.compile an augmentation's pixel work for fixed shapes (room for the few a run sees)."""
-    import torch._dynamo
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    return torch.compile(fn, dynamic=False)
+
+# ------------------------------------------------------------------ random erasing
+ERASE_MODES = ("pixel", "rand", "const")
 
 
-def device_of(images) -> torch.device:
-    return images[0].device if isinstance(images, (list, tuple)) else images.device
+def erase_boxes(n: int, height: int, width: int, rng: BatchRandom, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3)):
+    """timm's RandomErasing box per sample: [n, 4] (top, left, h, w) and found [n] (False: no try fit)."""
+    tries = 10
+    target = rng.uniform(n, *area, tries) * (height * width)
+    ratio = torch.exp(rng.uniform(n, math.log(aspect[0]), math.log(aspect[1]), tries))
+    h = torch.round(torch.sqrt(target * ratio))
+    w = torch.round(torch.sqrt(target / ratio))
+    ok = (w < width) & (h < height)
+    first = ok.float().argmax(dim=1, keepdim=True)
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    top = torch.floor(rng.rand(n) * (height - h + 1))
+    left = torch.floor(rng.rand(n) * (width - w + 1))
+    return torch.stack([top, left, h, w], dim=1), ok.any(dim=1)
 
 
-class DeviceView:
-    """One random view per image: crop (scale, ratio) + flip, RandAugment (optional: an
-    augment.randaugment.DeviceRandAugment), colour jitter with p, grayscale with p, blur with p (sigma
-    range), normalise. view(x, rng) -> (views [N, 3, S, S], boxes [N, 4], flips [N]).
-
-    Two halves: `params` draws every random number from rng (a handful of small kernels), `apply` does
-    the pixel work (what `compile()` hands to torch.compile)."""
-
-    def __init__(self, size, mean, std, scale=(0.15, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5,
-                 jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0, blur_sigma=(0.1, 2.0),
-                 randaug=None):
-        self.size, self.mean, self.std, self.randaug = size, mean, std, randaug
-        self.scale, self.ratio, self.flip_p = scale, ratio, flip_p
-        self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
-        self.blur_p, self.blur_sigma = blur_p, blur_sigma
-
-    def params(self, n: int, height: int, width: int, rng: BatchRandom) -> dict:
-        p = {"boxes": crop_boxes(n, height, width, self.scale, self.ratio, rng), "flips": rng.rand(n) < self.flip_p}
-        if self.randaug is not None:
-            p.update(self.randaug.params(n, self.size, self.size, rng))
-        if self.jitter_p > 0:
-            p["jitter"] = rng.rand(n) < self.jitter_p
-            p["order"], p["factors"] = jitter_params(n, *self.jitter, rng)
-        if self.gray_p > 0:
-            p["gray"] = rng.rand(n) < self.gray_p
-        if self.blur_p > 0:
-            p["sigma"] = rng.uniform(n, *self.blur_sigma)
-            p["blur"] = rng.rand(n) < self.blur_p
-        return p
-
-    def apply(self, x, p: dict):
-        """x: float [N, 3, H, W], or a list of uint8 [3, h_i, w_i] (cropped image by image, outside the
-        compiled part). For a list, parameters drawn on the CPU (a CPU rng) give the crop loop its boxes
-        without a host sync; they move to the images' device after it."""
-        if isinstance(x, (list, tuple)):
-            v = crop_resize_list(x, p["boxes"], self.size)
-            p = {k: t.to(v.device, non_blocking=True) if torch.is_tensor(t) else t for k, t in p.items()}
-            return self._finish(torch.where(per_sample(p["flips"], v).bool(), v.flip(-1), v), p)
-        return self._apply_batch(x, p)
-
-    def _apply_batch(self, x: torch.Tensor, p: dict):
-        return self._finish(resized_crop_flip(x, p["boxes"], self.size, p["flips"]), p)
-
-    def _finish(self, v: torch.Tensor, p: dict):
-        """Everything after the crop and flip."""
-        if self.randaug is not None:
-            v = self.randaug.apply(v, p)
-        if self.jitter_p > 0:
-            v = color_jitter(v, p["order"], p["factors"], p["jitter"])
-        if self.gray_p > 0:
-            v = apply_where(p["gray"], grayscale, v)
-        if self.blur_p > 0:
-            size = 2 * math.ceil(3 * self.blur_sigma[1]) + 1                             # covers 3 sigma
-            size = min(size, 2 * ((self.size - 1) // 2) + 1)                            # reflect pad < side
-            v = apply_where(p["blur"], lambda y: gaussian_blur(y, p["sigma"], size), v)
-        return normalize(v, self.mean, self.std), p["boxes"], p["flips"]
-
-    def __call__(self, x, rng: BatchRandom = None):
-        device = device_of(x)
-        if isinstance(x, (list, tuple)):                     # images of different sizes (their sizes: host data)
-            H = torch.tensor([img.shape[-2] for img in x])
-            W = torch.tensor([img.shape[-1] for img in x])
-            N = len(x)
-        else:
-            N, _, H, W = x.shape
-        return self.apply(x, self.params(N, H, W, rng or BatchRandom.local(device)))
-
-    def compile(self) -> "DeviceView":
-        """torch.compile the pixel work: its ~100 small element-wise kernels fused into a few."""
-        self._apply_batch = compile_pixels(self._apply_batch)
-        self._finish = compile_pixels(self._finish)
-        return self
+def random_erasing(x: torch.Tensor, boxes: torch.Tensor, erase: torch.Tensor, values: torch.Tensor):
+    """x [N, C, H, W] with box i filled from values[i] ([C, H, W]: only the box is used) where erase[i]."""
+    N, C, H, W = x.shape
+    top, left, h, w = (boxes[:, k].view(N, 1, 1) for k in range(4))
+    rows = torch.arange(H, device=x.device).view(1, H, 1)
+    cols = torch.arange(W, device=x.device).view(1, 1, W)
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w) & erase.view(N, 1, 1)
+    return torch.where(inside[:, None], values.to(x.dtype), x)
 
 
-class _OneView:
-    """A pipeline built on one DeviceView."""
-
-    def __init__(self, view: DeviceView):
-        self.view = view
-
-    def compile(self):
-        self.view.compile()
-        return self
+# ------------------------------------------------------------------ RandAugment's ops
+OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+       "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+OP = {name: i for i, name in enumerate(OPS)}
+GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+ENHANCE = ("Color", "Contrast", "Brightness", "Sharpness")
 
 
-class DeviceAPSViews(_OneView):
-    """SPEC A1 on the device: uint8 images -> the TwoViews dict (view1/2, box1/2, flip1/2)."""
-
-    def __call__(self, images, rng: BatchRandom = None):
-        x = to_float(images)
-        rng = rng or BatchRandom.local(device_of(x))
-        v1, b1, f1 = self.view(x, rng)
-        v2, b2, f2 = self.view(x, rng)
-        return {"view1": v1, "box1": b1, "flip1": f1, "view2": v2, "box2": b2, "flip2": f2}
+def gray255(x):
+    """torchvision's rgb_to_grayscale on uint8: the weighted sum, truncated. [N, 1, H, W]."""
+    r, g, b = x.unbind(dim=1)
+    return torch.floor(0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-class DeviceMoCoViews:
-    """SPEC C1/C2 on the device: {"query", "keys" [N, V, ...], "query_mix"?, "mini_queries" [N, M, ...]?},
-    the same groups as augment.moco.MoCoViews. query and key: the two sides' views (the same one unless
-    AsymAug); query_mix is a second query view (ScaleMix)."""
-
-    def __init__(self, query: DeviceView, key: DeviceView = None, num_key_views=1, mini: DeviceView = None,
-                 num_minis=0, scalemix=False):
-        self.query, self.key = query, key or query
-        self.num_key_views, self.mini, self.num_minis, self.scalemix = num_key_views, mini, num_minis, scalemix
-
-    def compile(self):
-        for view in {id(v): v for v in (self.query, self.key, self.mini) if v is not None}.values():
-            view.compile()
-        return self
-
-    def __call__(self, images, rng: BatchRandom = None):
-        x = to_float(images)
-        rng = rng or BatchRandom.local(device_of(x))
-        out = {"query": self.query(x, rng)[0],
-               "keys": torch.stack([self.key(x, rng)[0] for _ in range(self.num_key_views)], dim=1)}
-        if self.scalemix:
-            out["query_mix"] = self.query(x, rng)[0]
-        if self.num_minis:
-            out["mini_queries"] = torch.stack([self.mini(x, rng)[0] for _ in range(self.num_minis)], dim=1)
-        return out
+def blend255(a, b, ratio):
+    """torchvision's uint8 _blend: ratio * a + (1 - ratio) * b, clamped, truncated."""
+    r = per_sample(ratio, a)
+    return torch.floor((r * a + (1.0 - r) * b).clamp(0.0, 255.0))
 
 
-def aps_device_views(preset, img_size: int, **kwargs) -> DeviceAPSViews:
-    """The device twin of augment.transforms.aps_view_transform + TwoViews (same keyword arguments)."""
-    return DeviceAPSViews(DeviceView(img_size, preset.mean, preset.std, **kwargs))
+def auto_contrast(x, active=None):
+    """Each channel stretched to 0..255 (unchanged when flat, or where active [N] is False)."""
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    stretch = hi > lo if active is None else (hi > lo) & per_sample(active, hi).bool()
+    scale = torch.where(stretch, 255.0 / torch.where(stretch, hi - lo, 1.0), 1.0)
+    return torch.floor(((x - torch.where(stretch, lo, 0.0)) * scale).clamp(0.0, 255.0))
 
 
-class DeviceSingleView(_OneView):
-    """One view per image, without its box and flip: lincls's RandomResizedCrop(0.08-1) + flip, normalised."""
+def equalize(x, active=None):
+    """Per sample and channel histogram equalisation, the PIL/torchvision way (lut from the cumulative
+    histogram in steps of (pixels - count of the top value) // 255; identity when that step is 0, or where
+    active [N] is False)."""
+    N, C, H, W = x.shape
+    v = x.reshape(N * C, H * W).long()
+    hist = torch.zeros(N * C, 256, device=x.device, dtype=x.dtype).scatter_add_(1, v, torch.ones_like(x).view(N * C, -1))
+    top = hist.gather(1, v.amax(dim=1, keepdim=True))                         # count of the brightest value
+    step = torch.floor((H * W - top) / 255.0)                                 # [N*C, 1]
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    lut = torch.floor((hist.cumsum(dim=1) + torch.floor(step / 2)) / safe)
+    lut = F.pad(lut, (1, 0))[:, :-1].clamp(0.0, 255.0)
+    keep = step > 0 if active is None else (step > 0) & active.view(N, 1).expand(N, C).reshape(N * C, 1)
+    lut = torch.where(keep, lut, torch.arange(256, device=x.device, dtype=x.dtype))
+    return lut.gather(1, v).view(N, C, H, W)
 
-    def __call__(self, images, rng: BatchRandom = None):
-        return self.view(to_float(images), rng)[0]
+
+def posterize(x, bits):
+    shift = torch.exp2(8.0 - per_sample(bits, x))
+    return torch.floor(x / shift) * shift
 
 
-def lincls_device_view(preset, img_size: int) -> DeviceSingleView:
-    """The device twin of augment.transforms.lincls_transforms' training half."""
-    return DeviceSingleView(DeviceView(img_size, preset.mean, preset.std, scale=(0.08, 1.0), jitter_p=0.0,
-                                       gray_p=0.0))
+def solarize255(x, threshold):
+    return torch.where(x >= per_sample(threshold, x), 255.0 - x, x)
 
 
-def moco_device_views(preset, size: int, blur_prob=0.5, num_key_views=1, num_minis=0, mini_size=96,
-                      mini_scale=(0.05, 0.14), asym_aug=False, scalemix=False) -> DeviceMoCoViews:
-    """The device twin of augment.moco.moco_views (same scales: MultiCrop moves the large crops to (max mini
-    scale, 1)). AsymAug: the query adds RandAugment rand-m10-n2-mstd0.5 after the flip, the key is crop
-    (0.08-1) + flip only. The blur is a true Gaussian (the PIL path uses PIL's box approximation)."""
-    from augment.randaugment import DeviceRandAugment, mean_fill
-    scale = (mini_scale[1], 1.0) if num_minis else (0.2, 1.0)
-    common = dict(mean=preset.mean, std=preset.std, ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1),
-                  jitter_p=0.8, gray_p=0.2, blur_p=blur_prob)
-    large = DeviceView(size, scale=scale, **common)
-    query, key = large, large
-    if asym_aug:
-        randaug = DeviceRandAugment("rand-m10-n2-mstd0.5", mean_fill(preset.mean))
-        query = DeviceView(size, scale=scale, randaug=randaug, **common)
-        key = DeviceView(size, preset.mean, preset.std, scale=(0.08, 1.0), jitter_p=0.0, gray_p=0.0)
-    mini = DeviceView(mini_size, scale=tuple(mini_scale), **common) if num_minis else None
-    return DeviceMoCoViews(query, key, num_key_views, mini, num_minis, scalemix)
+def solarize_add(x, add, threshold=128.0):
+    return torch.where(x < threshold, (x + per_sample(add, x)).clamp(max=255.0), x)
+
+
+def color(x, factor):
+    return blend255(x, gray255(x), factor)
+
+
+def contrast(x, factor):
+    mean = gray255(x).mean(dim=(1, 2, 3), keepdim=True)
+    return blend255(x, mean, factor)
+
+
+def brightness(x, factor):
+    return blend255(x, torch.zeros_like(x), factor)
+
+
+def smoothed(x):
+    """PIL's SMOOTH filter (3x3, centre weight 5 of 13, rounded) inside; the border pixels stay."""
+    C = x.shape[1]
+    k = torch.ones(3, 3, device=x.device, dtype=x.dtype)
+    k[1, 1] = 5.0
+    k = (k / k.sum()).expand(C, 1, 3, 3)
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = torch.round(F.conv2d(x, k, groups=C))
+    return out
+
+
+def sharpness(x, factor):
+    return blend255(x, smoothed(x), factor)
+
+
+def affine_matrices(op, arg, height, width):
+    """[N, 2, 3] maps from output to input pixel coordinates (pixel centres at +0.5), as PIL's transforms:
+    rotation about the centre (counter-clockwise degrees), shear and translation about the origin."""
+    n = op.shape[0]
+    m = torch.zeros(n, 2, 3, device=arg.device, dtype=arg.dtype)
+    m[:, 0, 0] = 1.0
+    m[:, 1, 1] = 1.0
+    a = -arg * math.pi / 180.0
+    cos, sin = torch.cos(a), torch.sin(a)
+    cx, cy = width / 2.0, height / 2.0
+    rot = torch.stack([torch.stack([cos, sin, cx - cos * cx - sin * cy], 1),
+                       torch.stack([-sin, cos, cy + sin * cx - cos * cy], 1)], 1)
+    m = torch.where(per_sample(op == OP["Rotate"], m).bool(), rot, m)
+    m[:, 0, 1] = torch.where(op == OP["ShearX"], arg, m[:, 0, 1])
+    m[:, 1, 0] = torch.where(op == OP["ShearY"], arg, m[:, 1, 0])
+    m[:, 0, 2] = torch.where(op == OP["TranslateXRel"], arg * width, m[:, 0, 2])
+    m[:, 1, 2] = torch.where(op == OP["TranslateYRel"], arg * height, m[:, 1, 2])
+    return m
+
+
+def warp(x, matrices, fill):
+    """Bilinear resampling at matrices @ (x + 0.5, y + 0.5, 1); outside the image counts as `fill` [C]."""
+    N, C, H, W = x.shape
+    ys, xs = torch.meshgrid(torch.arange(H, device=x.device, dtype=x.dtype) + 0.5,
+                            torch.arange(W, device=x.device, dtype=x.dtype) + 0.5, indexing="ij")
+    pts = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).view(1, H * W, 3)
+    src = pts @ matrices.transpose(1, 2)                                        # [N, H*W, 2] (x, y)
+    grid = torch.stack([2 * src[..., 0] / W - 1, 2 * src[..., 1] / H - 1], dim=-1).view(N, H, W, 2)
+    ones = torch.ones(N, 1, H, W, device=x.device, dtype=x.dtype)
+    out = F.grid_sample(torch.cat([x, ones], dim=1), grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=False)
+    cover = out[:, -1:]
+    fill = torch.as_tensor(fill, device=x.device, dtype=x.dtype).view(1, C, 1, 1)
+    return torch.round(out[:, :-1] + (1.0 - cover) * fill).clamp(0.0, 255.0)
+
+
+def mean_fill(mean) -> list:
+    """timm's img_mean: the normalisation mean on the 0..255 scale, one value per RGB channel."""
+    return [round(255 * m) for m in mean] * (3 if len(mean) == 1 else 1)

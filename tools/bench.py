@@ -1,8 +1,8 @@
 """Benchmark: the APS sampler against a per-pair loop; APS training-step throughput, memory, FLOPs and MFU per
 arch; and full steps (data included) through the CPU-worker and the on-device data paths, for APS and MoCo.
 
-    python -m utils.bench                  # all archs; batch 512 on GPU, 32 on CPU
-    python -m utils.bench --archs vit-small --batch-size 256 --steps 20
+    python -m tools.bench                  # all archs; batch 512 on GPU, 32 on CPU
+    python -m tools.bench --archs vit-small --batch-size 256 --steps 20
 
 Prints one JSON line per measurement. The model step uses synthetic data already on the device, so it
 measures the model (forward of both views on the kept patches, backward, AdamW), not the data pipeline.
@@ -19,9 +19,9 @@ from models import ARCHS
 from samplers.aps import kept_per_view, random_boxes, sample_aps
 from utils.dist import resolve_device
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils import bench_pipeline as P
-from utils.bench_pipeline import sync
-from utils.bench_targets import check_targets
+from tools import bench_pipeline as P
+from tools.bench_pipeline import sync
+from tools.bench_targets import check_targets
 from utils.runtime import AMP_CHOICES, add_compile_arg, amp_dtype, autocast, configure_device, make_grad_scaler
 
 

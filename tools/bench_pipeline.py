@@ -1,5 +1,5 @@
 """Full training-step throughput through a data path (CPU workers + PIL, or on-device batches), model FLOPs
-and MFU. Used by `python -m utils.bench`; synthetic uint8 images stand in for the dataset (no files needed).
+and MFU. Used by `python -m tools.bench`; synthetic uint8 images stand in for the dataset (no files needed).
 """
 import atexit
 import os
@@ -12,7 +12,17 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.runtime import autocast, compile_in_place, fused, make_grad_scaler
+from augment.batched import batched_pipeline
+from augment.pil import pil_pipeline
+from augment.recipes import aps_pair, moco_views
+from data.datasets import build_imagefolder, get_preset
+from data.device_loaders import DeviceLoader, FolderDeviceLoader
+from data.loader import build_train_loader
+from models import APS, create_vit
+from models.aps import aps_training_steps
+from models.moco import build_moco, moco_inputs
+from samplers.aps import kept_per_view
+from utils.runtime import autocast, compile_in_place, fused, make_grad_scaler, to_device
 
 # dense bf16 tensor-core peaks (TFLOP/s) of the accelerators we know; --peak-tflops for others
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
@@ -57,7 +67,6 @@ def sync(device):
 
 def aps_model(arch, img_size, patch, device, compile_model=False):
     """An APS model and its AdamW, as main_pretrain.py builds them (fused on CUDA, optionally compiled)."""
-    from models import APS, create_vit
     torch.manual_seed(0)
     model = APS(create_vit(arch, img_size, patch)).to(device)
     compile_in_place(model, compile_model)
@@ -109,14 +118,6 @@ def data_rate(make_loader_fn, device, batches: int, warmup: int, per_batch: int)
                         count=False)["img_per_s"]
 
 
-def to_device(batch, device):
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
-
-
 def jpeg_folder(n: int, size: int, seed: int = 0) -> str:
     """A temporary ImageNet-style folder (train/<class>/<i>.jpg) of n smooth random size x size JPEGs."""
     root = tempfile.mkdtemp(prefix="bench-jpeg-")
@@ -130,44 +131,38 @@ def jpeg_folder(n: int, size: int, seed: int = 0) -> str:
     return root
 
 
-def make_loader(path, dataset_size, img_size, batch, workers, device, cpu_transform, device_views, compile_views):
-    """path: cpu / device (in-memory uint8 images), jpeg-cpu / jpeg-device (a folder of JPEGs)."""
-    from data.datasets import build_imagefolder
-    from data.device import DeviceLoader, FolderDeviceLoader
-    from data.loader import build_train_loader
+def make_loader(path, dataset_size, img_size, batch, workers, device, recipe, compile_views):
+    """path: cpu / device (in-memory uint8 images), jpeg-cpu / jpeg-device (a folder of JPEGs); `recipe`
+    (augment.recipes) realised for that path."""
+    if path.endswith("device"):
+        views = batched_pipeline(recipe)
+        views = views.compile() if compile_views else views
     if path.startswith("jpeg"):
         root = jpeg_folder(dataset_size, img_size)
         if path == "jpeg-device":
-            views = device_views.compile() if compile_views else device_views
             return FolderDeviceLoader(build_imagefolder(root, True), batch, 0, device, views, workers)
-        return build_train_loader(build_imagefolder(root, True, cpu_transform), batch, workers, 0, device)
+        return build_train_loader(build_imagefolder(root, True, pil_pipeline(recipe)), batch, workers, 0, device)
     if path == "device":
-        device_views = device_views.compile() if compile_views else device_views
-        return DeviceLoader(SyntheticRGB(dataset_size, img_size), batch, 0, device, device_views)
-    return build_train_loader(SyntheticRGB(dataset_size, img_size, cpu_transform), batch, workers, 0, device)
+        return DeviceLoader(SyntheticRGB(dataset_size, img_size), batch, 0, device, views)
+    return build_train_loader(SyntheticRGB(dataset_size, img_size, pil_pipeline(recipe)), batch, workers, 0, device)
 
 
-def aps_pipeline(arch, path, batch, img_size, patch, ratio, K, device, amp, batches, warmup, workers,
+def aps_pipeline(arch, path, batch, img_size, patch, ratio, steps_per_batch, device, amp, batches, warmup, workers,
                  compile_model=False):
-    """Image pairs/s of whole APS batches (data, sampler, K optimizer steps) through `path`."""
-    from augment import TwoViews, aps_view_transform
-    from augment.device import aps_device_views
-    from data.datasets import get_preset
-    from models.aps import aps_training_steps
-    preset = get_preset("cifar10")
+    """Image pairs/s of whole APS batches (data, sampler, steps_per_batch optimizer steps) through `path`."""
+    recipe = aps_pair(get_preset("cifar10"), img_size)
     model, opt = aps_model(arch, img_size, patch, device, compile_model)
     scaler = make_grad_scaler(device, amp)
 
     def new_loader():
-        return make_loader(path, batch * (batches + warmup + 1), img_size, batch, workers, device,
-                           TwoViews(aps_view_transform(preset, img_size)), aps_device_views(preset, img_size),
+        return make_loader(path, batch * (batches + warmup + 1), img_size, batch, workers, device, recipe,
                            compile_model)
     loader = new_loader()
 
     def step(b):
         views = to_device(b[0], device)
-        steps = aps_training_steps(model, views, img_size // patch, ratio, K, 3.0)
-        for _ in range(K):
+        steps = aps_training_steps(model, views, img_size // patch, ratio, steps_per_batch, 3.0)
+        for _ in range(steps_per_batch):
             with autocast(device, amp):
                 loss, _ = next(steps)
             backward_step(loss, opt, scaler)
@@ -175,16 +170,14 @@ def aps_pipeline(arch, path, batch, img_size, patch, ratio, K, device, amp, batc
     out = run_pipeline(loader, step, batches, warmup, device, batch, count=not compile_model)
     out["data_pairs_per_s"] = data_rate(new_loader, device, batches, warmup, batch)
     return {"bench": "aps_pipeline", "arch": arch, "path": path, "batch": batch, "img_size": img_size, "patch": patch,
-            "nsampling": K, "amp": amp_name(amp), "compile": compile_model or False,
+            "nsampling": steps_per_batch, "amp": amp_name(amp), "compile": compile_model or False,
             "device": str(device), "workers": workers if path == "cpu" else 0, "pairs_per_s": out.pop("img_per_s"),
             **out}
 
 
 def aps_augment(batch, img_size, device, repeats, compile_views=False):
     """Image pairs/s of the on-device APS views alone (two views, boxes, flips) from uint8 images."""
-    from augment.device import aps_device_views
-    from data.datasets import get_preset
-    views = aps_device_views(get_preset("cifar10"), img_size)
+    views = batched_pipeline(aps_pair(get_preset("cifar10"), img_size))
     if compile_views:
         views.compile()
     x = torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8, device=device)
@@ -201,8 +194,6 @@ def aps_augment(batch, img_size, device, repeats, compile_views=False):
 
 def aps_step_flops(arch, batch, img_size, patch, ratio, device, amp) -> float:
     """Model FLOPs per image pair of one APS optimizer step (both views, forward and backward)."""
-    from models import APS, create_vit
-    from samplers.aps import kept_per_view
     model = APS(create_vit(arch, img_size, patch)).to(device)
     grid = img_size // patch
     n = kept_per_view(grid * grid, ratio, 1)
@@ -218,19 +209,10 @@ def aps_step_flops(arch, batch, img_size, patch, ratio, device, amp) -> float:
 
 def moco_pipeline(path, arch, batch, img_size, device, amp, batches, warmup, workers, compile_model=False):
     """Images/s of MoCo v2 steps (one query + one key view per image) through `path`, and FLOPs per image."""
-    from augment.device import moco_device_views
-    from augment.moco import moco_views
-    from data.datasets import get_preset
-    from main_moco import moco_inputs
-    from models.moco import MoCo
-    from models.resnet import create_resnet, moco_projector
     preset = get_preset("imagefolder")
     torch.manual_seed(0)
-    encoder = create_resnet(arch, False, max(1, min(8, batch // 32)))            # split BN as main_moco.py
-    encoder.fc = moco_projector(encoder.feature_dim, 2048, 128)
-    model = MoCo(encoder, 128, 65536 // batch * batch).to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model = build_moco(arch, False, max(1, min(8, batch // 32)), queue_size=65536 // batch * batch,
+                       device=device)                                         # split BN as main_moco.py
     compile_in_place(model.encoder_q, compile_model)
     compile_in_place(model.encoder_k, compile_model)
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4, **fused(device))
@@ -238,7 +220,7 @@ def moco_pipeline(path, arch, batch, img_size, device, amp, batches, warmup, wor
 
     def new_loader():
         return make_loader(path, batch * (batches + warmup + 1), src, batch, workers, device,
-                           moco_views(preset, img_size), moco_device_views(preset, img_size), compile_model)
+                           moco_views(preset, img_size), compile_model)
     loader = new_loader()
     scaler = make_grad_scaler(device, amp)
 

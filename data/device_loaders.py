@@ -1,4 +1,4 @@
-"""The on-device data path: images are augmented in batches on the training device.
+"""The on-device data path's loaders: images are augmented in batches on the training device.
 
 `DeviceLoader`: a small dataset held on the device as uint8, no worker processes, no PIL, no host-to-device
 copies per step. `FolderDeviceLoader`: an image folder whose JPEGs workers only read, decoded in batches on
@@ -24,33 +24,6 @@ from utils.runtime import seed_worker
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
 
 AUGMENT_STREAM = 1  # key part that keeps the augmentation's stream apart from the training step's
-
-DATA_PATHS = ("auto", "cpu", "device")
-
-
-def add_data_path_arg(group):
-    group.add_argument("--data-path", default="auto", choices=DATA_PATHS,
-                       help="device: augment batches on the training device (in-memory datasets live there as "
-                            "uint8; image folders: workers read the JPEGs, the GPU decodes them); cpu: PIL "
-                            "transforms in worker processes (the reference's way); auto: device for the in-memory "
-                            "datasets (digits, MNIST, Fashion-MNIST, CIFAR), cpu for image folders")
-
-
-def use_device_path(args, unsupported: str = None) -> bool:
-    """Resolve --data-path: True for the on-device path. `unsupported` names a flag the device path lacks."""
-    in_memory = args.dataset != "imagefolder"
-    if args.data_path == "device":
-        if unsupported:
-            raise UserError(f"--data-path device does not implement {unsupported}; use --data-path cpu")
-        return True
-    return args.data_path == "auto" and in_memory and not unsupported
-
-
-def device_loader(train_set, args, device: torch.device, augment):
-    """The on-device training loader for `train_set`: DeviceLoader, or FolderDeviceLoader for an image folder."""
-    if hasattr(train_set, "samples"):
-        return FolderDeviceLoader(train_set, args.batch_size, args.seed, device, augment, args.num_workers)
-    return DeviceLoader(train_set, args.batch_size, args.seed, device, augment)
 
 
 def uint8_images(dataset):

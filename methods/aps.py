@@ -1,0 +1,24 @@
+"""APS pretraining as a Trainer method (SPEC A): each loaded batch of view pairs gives `steps_per_batch` optimizer
+steps, one per sampling round, under the schedule f(e) = min((e + 1) / warmup, (1 + cos(pi e / E)) / 2)."""
+from engine import Method
+from models.aps import aps_training_steps
+from utils.schedule import aps_factor
+
+
+class APSPretraining(Method):
+    """module: a models.aps.APS (model: the same, DDP-wrapped); knn: evaluate(epoch) -> kNN metrics, or None."""
+
+    def __init__(self, module, model, grid: int, ratio: float, steps_per_batch: int, power: float, lr: float,
+                 warmup_epochs: float, epochs: int, knn=None, model_config: dict = None):
+        super().__init__(module, model, model_config)
+        self.grid, self.ratio, self.steps_per_batch, self.power = grid, ratio, steps_per_batch, power
+        self.lr, self.warmup_epochs, self.epochs, self.knn = lr, warmup_epochs, epochs, knn
+
+    def training_steps(self, batch, rng):
+        return aps_training_steps(self.model, batch[0], self.grid, self.ratio, self.steps_per_batch, self.power, rng)
+
+    def lr_at(self, epoch: float) -> float:
+        return self.lr * aps_factor(epoch, self.warmup_epochs, self.epochs)
+
+    def evaluate(self, epoch: int):
+        return None if self.knn is None else self.knn(epoch)

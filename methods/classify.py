@@ -1,0 +1,92 @@
+"""Supervised classification as Trainer methods: fine-tuning (SPEC B: mixup/cutmix, an optional EMA that is what
+gets evaluated, held-out selection) and the linear probe (SPEC D: a frozen backbone, checked after the first
+epoch); and the evaluation of a saved classifier (--eval / --evaluate)."""
+from engine import Method
+from utils.accuracy import evaluate_classifier
+from utils.checkpoint import find_resume_path, load_strict, load_training_checkpoint
+from utils.errors import UserError
+from utils.log import get_logger
+
+
+class Classification(Method):
+    """Steps of criterion(model(images), labels), mixup/cutmix first when given; evaluation of every loader in
+    `eval_loaders` ({split: loader} -> '{split}_acc1', ...) on the EMA's weights when there is an EMA, else on
+    `evaluated` (default: the module). schedule(epoch) -> lr."""
+
+    def __init__(self, module, model, criterion, schedule, eval_loaders: dict, device, amp, mixup=None, ema=None,
+                 evaluated=None, model_config: dict = None, select_metric: str = None):
+        super().__init__(module, model, model_config, {"ema": ema} if ema is not None else None)
+        self.criterion, self.schedule, self.mixup, self.ema = criterion, schedule, mixup, ema
+        self.eval_loaders, self.device, self.amp = eval_loaders, device, amp
+        self.evaluated = module if evaluated is None else evaluated
+        self.select_metric = select_metric
+
+    def training_steps(self, batch, rng):
+        images, target = batch
+        if self.mixup is not None:
+            images, target = self.mixup(images, target)
+        yield self.criterion(self.model(images), target), {}
+
+    def lr_at(self, epoch: float) -> float:
+        return self.schedule(epoch)
+
+    def after_step(self, step: int):
+        if self.ema is not None:
+            self.ema.update(self.module, step)
+
+    def evaluate(self, epoch: int) -> dict:
+        net = self.ema.module if self.ema is not None else self.evaluated
+        return {f"{split}_{k}": v for split, loader in self.eval_loaders.items()
+                for k, v in evaluate_classifier(net, loader, self.device, self.amp).items()}
+
+
+class FineTuning(Classification):
+    """Classification whose closing line says the test accuracy is the last epoch's (the best held-out epoch is
+    only selected, as checkpoint-best.pth)."""
+
+    def summary(self, metrics: dict, best=None) -> str:
+        if "test_acc1" not in metrics:
+            return ""
+        return (f"final-epoch test top-1 {metrics['test_acc1']:.2f}% (top-5 {metrics['test_acc5']:.2f}%)"
+                + (f", best val top-1 {best:.2f}%" if best is not None else ""))
+
+
+class LinearProbing(Classification):
+    """Classification of a models.linear.LinearProbe: `guard` (a BackboneGuard) remembers the backbone before
+    the first optimizer step and checks after the first epoch that training left it alone."""
+
+    def __init__(self, *args, guard, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+
+    def training_steps(self, batch, rng):
+        self.guard.snapshot()                       # before the first optimizer step of this process
+        return super().training_steps(batch, rng)
+
+    def after_epoch(self, epoch: int):
+        self.guard.check()
+
+
+def saved_checkpoint(args, flag: str, what: str):
+    """(path, checkpoint) for --eval/--evaluate: --resume, else <output-dir>/checkpoint.pth."""
+    path = find_resume_path(args.resume, args.output_dir)
+    if path is None:
+        raise UserError(f"{flag} needs {what}: pass --resume PATH (none in {args.output_dir})")
+    return path, load_training_checkpoint(path)
+
+
+def ema_or_live(ckpt: dict):
+    """(weights, 'EMA' or 'live'): a fine-tuned checkpoint's EMA weights when it kept an EMA, else the model's."""
+    ema = ckpt.get("extra", {}).get("ema")
+    if ema:
+        return {k[len("module."):]: v for k, v in ema.items()}, "EMA"
+    return ckpt["model"], "live"
+
+
+def evaluate_saved(model, weights: dict, path: str, loader, device, amp, note: str = "") -> dict:
+    """Load `weights` into `model` strictly, evaluate it on `loader`, log one line; {'test_acc1', ...}."""
+    model.to(device)
+    load_strict(model, weights, path)
+    metrics = evaluate_classifier(model, loader, device, amp)
+    get_logger().info(f"{path}{note}: test top-1 {metrics['acc1']:.2f}% top-5 {metrics['acc5']:.2f}%")
+    return {f"test_{k}": v for k, v in metrics.items()}

@@ -1,0 +1,74 @@
+"""Released weights: list the registry, download and verify a file, convert a checkpoint to a plain backbone.
+
+    python -m tools.weights list                       # every known weight, and whether it is downloaded
+    python -m tools.weights list --remote aps          # the files of the APS hub repo (hub API)
+    python -m tools.weights download asym-siam/multicrop-r50-100ep [--dest DIR]
+    python -m tools.weights download aps:pretrain/<file>
+    python -m tools.weights convert IN OUT              # a plain timm/torchvision backbone state dict
+
+Downloads go to <dest>/<file>.part, resume from there (HTTP Range), are verified (the published md5 prefix for
+Asym-Siam; the hub's sha256 for APS) and only then renamed into place: nothing unverified is ever loaded.
+The registry is models/registry.py; the download machinery utils/download.py.
+"""
+import os
+
+from models.loading import load_backbone
+from models.registry import (APS_PREFIX, APS_REPO, REGISTRY, aps_listing, asym_siam_url, cache_path, download,
+                             hub_endpoint)
+from utils.checkpoint import save_checkpoint
+from utils.errors import ArgumentParser, exit_on_user_error
+
+
+def convert(src: str, out: str) -> str:
+    """Write the backbone of `src` (a path or registry name, any format load_backbone reads) as a plain state
+    dict, after a strict load: torchvision keys for ResNets (no fc), timm keys for ViTs (no head)."""
+    model = load_backbone(src)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_checkpoint(state, out)
+    return f"wrote {out}: {type(model).__name__} backbone, {len(state)} tensors"
+
+
+def list_lines(dest: str = None):
+    rows = [("name", "arch", "source", "reported", "size", "downloaded")]
+    for w in REGISTRY.values():
+        path = cache_path(w.name, dest)
+        size = f"{w.size / 2**20:.0f} MiB" if w.size else "?"
+        rows.append((w.name, w.arch, asym_siam_url(w), w.accuracy, size, path if os.path.isfile(path) else "no"))
+    rows.append((f"{APS_PREFIX}<folder>/<file>", "vit", f"{hub_endpoint()}/{APS_REPO}", "see the APS README", "?",
+                 "`list --remote aps` lists the files"))
+    return rows
+
+
+def get_args_parser():
+    p = ArgumentParser(description=__doc__.split("\n")[0], prog="python -m tools.weights")
+    sub = p.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="known weights (or --remote aps: the hub repo's files)")
+    ls.add_argument("--remote", choices=["aps"], default=None, help="list the files of a remote repo")
+    ls.add_argument("--dest", default=None, help="cache folder to look in (default: see above)")
+    dl = sub.add_parser("download", help="fetch and verify one weight")
+    dl.add_argument("name", help="a registry name or aps:<folder>/<file>")
+    dl.add_argument("--dest", default=None, help="cache folder (default: $ASYM_SSL_WEIGHTS or torch.hub's)")
+    dl.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    cv = sub.add_parser("convert", help="write a checkpoint's backbone as a plain state dict")
+    cv.add_argument("src", help="checkpoint path or registry name")
+    cv.add_argument("out", help="output .pth")
+    return p
+
+
+@exit_on_user_error
+def main(args):
+    if args.command == "list" and args.remote == "aps":
+        for e in aps_listing():
+            digest = f"sha256 {e['sha256'][:12]}" if e["sha256"] else f"git {e['blob_id'][:12]}"
+            print(f"{APS_PREFIX}{e['path']}\t{e['size']}\t{digest}")
+    elif args.command == "list":
+        for row in list_lines(args.dest):
+            print("\t".join(row))
+    elif args.command == "download":
+        print(download(args.name, args.dest, args.timeout))
+    else:
+        print(convert(args.src, args.out))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
