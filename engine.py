@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from utils.checkpoint import LATEST, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
-from utils.dist import all_reduce_min, cleanup, get_rank, get_world_size, is_dist, is_main_process
+from utils.dist import (add_reference_launcher_args, all_reduce_min, cleanup, get_rank, get_world_size, is_dist,
+                        is_main_process)
 from utils.errors import UserError
 from utils.log import MeanMeter, Progress, RunLog, get_logger, setup_logger
 from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
@@ -29,7 +30,11 @@ from utils.runtime import (AMP_CHOICES, add_compile_arg, autocast, compile_in_pl
 from utils.schedule import set_lr
 
 
-def add_runtime_args(parser):
+def add_runtime_args(parser, reference_launcher: bool = False):
+    """The runtime flags of every script; reference_launcher: also accept (and ignore) the reference scripts'
+    launcher flags (torchrun is the launcher)."""
+    if reference_launcher:
+        add_reference_launcher_args(parser)
     g = parser.add_argument_group("runtime")
     g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init, sampling)")
     g.add_argument("--resume", default="", help="checkpoint to resume from (default: <output-dir>/checkpoint.pth "

@@ -99,8 +99,8 @@ def main(args):
                              f"{'pretrained' if args.pretrained_weights else 'from scratch'}", data, lr, device, amp))
     schedule = partial(warmup_cosine, warmup_epochs=args.warmup_epochs, epochs=args.epochs, base=lr,
                        min_value=args.min_lr, start_value=args.warmup_lr)
-    method = FineTuning(module, data_parallel(module, device), criterion, schedule, eval_loaders, device, amp,
-                        mixup, ema, model_config=model_config, select_metric="val_acc1" if "val" in eval_loaders else None)
+    method = FineTuning(module, data_parallel(module, device), criterion, schedule, eval_loaders, device, amp, mixup,
+                        ema, model_config=model_config, select_metric="val_acc1" if data.held_out is not None else None)
     trainer = Trainer(method, optimizer, data.loader, TrainSettings.from_args(args, args.eval_every), device, amp)
     return finish(trainer, trainer.fit())
 

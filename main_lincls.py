@@ -10,13 +10,12 @@ import torch
 
 from augment.recipes import eval_view, lincls_view
 from data import add_data_args, apply_preset, build_eval_loader, build_train_loader, per_rank_batch_size
-from data.args import add_data_dir_arg, resolve_data_dir
 from data.pipeline import eval_loader, training_data
 from engine import Trainer, TrainSettings, add_runtime_args, describe_run, finish, start_run
 from methods.classify import LinearProbing, evaluate_saved, saved_checkpoint
 from models.linear import PROBE_ARCHS, BackboneGuard, LinearProbe, backbone_and_fc, backbone_img_size, build_probe
 from models.norm import convert_sync_batchnorm
-from utils.dist import add_reference_launcher_args, data_parallel, get_world_size, init_distributed
+from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import feature_dataset
 from utils.lars import LARS
@@ -26,8 +25,7 @@ from utils.schedule import cosine_per_epoch
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
-    add_data_dir_arg(p)
-    add_data_args(p, batch_size=4096, dataset=None)
+    add_data_args(p, batch_size=4096, dataset=None, data_dir=True)
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", default=None, choices=PROBE_ARCHS,
                    help="backbone; read off --pretrained when left out (then it must match); needed for a random init")
@@ -52,15 +50,13 @@ def get_args_parser():
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs and at the end")
     g.add_argument("-e", "--evaluate", action="store_true",
                    help="only evaluate --resume (default <output-dir>/checkpoint.pth) on the test set")
-    add_reference_launcher_args(p)
-    add_runtime_args(p)
+    add_runtime_args(p, reference_launcher=True)
     return p
 
 
 @exit_on_user_error
 def main(args):
     device = init_distributed(args.device)
-    resolve_data_dir(args)
     given_img_size, given_patch = args.img_size, args.patch_size
     preset = apply_preset(args)
     if args.chunk_size < 0:

@@ -7,13 +7,12 @@ import torch
 
 from augment.recipes import add_moco_view_args, moco_views_from_args
 from data import add_data_args, apply_preset
-from data.args import add_data_dir_arg, resolve_data_dir
 from data.pipeline import knn_loaders, training_data
 from engine import Trainer, TrainSettings, add_runtime_args, describe_run, finish, start_run
 from methods.moco import MoCoPretraining
 from models.moco import build_moco, check_queue, synchronise_key_projector
 from models.resnet import RESNETS, ResNetTrunk
-from utils.dist import add_reference_launcher_args, data_parallel, get_world_size, init_distributed
+from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
 from utils.runtime import amp_dtype, fused, seed_everything
@@ -21,8 +20,7 @@ from utils.runtime import amp_dtype, fused, seed_everything
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
-    add_data_dir_arg(p)
-    add_data_args(p, batch_size=256, dataset=None)
+    add_data_args(p, batch_size=256, dataset=None, data_dir=True)
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", default="resnet50", choices=RESNETS, help="torchvision ResNet")
     g.add_argument("--cifar-stem", default=None, action="store_true",
@@ -43,16 +41,14 @@ def get_args_parser():
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4, help="weight decay")
     add_moco_view_args(p)
-    add_reference_launcher_args(p)
     add_knn_args(p)
-    add_runtime_args(p)
+    add_runtime_args(p, reference_launcher=True)
     return p
 
 
 @exit_on_user_error
 def main(args):
     device = init_distributed(args.device)
-    resolve_data_dir(args)
     preset = apply_preset(args)
     args.cifar_stem = args.img_size <= 64 if args.cifar_stem is None else args.cifar_stem
     check_queue(args.moco_k, args.batch_size)

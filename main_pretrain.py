@@ -8,7 +8,7 @@ from engine import Trainer, TrainSettings, add_runtime_args, describe_run, finis
 from methods.aps import APSPretraining
 from models import APS, create_vit
 from models.norm import convert_sync_batchnorm
-from models.vit import add_vit_args, vit_overrides
+from models.vit import add_vit_args, check_patch_grid, vit_overrides
 from samplers.aps import kept_per_view
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
@@ -56,7 +56,7 @@ def validate(args):
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must lie in [0, 1]")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise UserError(f"--crop-scale {args.crop_scale[0]} {args.crop_scale[1]} must satisfy 0 < MIN <= MAX <= 1")
-    grid = args.img_size // args.patch_size
+    grid = check_patch_grid(args.img_size, args.patch_size)
     try:
         kept_per_view(grid * grid, args.sampling_ratio, args.nsampling)
     except ValueError as e:
@@ -68,13 +68,13 @@ def main(args):
     device = init_distributed(args.device)
     preset = apply_preset(args)
     args.base_lr = args.base_lr or BASE_LR[args.arch]
-    model_config = dict(arch=args.arch, img_size=args.img_size, patch_size=args.patch_size, **vit_overrides(args))
-    seed_everything(args.seed)  # same initial weights on every rank and every run
-    encoder = create_vit(**model_config)  # validates arch / sizes before any work
     validate(args)
+    seed_everything(args.seed)  # same initial weights on every rank and every run
     logger = start_run(args)
     data = training_data(args, aps_pair_from_args(args, preset), device)
 
+    model_config = dict(arch=args.arch, img_size=args.img_size, patch_size=args.patch_size, **vit_overrides(args))
+    encoder = create_vit(**model_config)
     module = APS(encoder, args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim, args.temperature).to(device)
     if get_world_size() > 1:
         module = convert_sync_batchnorm(module, device)

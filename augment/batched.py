@@ -33,7 +33,8 @@ def device_of(images) -> torch.device:
 
 class BatchedView:
     """One random view per image of a float batch [N, 3, H, W] in [0, 1] (or a list of uint8 [3, h_i, w_i] images
-    of different sizes, 'resized' crops only): view(x, rng) -> (views [N, 3, S, S], boxes [N, 4], flips [N])."""
+    of different sizes, 'resized' crops only): view(x, rng) -> views [N, 3, S, S]; a boxed view returns (views,
+    boxes [N, 4] = (top, left, h, w) in source pixels, flips [N]), as the PIL realisation does."""
 
     def __init__(self, view: View):
         if view.crop not in ("resized", "padded") or view.interpolation != "bilinear":
@@ -119,7 +120,8 @@ class BatchedView:
             N = len(x)
         else:
             N, _, H, W = x.shape
-        return self.apply(x, self.params(N, H, W, rng or BatchRandom.local(device)))
+        out = self.apply(x, self.params(N, H, W, rng or BatchRandom.local(device)))
+        return out if self.view.boxed else out[0]
 
     def compile(self) -> "BatchedView":
         """torch.compile the pixel work: its ~100 small element-wise kernels fused into a few."""
@@ -146,14 +148,14 @@ class _Pipeline:
 
 
 class BatchedSingle(_Pipeline):
-    """One view per image, without its box and flip: uint8 images -> normalised float views [N, 3, S, S]."""
+    """One view per image: uint8 images -> normalised float views [N, 3, S, S] (with boxes and flips if boxed)."""
 
     def __init__(self, view: View):
         super().__init__()
         self.view = self.realise(view)
 
     def __call__(self, images, rng: BatchRandom = None):
-        return self.view(to_float(images), rng)[0]
+        return self.view(to_float(images), rng)
 
 
 class BatchedPair(_Pipeline):
@@ -185,19 +187,14 @@ class BatchedMoCo(_Pipeline):
         r = self.recipe
         x = to_float(images)
         rng = rng or BatchRandom.local(device_of(x))
-        out = {"query": self.query(x, rng)[0],
-               "keys": torch.stack([self.key(x, rng)[0] for _ in range(r.num_key_views)], dim=1)}
+        out = {"query": self.query(x, rng), "keys": torch.stack([self.key(x, rng) for _ in range(r.num_key_views)], 1)}
         if r.scalemix:
-            out["query_mix"] = self.query(x, rng)[0]
+            out["query_mix"] = self.query(x, rng)
         if r.num_minis:
-            out["mini_queries"] = torch.stack([self.mini(x, rng)[0] for _ in range(r.num_minis)], dim=1)
+            out["mini_queries"] = torch.stack([self.mini(x, rng) for _ in range(r.num_minis)], dim=1)
         return out
 
 
 def batched_pipeline(recipe):
     """The batched realisation of a recipe: a View, a Pair or MoCoViews."""
-    if isinstance(recipe, Pair):
-        return BatchedPair(recipe)
-    if isinstance(recipe, MoCoViews):
-        return BatchedMoCo(recipe)
-    return BatchedSingle(recipe)
+    return {View: BatchedSingle, Pair: BatchedPair, MoCoViews: BatchedMoCo}[type(recipe)](recipe)

@@ -152,8 +152,4 @@ class PILMoCo:
 
 def pil_pipeline(recipe):
     """The PIL realisation of a recipe: a View, a Pair or MoCoViews."""
-    if isinstance(recipe, Pair):
-        return PILPair(recipe)
-    if isinstance(recipe, MoCoViews):
-        return PILMoCo(recipe)
-    return PILView(recipe)
+    return {View: PILView, Pair: PILPair, MoCoViews: PILMoCo}[type(recipe)](recipe)

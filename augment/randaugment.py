@@ -4,8 +4,9 @@ Per sample and layer, as timm draws them: an op out of the 15 (with replacement)
 p (0.5), magnitude ~ N(M, S) clipped to [0, 10], a random sign for the signed ops. Images are worked on as
 float [N, C, H, W] holding 0..255 integers, each op rounding as its uint8 original does, so the output
 matches the PIL pipeline (the ops are in augment/ops.py; tests/test_randaugment.py compares every op with
-torchvision's functional op or timm's PIL op, sample by sample). The two differences: geometric ops always resample bilinearly (timm picks
-bilinear or bicubic at random), and posterize keeps at least 1 bit (as our PIL path does).
+torchvision's functional op or timm's PIL op, sample by sample). The two differences: geometric ops always
+resample bilinearly (timm picks bilinear or bicubic at random), and posterize keeps at least 1 bit (as our PIL
+path does).
 
 `params(n, height, width, rng)` draws every random number (no host syncs); `apply(x, params)` does the
 pixel work with no data-dependent control flow, so it compiles.

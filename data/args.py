@@ -23,7 +23,11 @@ def resolve_data_dir(args, default_dataset: str = "digits"):
     args.dataset = args.dataset or default_dataset
 
 
-def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: str = "./output"):
+def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: str = "./output",
+                  data_dir: bool = False):
+    """The data flags; data_dir: also the reference's positional DATA_DIR (resolved by apply_preset)."""
+    if data_dir:
+        add_data_dir_arg(parser)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=dataset, choices=sorted(PRESETS),
                    help="dataset; 'digits' is embedded (scikit-learn's 8x8 digits upscaled to 32 px) and needs no "
@@ -50,7 +54,10 @@ def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: 
 
 
 def apply_preset(args):
-    """Fill --img-size (and --patch-size, where the script has one) from the dataset's preset; return it."""
+    """Resolve DATA_DIR (where the script takes one), then fill --img-size (and --patch-size, where the script has
+    one) from the dataset's preset; return it."""
+    if hasattr(args, "data_dir"):
+        resolve_data_dir(args)
     preset = get_preset(args.dataset)
     args.img_size = args.img_size or preset.img_size
     if hasattr(args, "patch_size"):

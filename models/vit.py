@@ -92,13 +92,19 @@ def cls_block(block, h: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+def check_patch_grid(img_size: int, patch_size: int) -> int:
+    """The grid side G = img_size / patch_size; a one-line error naming both flags when it is not whole."""
+    if patch_size <= 0 or img_size % patch_size:
+        raise UserError(f"--img-size {img_size} is not a multiple of --patch-size {patch_size}; "
+                        "use e.g. patch 2 at 32 px or patch 16 at 224 px")
+    return img_size // patch_size
+
+
 def create_vit(arch: str = "vit-small", img_size: int = 32, patch_size: int = 2, **overrides) -> APSViT:
     """Build an APS ViT by name; `overrides` (depth, embed_dim, num_heads, drop_path_rate, ...) win."""
     if arch not in ARCHS:
         raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    if patch_size <= 0 or img_size % patch_size:
-        raise UserError(f"--img-size {img_size} is not a multiple of --patch-size {patch_size}; "
-                        "use e.g. patch 2 at 32 px or patch 16 at 224 px")
+    check_patch_grid(img_size, patch_size)
     return APSViT(img_size=img_size, patch_size=patch_size, **{**ARCHS[arch], **overrides})
 
 

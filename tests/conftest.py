@@ -1,8 +1,12 @@
+"""Shared test setup: the project root on sys.path, two threads, and the fixtures several test files use (the
+tiny model flags, a folder of JPEGs, tiny APS and MoCo checkpoints, a toy Trainer, torchrun)."""
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -24,3 +28,127 @@ def pytest_configure(config):
 @pytest.fixture
 def tiny_flags():
     return list(TINY)
+
+
+@pytest.fixture
+def make_folder():
+    """make_folder(root, classes=2, per_class=6, size=(40, 48)): an ImageNet-style folder (train/ and val/, one
+    sub-folder per class) of random JPEGs."""
+    from PIL import Image
+
+    def make(root, classes=2, per_class=6, size=(40, 48)):
+        g = torch.Generator().manual_seed(0)
+        for split in ("train", "val"):
+            for c in range(classes):
+                d = root / split / f"class{c}"
+                d.mkdir(parents=True)
+                for i in range(per_class):
+                    arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+                    Image.fromarray(arr).save(d / f"{i}.jpg")
+    return make
+
+
+@pytest.fixture
+def tiny_aps():
+    """tiny_aps(): an APS model (ViT depth 2, width 32, patch 4 at 16 px; small heads), seed 0."""
+    from models import APS, create_vit
+
+    def make():
+        torch.manual_seed(0)
+        return APS(create_vit("vit-tiny", img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2), 24, 8, 20)
+    return make
+
+
+@pytest.fixture
+def reference_state():
+    """reference_state(aps_model): its state dict in the reference's key layout, written out by hand from SPEC A6."""
+    def convert(model) -> dict:
+        enc = model.encoder
+        sd = {
+            "base_encoder.cls_token": enc.cls_token.detach().clone(),
+            "base_encoder.pos_embedding": enc.pos_embed.detach()[0].unsqueeze(1).clone(),  # (L, 1, D)
+            "base_encoder.patchify.weight": enc.patch_embed.proj.weight.detach().clone(),
+            "base_encoder.patchify.bias": enc.patch_embed.proj.bias.detach().clone(),
+            "base_encoder.layer_norm.weight": enc.norm.weight.detach().clone(),
+            "base_encoder.layer_norm.bias": enc.norm.bias.detach().clone(),
+        }
+        for i, blk in enumerate(enc.blocks):
+            parts = {"norm1": blk.norm1, "attn.proj": blk.attn.proj, "norm2": blk.norm2, "mlp.fc1": blk.mlp.fc1,
+                     "mlp.fc2": blk.mlp.fc2}
+            for name, mod in parts.items():
+                sd[f"base_encoder.transformer.{i}.{name}.weight"] = mod.weight.detach().clone()
+                sd[f"base_encoder.transformer.{i}.{name}.bias"] = mod.bias.detach().clone()
+            sd[f"base_encoder.transformer.{i}.attn.qkv.weight"] = blk.attn.qkv.weight.detach().clone()
+        for k, v in model.projector.state_dict().items():
+            sd[f"base_encoder.fc.{k}"] = v.clone()
+        for k, v in model.predictor.state_dict().items():
+            sd[f"predictor.{k}"] = v.clone()
+        return sd
+    return convert
+
+
+@pytest.fixture
+def moco_checkpoints():
+    """moco_checkpoints(folder): a tiny ResNet-18 MoCo model saved in our format (ours.pth) and in the
+    reference's (ref.pth, SPEC C4); returns the model."""
+    from models.moco import MoCo
+    from models.resnet import create_resnet, moco_projector
+
+    def make(folder):
+        torch.manual_seed(3)
+        enc = create_resnet("resnet18", cifar_stem=True)
+        enc.fc = moco_projector(enc.feature_dim, 32, 8)
+        moco = MoCo(enc, dim=8, queue_size=16)
+        with torch.no_grad():                                         # BN statistics that are not the defaults
+            for m in moco.encoder_q.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.1, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+        torch.save({"model": moco.state_dict(), "args": {}, "epoch": 1, "optimizer": {}}, folder / "ours.pth")
+        torch.save({"epoch": 100, "arch": "resnet18", "optimizer": {},
+                    "state_dict": {f"module.{k}": v for k, v in moco.state_dict().items()}}, folder / "ref.pth")
+        return moco
+    return make
+
+
+@pytest.fixture
+def make_trainer():
+    """make_trainer(folder, steps_fn, K, epochs, lr_log, **settings) -> (Trainer, optimizer): a Linear(2, 1) over
+    5 batches of 2, K steps per batch from steps_fn(model, batch); the lr schedule logs each epoch it is asked
+    for in lr_log."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from engine import Method, Trainer, TrainSettings
+
+    class Toy(Method):
+        def __init__(self, model, steps_fn, steps_per_batch, epochs, lr_log):
+            super().__init__(model)
+            self.steps_fn, self.steps_per_batch, self.epochs, self.lr_log = steps_fn, steps_per_batch, epochs, lr_log
+
+        def training_steps(self, batch, rng):
+            return self.steps_fn(self.model, batch)
+
+        def lr_at(self, e):
+            self.lr_log.append(e)
+            return 0.1 * (1 - e / self.epochs)
+
+    def make(folder, steps_fn, K, epochs, lr_log, **settings):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        data = TensorDataset(torch.randn(10, 2), torch.zeros(10))
+        loader = DataLoader(data, batch_size=2, shuffle=False)
+        settings = TrainSettings(output_dir=str(folder), epochs=epochs, batch_size=2, print_freq=1, **settings)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return Trainer(Toy(model, steps_fn, K, epochs, lr_log), opt, loader, settings, torch.device("cpu"), None), opt
+    return make
+
+
+@pytest.fixture
+def torchrun():
+    """torchrun(port, script, *args): `script args` under torchrun with 2 CPU processes (gloo), output captured."""
+    def run(port: int, script: str, *args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               script, *args]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return run

@@ -174,21 +174,19 @@ def test_crop_resize_list_equals_torchvisions_resized_crop_per_image():
         assert torch.allclose(out, ref, atol=1e-5)
 
 
-def _folder_with_odd_files(root):
+def _folder_with_odd_files(root, make_folder):
     """make_folder's JPEGs plus a PNG (workers decode it) and a grey JPEG."""
-    from PIL import Image
-    from test_tools import make_folder
     make_folder(root, per_class=4)
     Image.new("RGB", (30, 22), (200, 10, 10)).save(root / "train" / "class0" / "extra.png")
     Image.new("L", (26, 26), 90).save(root / "train" / "class1" / "grey.jpg")
 
 
 @pytest.mark.parametrize("worker_decode", [True, False], ids=["workers-decode", "batched-decode_jpeg"])
-def test_folder_device_loader_yields_the_cpu_loaders_images_and_order(tmp_path, worker_decode):
+def test_folder_device_loader_yields_the_cpu_loaders_images_and_order(tmp_path, worker_decode, make_folder):
     from data.datasets import build_imagefolder
     from data.device_loaders import FolderDeviceLoader
     from data.loader import GlobalBatchSampler
-    _folder_with_odd_files(tmp_path)
+    _folder_with_odd_files(tmp_path, make_folder)
     folder = build_imagefolder(str(tmp_path), train=True)
     loader = FolderDeviceLoader(folder, 5, seed=3, device=torch.device("cpu"), augment=lambda imgs, rng: imgs,
                                 num_workers=1, worker_decode=worker_decode)
@@ -205,11 +203,11 @@ def test_folder_device_loader_yields_the_cpu_loaders_images_and_order(tmp_path, 
             assert img.shape == ref.shape and (img.float() - ref.float()).abs().max() <= 1
 
 
-def test_folder_device_loader_names_a_corrupt_jpeg(tmp_path):
+def test_folder_device_loader_names_a_corrupt_jpeg(tmp_path, make_folder):
     from data.datasets import build_imagefolder
     from data.device_loaders import FolderDeviceLoader
     from utils.errors import UserError
-    _folder_with_odd_files(tmp_path)
+    _folder_with_odd_files(tmp_path, make_folder)
     bad = tmp_path / "train" / "class0" / "0.jpg"
     bad.write_bytes(bad.read_bytes()[:200])                       # a JPEG header, then nothing
     folder = build_imagefolder(str(tmp_path), train=True)

@@ -20,14 +20,6 @@ TORCHRUN_MOCO = ["-a", "resnet18", "--img-size", "16", "--batch-size", "8", "--m
                  "--mlp-hidden-dim", "16", "--epochs", "1", "--num-workers", "0", "--device", "cpu"]
 
 
-def torchrun(port: int, script: str, *args: str) -> subprocess.CompletedProcess:
-    """`script args` under torchrun with 2 CPU processes (gloo), output captured."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           script, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
 def make_model_and_batch():
     """A tiny APS model and a fixed batch, in float64 so that the comparison can be tight (1e-9)."""
     torch.manual_seed(0)
@@ -89,17 +81,21 @@ def single(script: str, *args: str) -> subprocess.CompletedProcess:
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-def run_both(port: int, script: str, tmp_path, *args: str, one_process_args=()):
-    """The same command with 2 processes and with 1 (plus `one_process_args`); returns both checkpoints."""
-    two = torchrun(port, script, *args, "--output-dir", str(tmp_path / "two"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = single(script, *args, *one_process_args, "--output-dir", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr[-3000:]
-    load = lambda d: torch.load(tmp_path / d / "checkpoint.pth", weights_only=True)  # noqa: E731
-    got, ref = load("two"), load("one")
-    # the epoch's mean training loss, averaged over all ranks: the same global batches, the same losses
-    assert got["metrics"]["train_loss"] == pytest.approx(ref["metrics"]["train_loss"], rel=1e-5)
-    return two, got, ref
+@pytest.fixture
+def run_both(torchrun):
+    """run_both(port, script, tmp_path, *args, one_process_args=()): the same command with 2 processes and with 1
+    (plus `one_process_args`); returns the 2-process result and both checkpoints."""
+    def run(port: int, script: str, tmp_path, *args: str, one_process_args=()):
+        two = torchrun(port, script, *args, "--output-dir", str(tmp_path / "two"))
+        assert two.returncode == 0, two.stderr[-3000:]
+        one = single(script, *args, *one_process_args, "--output-dir", str(tmp_path / "one"))
+        assert one.returncode == 0, one.stderr[-3000:]
+        load = lambda d: torch.load(tmp_path / d / "checkpoint.pth", weights_only=True)  # noqa: E731
+        got, ref = load("two"), load("one")
+        # the epoch's mean training loss, averaged over all ranks: the same global batches, the same losses
+        assert got["metrics"]["train_loss"] == pytest.approx(ref["metrics"]["train_loss"], rel=1e-5)
+        return two, got, ref
+    return run
 
 
 def assert_same_weights(got: dict, ref: dict, atol: float, skip=()):
@@ -124,7 +120,7 @@ ATOL = 1e-4
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_pretraining_equals_one_process(tmp_path, tiny_flags):
+def test_torchrun_two_process_pretraining_equals_one_process(tmp_path, tiny_flags, run_both):
     two, got, ref = run_both(29517, "main_pretrain.py", tmp_path, *tiny_flags, "--dataset", "digits", "--nepoch",
                              "1", "--warmup-epochs", "0", "--batch-size", "1024", "--nsampling", "2",
                              "--num-workers", "0", "--knn-every", "1", "--device", "cpu")
@@ -137,7 +133,7 @@ def test_torchrun_two_process_pretraining_equals_one_process(tmp_path, tiny_flag
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_finetuning_equals_one_process(tmp_path):
+def test_torchrun_two_process_finetuning_equals_one_process(tmp_path, run_both):
     # mixup/cutmix pair samples within a process's batch, and drop path draws per rank: off here
     two, got, ref = run_both(29518, "main_finetune.py", tmp_path, "--dataset", "digits", "--arch", "vit-tiny",
                              "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "8",
@@ -152,8 +148,7 @@ def test_torchrun_two_process_finetuning_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_moco_equals_one_process_with_split_bn(tmp_path):
-    from test_tools import make_folder
+def test_torchrun_two_process_moco_equals_one_process_with_split_bn(tmp_path, make_folder, run_both):
     make_folder(tmp_path / "data", per_class=8)
     two, got, ref = run_both(29519, "main_moco.py", tmp_path, *TORCHRUN_MOCO, "--knn-every", "1",
                              "--enable-multicrop", "--num-mini-crops", "2", "--enable-scalemix",
@@ -166,8 +161,7 @@ def test_torchrun_two_process_moco_equals_one_process_with_split_bn(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_moco_with_asym_bn(tmp_path):
-    from test_tools import make_folder
+def test_torchrun_two_process_moco_with_asym_bn(tmp_path, make_folder, torchrun):
     make_folder(tmp_path / "data", per_class=8)
     base = [*TORCHRUN_MOCO, "--knn-every", "0", "--enable-asym-bn", str(tmp_path / "data")]
     res = torchrun(29520, "main_moco.py", *base, "--syncbn-group-size", "2", "--output-dir", str(tmp_path / "out"))
@@ -180,8 +174,7 @@ def test_torchrun_two_process_moco_with_asym_bn(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_linear_probe_equals_one_process(tmp_path):
-    from test_lincls import moco_checkpoints
+def test_torchrun_two_process_linear_probe_equals_one_process(tmp_path, moco_checkpoints, run_both):
     moco_checkpoints(tmp_path)
     two, got, ref = run_both(29521, "main_lincls.py", tmp_path, "--dataset", "digits", "--img-size", "16",
                              "--batch-size", "256", "--epochs", "1", "--lars", "--head-bn", "--num-workers", "0",

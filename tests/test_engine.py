@@ -9,32 +9,7 @@ from engine import Method, NonFiniteLoss, Trainer, TrainSettings
 from utils.checkpoint import load_file
 
 
-class Toy(Method):
-    """A method made of the test's step function and an lr schedule that logs where it is asked."""
-
-    def __init__(self, model, steps_fn, steps_per_batch, epochs, lr_log):
-        super().__init__(model)
-        self.steps_fn, self.steps_per_batch, self.epochs, self.lr_log = steps_fn, steps_per_batch, epochs, lr_log
-
-    def training_steps(self, batch, rng):
-        return self.steps_fn(self.model, batch)
-
-    def lr_at(self, e):
-        self.lr_log.append(e)
-        return 0.1 * (1 - e / self.epochs)
-
-
-def make_trainer(tmp_path, steps_fn, K, epochs, lr_log, **settings):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(2, 1)
-    data = TensorDataset(torch.randn(10, 2), torch.zeros(10))
-    loader = DataLoader(data, batch_size=2, shuffle=False)
-    settings = TrainSettings(output_dir=str(tmp_path), epochs=epochs, batch_size=2, print_freq=1, **settings)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return Trainer(Toy(model, steps_fn, K, epochs, lr_log), opt, loader, settings, torch.device("cpu"), None), opt
-
-
-def test_k_steps_per_batch_and_lr_at_fractional_epochs(tmp_path):
+def test_k_steps_per_batch_and_lr_at_fractional_epochs(tmp_path, make_trainer):
 
     def steps(model, batch):
         for _ in range(2):
@@ -50,7 +25,7 @@ def test_k_steps_per_batch_and_lr_at_fractional_epochs(tmp_path):
     assert load_file(str(tmp_path / "checkpoint.pth"))["global_step"] == 20
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, make_trainer):
     counter = {"step": 0}
 
     def steps(model, batch):
@@ -69,7 +44,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
 @pytest.mark.parametrize("flags, mode", [([], None), (["--compile"], None),
                                          (["--compile", "max-autotune"], "max-autotune"),
                                          (["--compile", "reduce-overhead"], "reduce-overhead")])
-def test_compile_flag_reaches_torch_compile_with_its_mode(tmp_path, monkeypatch, flags, mode):
+def test_compile_flag_reaches_torch_compile_with_its_mode(tmp_path, monkeypatch, flags, mode,
+                                                         make_trainer):
     from engine import add_runtime_args
     parser = argparse.ArgumentParser()
     add_runtime_args(parser)

@@ -9,7 +9,6 @@ import main_finetune
 from models import create_vit
 from models.vit import param_groups
 from models.loading import load_classifier
-from test_loading import reference_state, tiny_aps
 from utils.errors import UserError
 from utils.schedule import set_lr, warmup_cosine
 
@@ -22,7 +21,7 @@ def run(argv):
     return main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
 
 
-def test_reference_file_loads_with_a_new_head(tmp_path, caplog):
+def test_reference_file_loads_with_a_new_head(tmp_path, caplog, tiny_aps, reference_state):
     model = tiny_aps()
     path = tmp_path / "ref.pth"
     torch.save(reference_state(model), path)
@@ -129,21 +128,3 @@ def test_bad_finetune_inputs(tmp_path, capsys):
             run(FAST + ["--epochs", "1", "--output-dir", str(tmp_path / "out")] + flags)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and expected in err, (flags, err)
-
-
-@pytest.mark.slow
-def test_resume_with_ema_and_mixup_equals_uninterrupted(tmp_path):
-    import shutil
-    flags = FAST + ["--epochs", "2", "--warmup-epochs", "1", "--model-ema", "--model-ema-decay", "0.9",
-                    "--batch-size", "128"]
-    run(flags + ["--output-dir", str(tmp_path / "full"), "--save-every", "1"])
-    (tmp_path / "resumed").mkdir()
-    shutil.copy(tmp_path / "full" / "checkpoint-0001.pth", tmp_path / "resumed" / "checkpoint.pth")
-    run(flags + ["--output-dir", str(tmp_path / "resumed")])
-    full = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
-    assert resumed["global_step"] == full["global_step"]
-    for k, v in full["model"].items():
-        assert torch.equal(v, resumed["model"][k]), k
-    for k, v in full["extra"]["ema"].items():
-        assert torch.equal(v, resumed["extra"]["ema"][k]), k

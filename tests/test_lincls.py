@@ -50,24 +50,7 @@ def test_lars_leaves_a_zero_matrix_step_unscaled():
     assert torch.equal(W.detach(), -torch.ones(2, 2))  # |w| = 0: plain SGD, not a zero step
 
 
-def moco_checkpoints(tmp_path):
-    """A tiny ResNet-18 MoCo model saved in our format and in the reference's (SPEC C4)."""
-    torch.manual_seed(3)
-    enc = create_resnet("resnet18", cifar_stem=True)
-    enc.fc = moco_projector(enc.feature_dim, 32, 8)
-    moco = MoCo(enc, dim=8, queue_size=16)
-    with torch.no_grad():                                         # BN statistics that are not the defaults
-        for m in moco.encoder_q.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    torch.save({"model": moco.state_dict(), "args": {}, "epoch": 1, "optimizer": {}}, tmp_path / "ours.pth")
-    torch.save({"epoch": 100, "arch": "resnet18", "optimizer": {},
-                "state_dict": {f"module.{k}": v for k, v in moco.state_dict().items()}}, tmp_path / "ref.pth")
-    return moco
-
-
-def test_reference_checkpoint_loads_with_exactly_fc_missing(tmp_path):
+def test_reference_checkpoint_loads_with_exactly_fc_missing(tmp_path, moco_checkpoints):
     moco = moco_checkpoints(tmp_path)
     ref = torch.load(tmp_path / "ref.pth", weights_only=True)
     backbone, fc, cfg = backbone_and_fc(ref, num_classes=10)
@@ -123,7 +106,7 @@ BASE = ["--dataset", "digits", "--img-size", "16", "--num-workers", "0", "--batc
 
 
 @pytest.mark.slow
-def test_probe_beats_chance_keeps_the_backbone_and_evaluate_matches(tmp_path):
+def test_probe_beats_chance_keeps_the_backbone_and_evaluate_matches(tmp_path, moco_checkpoints):
     moco_checkpoints(tmp_path)
     out = tmp_path / "out"
     metrics = lincls_run(BASE + ["--epochs", "2", "--eval-every", "2", "--lr", "1", "--head-bn", "--data-path", "cpu",
@@ -171,7 +154,7 @@ def test_bad_input_gives_one_line(tmp_path, capsys, argv, message):
     assert e.value.code == 2 and message in err and "\n" not in err, err
 
 
-def test_a_wrong_arch_for_the_checkpoint_is_named(tmp_path, capsys):
+def test_a_wrong_arch_for_the_checkpoint_is_named(tmp_path, capsys, moco_checkpoints):
     moco_checkpoints(tmp_path)
     with pytest.raises(SystemExit):
         lincls_run(BASE + ["-a", "vit-small", "--pretrained", str(tmp_path / "ours.pth"), "--output-dir",

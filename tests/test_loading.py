@@ -13,43 +13,13 @@ from utils.errors import UserError
 TINY = dict(depth=2, embed_dim=32, num_heads=2)
 
 
-def tiny_aps():
-    torch.manual_seed(0)
-    return APS(create_vit("vit-tiny", img_size=16, patch_size=4, **TINY), 24, 8, 20)
-
-
-def reference_state(model: APS) -> dict:
-    """The reference's key layout, written out by hand from SPEC A6."""
-    enc = model.encoder
-    sd = {
-        "base_encoder.cls_token": enc.cls_token.detach().clone(),
-        "base_encoder.pos_embedding": enc.pos_embed.detach()[0].unsqueeze(1).clone(),  # (L, 1, D)
-        "base_encoder.patchify.weight": enc.patch_embed.proj.weight.detach().clone(),
-        "base_encoder.patchify.bias": enc.patch_embed.proj.bias.detach().clone(),
-        "base_encoder.layer_norm.weight": enc.norm.weight.detach().clone(),
-        "base_encoder.layer_norm.bias": enc.norm.bias.detach().clone(),
-    }
-    for i, blk in enumerate(enc.blocks):
-        parts = {"norm1": blk.norm1, "attn.proj": blk.attn.proj, "norm2": blk.norm2, "mlp.fc1": blk.mlp.fc1,
-                 "mlp.fc2": blk.mlp.fc2}
-        for name, mod in parts.items():
-            sd[f"base_encoder.transformer.{i}.{name}.weight"] = mod.weight.detach().clone()
-            sd[f"base_encoder.transformer.{i}.{name}.bias"] = mod.bias.detach().clone()
-        sd[f"base_encoder.transformer.{i}.attn.qkv.weight"] = blk.attn.qkv.weight.detach().clone()
-    for k, v in model.projector.state_dict().items():
-        sd[f"base_encoder.fc.{k}"] = v.clone()
-    for k, v in model.predictor.state_dict().items():
-        sd[f"predictor.{k}"] = v.clone()
-    return sd
-
-
 def features(model, x):
     model.eval()
     with torch.no_grad():
         return model(x)
 
 
-def test_reference_format_gives_the_same_features(tmp_path):
+def test_reference_format_gives_the_same_features(tmp_path, tiny_aps, reference_state):
     model = tiny_aps()
     sd = reference_state(model)
     assert sd["base_encoder.pos_embedding"].shape == (16, 1, 32)
@@ -61,7 +31,7 @@ def test_reference_format_gives_the_same_features(tmp_path):
     assert torch.allclose(features(backbone, x), features(model.encoder, x), atol=1e-6)
 
 
-def test_our_checkpoint_gives_the_same_features(tmp_path):
+def test_our_checkpoint_gives_the_same_features(tmp_path, tiny_aps):
     model = tiny_aps()
     cfg = dict(arch="vit-tiny", img_size=16, patch_size=4, **TINY)
     path = tmp_path / "ours.pth"
@@ -71,7 +41,7 @@ def test_our_checkpoint_gives_the_same_features(tmp_path):
     assert torch.allclose(features(backbone, x), features(model.encoder, x), atol=1e-6)
 
 
-def test_standard_width_is_inferred_and_wrong_flags_are_named(tmp_path):
+def test_standard_width_is_inferred_and_wrong_flags_are_named(tmp_path, reference_state):
     torch.manual_seed(0)
     model = APS(create_vit("vit-tiny", img_size=16, patch_size=4, depth=1), 16, 8, 16)
     path = tmp_path / "ref.pth"
@@ -84,7 +54,7 @@ def test_standard_width_is_inferred_and_wrong_flags_are_named(tmp_path):
         load_backbone(str(path), patch_size=2)
 
 
-def test_strict_keys(tmp_path):
+def test_strict_keys(tmp_path, tiny_aps, reference_state):
     sd = reference_state(tiny_aps())
     extra = dict(sd, **{"base_encoder.something.weight": torch.zeros(1)})
     with pytest.raises(UserError, match="unexpected keys.*something"):
@@ -104,7 +74,7 @@ class Payload:
         return (os.system, ("touch PWNED",))
 
 
-def test_hostile_and_broken_files_are_refused(tmp_path, monkeypatch):
+def test_hostile_and_broken_files_are_refused(tmp_path, monkeypatch, tiny_aps, reference_state):
     monkeypatch.chdir(tmp_path)
     evil = tmp_path / "evil.pth"
     torch.save({"model": Payload()}, evil)

@@ -11,7 +11,6 @@ import torch
 
 import main_pretrain
 from engine import NonFiniteLoss
-from test_engine import make_trainer
 from utils.checkpoint import load_file, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +110,7 @@ def nan_at(steps_with_nan):
     return steps
 
 
-def test_skip_nonfinite_skips_up_to_n_steps_then_stops(tmp_path, caplog):
+def test_skip_nonfinite_skips_up_to_n_steps_then_stops(tmp_path, caplog, make_trainer):
     trainer, _ = make_trainer(tmp_path / "a", nan_at({4, 8}), K=1, epochs=3, lr_log=[], skip_nonfinite=2)
     before = {}
 
@@ -128,8 +127,7 @@ def test_skip_nonfinite_skips_up_to_n_steps_then_stops(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_checkpoints_on_every_rank_and_the_rerun_is_exact(tmp_path, tiny_flags):
-    from test_distributed import torchrun
+def test_sigterm_to_torchrun_checkpoints_on_every_rank_and_the_rerun_is_exact(tmp_path, tiny_flags, torchrun):
     args = ["main_pretrain.py", *tiny_flags, *RUN, "--num-workers", "0", "--device", "cpu", "--print-freq", "1"]
     ref = torchrun(29531, *args, "--output-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-2000:]

@@ -59,7 +59,7 @@ def test_uncovered_fraction_matches_brute_force(case):
         assert torch.allclose(r[0, k].flatten().double(), ref, atol=1e-5), case
 
 
-def test_batched_sampler_uses_the_right_geometryper_sample():
+def test_batched_sampler_uses_the_right_geometry_per_sample():
     torch.manual_seed(1)
     grid = 16
     box1, flip1, box2, flip2 = random_boxes(6, 32)

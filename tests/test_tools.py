@@ -99,18 +99,7 @@ def test_bench_targets_read_the_records_of_the_target_shapes():
     assert cpu["all_met"] is False
 
 
-def make_folder(root, classes=2, per_class=6, size=(40, 48)):
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr).save(d / f"{i}.jpg")
-
-
-def test_imagefolder_pretraining_runs(tmp_path, tiny_flags):
+def test_imagefolder_pretraining_runs(tmp_path, tiny_flags, make_folder):
     make_folder(tmp_path / "data")
     flags = [f for f in tiny_flags]
     argv = flags + ["--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--img-size", "32",
@@ -121,7 +110,7 @@ def test_imagefolder_pretraining_runs(tmp_path, tiny_flags):
     assert os.path.isfile(tmp_path / "out" / "checkpoint.pth")
 
 
-def test_imagefolder_on_the_device_path_pretrains_and_trains_moco(tmp_path, tiny_flags):
+def test_imagefolder_on_the_device_path_pretrains_and_trains_moco(tmp_path, tiny_flags, make_folder):
     """--data-path device on a folder: workers read the files, the device decodes and crops image by image."""
     import main_moco
     make_folder(tmp_path / "data")
@@ -139,3 +128,27 @@ def test_imagefolder_on_the_device_path_pretrains_and_trains_moco(tmp_path, tiny
     assert os.path.isfile(tmp_path / "moco" / "checkpoint.pth")
     for run in ("aps", "moco"):
         assert "data path device" in (tmp_path / run / "log.txt").read_text()
+
+
+def test_same_runs_compares_checkpoints_bit_for_bit(tmp_path):
+    from tools.same_runs import compare_checkpoint
+    base = {"model": {"w": torch.tensor([1.0, 0.0]), "n": torch.tensor(3)}, "epoch": 1, "args": {"nepoch": 1},
+            "metrics": {"train_img_per_s": 5.0, "train_loss": 0.5}, "rng": None}
+
+    def saved(name, **change):
+        ckpt = {**base, **change}
+        torch.save(ckpt, tmp_path / name)
+        return str(tmp_path / name)
+    a = saved("a.pth")
+    # the flags as saved and the machine's speed are no part of what was trained
+    assert compare_checkpoint(a, saved("b.pth", args={"epochs": 1}, metrics={"train_img_per_s": 9.0,
+                                                                          "train_loss": 0.5})) == []
+    for name, change, where in [
+            ("sign", {"model": {"w": torch.tensor([1.0, -0.0]), "n": torch.tensor(3)}}, ".model.w"),   # -0.0 != 0.0
+            ("ulp", {"model": {"w": torch.tensor([float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))), 0.0]),
+                               "n": torch.tensor(3)}}, ".model.w"),
+            ("dtype", {"model": {"w": torch.tensor([1.0, 0.0], dtype=torch.float64), "n": torch.tensor(3)}}, ".model.w"),
+            ("loss", {"metrics": {"train_img_per_s": 5.0, "train_loss": 0.25}}, ".metrics.train_loss"),
+            ("epoch", {"epoch": 2}, ".epoch")]:
+        diffs = compare_checkpoint(a, saved(f"{name}.pth", **change))
+        assert len(diffs) == 1 and diffs[0].startswith(where), (name, diffs)

@@ -203,8 +203,8 @@ def test_a_pickle_with_a_code_payload_is_refused_without_running_it(monkeypatch,
     assert not marker.exists()
 
 
-def test_aps_files_are_listed_through_the_hub_api_and_verified(monkeypatch, server, tmp_path, capsys):
-    from test_loading import reference_state, tiny_aps
+def test_aps_files_are_listed_through_the_hub_api_and_verified(monkeypatch, server, tmp_path,
+                                                               capsys, tiny_aps, reference_state):
     aps = tiny_aps()
     torch.save(reference_state(aps), tmp_path / "aps.pth")
     big, small = (tmp_path / "aps.pth").read_bytes(), b"# notes\n"
@@ -248,9 +248,8 @@ def test_convert_writes_a_plain_torchvision_state_dict(monkeypatch, server, tmp_
     assert torch.allclose(plain.eval()(x), ResNetTrunk(encoder).eval()(x), atol=1e-5)
 
 
-def test_torch_hub_entry_points(monkeypatch, server, tmp_path):
+def test_torch_hub_entry_points(monkeypatch, server, tmp_path, reference_state):
     from models import APS, create_vit
-    from test_loading import reference_state
     torch.manual_seed(0)
     aps = APS(create_vit("vit-tiny", img_size=16, patch_size=4, depth=1), 24, 8, 20)   # ViT-Tiny's width
     torch.save(reference_state(aps), tmp_path / "aps.pth")

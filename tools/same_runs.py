@@ -78,7 +78,8 @@ def differences(a, b, where: str = "") -> list:
         if a.dtype != b.dtype or a.shape != b.shape:
             return [f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"]
         same = torch.equal(raw_bytes(a), raw_bytes(b))
-        return [] if same else [f"{where}: values differ (max |diff| {(a.double() - b.double()).abs().max().item():.3g})"]
+        gap = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        return [] if same else [f"{where}: values differ (max |diff| {gap:.3g})"]
     if isinstance(a, dict) and isinstance(b, dict):
         a, b = ({k: v for k, v in d.items() if k not in UNTIMED} for d in (a, b))
         out = [f"{where}.{k}: only in the first" for k in a.keys() - b.keys()]

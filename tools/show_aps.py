@@ -76,7 +76,8 @@ def show(args):
 
 
 def get_args_parser():
-    p = ArgumentParser(description="Visualise asymmetric patch sampling (writes a PNG).", prog="python -m tools.show_aps")
+    p = ArgumentParser(description="Visualise asymmetric patch sampling (writes a PNG).",
+                       prog="python -m tools.show_aps")
     p.add_argument("--show", action="store_true", help="accepted for the old `samplers.aps --show` (always drawn)")
     p.add_argument("--dataset", default="digits", choices=sorted(PRESETS), help="where the images come from")
     p.add_argument("--data-root", default=None, help="dataset folder (see main_pretrain.py --help)")
