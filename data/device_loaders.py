@@ -20,7 +20,7 @@ from utils.errors import UserError, describe
 from utils.rng import BatchRandom
 from utils.runtime import seed_worker
 
-# torchvision 0.29 deprecates its decoders for TorchCodec (README, Speed); the pinned version has them
+# torchvision 0.29 deprecates its decoders for TorchCodec (docs/SPEED.md); the pinned version has them
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
 
 AUGMENT_STREAM = 1  # key part that keeps the augmentation's stream apart from the training step's
