@@ -9,12 +9,13 @@ from timm.utils import ModelEmaV3
 from augment.recipes import add_finetune_view_args, eval_view, finetune_view_from_args
 from data import add_data_args, apply_preset, per_rank_batch_size
 from data.pipeline import eval_loader, training_data
-from engine import Trainer, TrainSettings, add_runtime_args, describe_run, finish, start_run
+from engine import Trainer, TrainSettings, finish
 from methods.classify import FineTuning, ema_or_live, evaluate_saved, saved_checkpoint
 from models.loading import build_classifier
 from models.vit import add_vit_args, create_vit, param_groups, vit_overrides
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.run import add_runtime_args, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
 from utils.schedule import warmup_cosine
 

@@ -11,7 +11,7 @@ import torch
 from augment.recipes import eval_view, lincls_view
 from data import add_data_args, apply_preset, build_eval_loader, build_train_loader, per_rank_batch_size
 from data.pipeline import eval_loader, training_data
-from engine import Trainer, TrainSettings, add_runtime_args, describe_run, finish, start_run
+from engine import Trainer, TrainSettings, finish
 from methods.classify import LinearProbing, evaluate_saved, saved_checkpoint
 from models.linear import PROBE_ARCHS, BackboneGuard, LinearProbe, backbone_and_fc, backbone_img_size, build_probe
 from models.norm import convert_sync_batchnorm
@@ -19,6 +19,7 @@ from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import feature_dataset
 from utils.lars import LARS
+from utils.run import add_runtime_args, describe_run, start_run
 from utils.runtime import amp_dtype, seed_everything
 from utils.schedule import cosine_per_epoch
 

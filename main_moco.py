@@ -8,13 +8,14 @@ import torch
 from augment.recipes import add_moco_view_args, moco_views_from_args
 from data import add_data_args, apply_preset
 from data.pipeline import knn_loaders, training_data
-from engine import Trainer, TrainSettings, add_runtime_args, describe_run, finish, start_run
+from engine import Trainer, TrainSettings, finish
 from methods.moco import MoCoPretraining
 from models.moco import build_moco, check_queue, synchronise_key_projector
 from models.resnet import RESNETS, ResNetTrunk
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
+from utils.run import add_runtime_args, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
 
 

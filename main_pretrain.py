@@ -4,7 +4,7 @@ import torch
 from augment.recipes import add_aps_view_args, aps_pair_from_args
 from data import add_data_args, apply_preset
 from data.pipeline import knn_loaders, training_data
-from engine import Trainer, TrainSettings, add_runtime_args, describe_run, finish, start_run
+from engine import Trainer, TrainSettings, finish
 from methods.aps import APSPretraining
 from models import APS, create_vit
 from models.norm import convert_sync_batchnorm
@@ -13,6 +13,7 @@ from samplers.aps import kept_per_view
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
+from utils.run import add_runtime_args, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
 
 BASE_LR = {"vit-tiny": 1e-3, "vit-small": 5e-4, "vit-base": 5e-4}

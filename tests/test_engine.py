@@ -3,9 +3,8 @@ import argparse
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from engine import Method, NonFiniteLoss, Trainer, TrainSettings
+from engine import NonFiniteLoss
 from utils.checkpoint import load_file
 
 
@@ -46,7 +45,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
                                          (["--compile", "reduce-overhead"], "reduce-overhead")])
 def test_compile_flag_reaches_torch_compile_with_its_mode(tmp_path, monkeypatch, flags, mode,
                                                          make_trainer):
-    from engine import add_runtime_args
+    from utils.run import add_runtime_args
     parser = argparse.ArgumentParser()
     add_runtime_args(parser)
     args = parser.parse_args(flags)
@@ -57,7 +56,7 @@ def test_compile_flag_reaches_torch_compile_with_its_mode(tmp_path, monkeypatch,
 
 
 def test_compile_flag_rejects_an_unknown_mode(capsys):
-    from engine import add_runtime_args
+    from utils.run import add_runtime_args
     from utils.errors import ArgumentParser
     parser = ArgumentParser()
     add_runtime_args(parser)

@@ -6,8 +6,6 @@ import torch
 import torch.nn as nn
 
 from models.linear import BackboneGuard, LinearProbe, backbone_and_fc
-from models.moco import MoCo
-from models.resnet import create_resnet, moco_projector
 from utils.errors import UserError
 from utils.lars import LARS
 

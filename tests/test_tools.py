@@ -147,7 +147,8 @@ def test_same_runs_compares_checkpoints_bit_for_bit(tmp_path):
             ("sign", {"model": {"w": torch.tensor([1.0, -0.0]), "n": torch.tensor(3)}}, ".model.w"),   # -0.0 != 0.0
             ("ulp", {"model": {"w": torch.tensor([float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))), 0.0]),
                                "n": torch.tensor(3)}}, ".model.w"),
-            ("dtype", {"model": {"w": torch.tensor([1.0, 0.0], dtype=torch.float64), "n": torch.tensor(3)}}, ".model.w"),
+            ("dtype", {"model": {"w": torch.tensor([1.0, 0.0], dtype=torch.float64), "n": torch.tensor(3)}},
+             ".model.w"),
             ("loss", {"metrics": {"train_img_per_s": 5.0, "train_loss": 0.25}}, ".metrics.train_loss"),
             ("epoch", {"epoch": 2}, ".epoch")]:
         diffs = compare_checkpoint(a, saved(f"{name}.pth", **change))
