@@ -140,3 +140,10 @@ def literal_places(value) -> list:
 def test_each_spec_recipe_constant_is_stated_once(value):
     places = literal_places(value)
     assert len(places) == 1, f"{value!r} is written at {places}; state it once (augment/recipes.py) and refer to it"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_takes_both_spellings_of_the_epoch_count(script):
+    import importlib
+    parser = importlib.import_module(script.removesuffix(".py")).get_args_parser()
+    assert parser.parse_args(["--nepoch", "3"]).epochs == 3 == parser.parse_args(["--epochs", "3"]).epochs
