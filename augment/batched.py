@@ -38,8 +38,8 @@ class BatchedView:
 
     def __init__(self, view: View):
         if view.crop not in ("resized", "padded") or view.interpolation != "bilinear":
-            raise ValueError(f"the batched realisation makes 'resized' and 'padded' crops with bilinear resampling, "
-                             f"not a {view.interpolation} {view.crop!r} crop; use the PIL realisation")
+            raise ValueError(f"the batched realisation makes only bilinear 'resized' and 'padded' crops, not a "
+                             f"{view.interpolation} {view.crop!r} crop")
         self.view = view
         self.randaug = DeviceRandAugment(view.randaugment, mean_fill(view.mean)) if view.randaugment else None
 
