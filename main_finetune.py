@@ -8,11 +8,12 @@ from timm.utils import ModelEmaV3
 
 from augment.recipes import add_finetune_view_args, eval_view, finetune_view_from_args
 from data import add_data_args, apply_preset, per_rank_batch_size
+from data.datasets import num_classes_of
 from data.pipeline import eval_loader, training_data
 from engine import Trainer, TrainSettings, finish
-from methods.classify import FineTuning, ema_or_live, evaluate_saved, saved_checkpoint
+from methods.classify import FineTuning, evaluate_saved, finetuned_classifier, saved_source
 from models.loading import build_classifier
-from models.vit import add_vit_args, create_vit, param_groups, vit_overrides
+from models.vit import add_vit_args, param_groups, vit_overrides
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.run import add_runtime_args, describe_run, start_run
@@ -25,9 +26,11 @@ BASE_LR = {"vit-tiny": 2e-3, "vit-small": 1e-3, "vit-base": 5e-4}  # per 512 ima
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
     add_data_args(p, batch_size=128)
-    g = add_vit_args(p)
-    g.add_argument("--pretrained-weights", default="", help="APS checkpoint (ours or the reference's); "
-                                                            "empty: train from scratch")
+    g = add_vit_args(p, arch=None, arch_help="ViT size (depth 12); default: what --pretrained-weights or --eval's "
+                                              "file holds, else vit-small")
+    g.add_argument("--pretrained-weights", default="", help="APS checkpoint (ours or the reference's, pretrained or "
+                                                            "fine-tuned; a path or a registry name); empty: train "
+                                                            "from scratch")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (applied, unlike the reference)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", "--nepoch", dest="epochs", type=int, default=100, help="fine-tuning epochs")
@@ -53,7 +56,8 @@ def get_args_parser():
                    help="hold out this fraction of the training set to select the best epoch (checkpoint-best.pth)")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs and at the end")
     g.add_argument("--eval", action="store_true",
-                   help="only evaluate --resume (default <output-dir>/checkpoint.pth) on the test set")
+                   help="only evaluate --resume (default <output-dir>/checkpoint.pth) on the test set: one of our "
+                        "fine-tuning checkpoints, or a released fine-tuned APS file (a path or a registry name)")
     add_runtime_args(p)
     return p
 
@@ -61,8 +65,8 @@ def get_args_parser():
 @exit_on_user_error
 def main(args):
     device = init_distributed(args.device)
+    given = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size)   # what --eval checks
     preset = apply_preset(args)
-    args.base_lr = args.base_lr or BASE_LR[args.arch]
     mixing = args.mixup > 0 or args.cutmix > 0
     if mixing and per_rank_batch_size(args.batch_size) % 2:
         raise UserError(f"mixup/cutmix need an even batch per process (got {args.batch_size // get_world_size()}); "
@@ -76,10 +80,9 @@ def main(args):
     eval_bs = max(1, per_rank_batch_size(args.batch_size))
     test_loader = eval_loader(args, test_view, device, eval_bs)
     if args.eval:
-        path, ckpt = saved_checkpoint(args, "--eval", "a fine-tuned checkpoint")
-        weights, which = ema_or_live(ckpt)
-        return evaluate_saved(create_vit(**ckpt["model_config"]), weights, path, test_loader, device, amp,
-                              f" ({which} weights)")
+        source = saved_source(args, "--eval", "a fine-tuned checkpoint")
+        model, weights, note = finetuned_classifier(source, given, num_classes_of(test_loader.dataset))
+        return evaluate_saved(model, weights, source, test_loader, device, amp, note)
     data = training_data(args, recipe, device, holdout=args.val_split)
     eval_loaders = {"test": test_loader}
     if data.held_out is not None:
@@ -88,6 +91,8 @@ def main(args):
     module, model_config = build_classifier(args.pretrained_weights, data.num_classes, args.arch, args.patch_size,
                                             args.img_size, args.drop_path, **vit_overrides(args))
     module.to(device)
+    args.arch = model_config["arch"]
+    args.base_lr = args.base_lr or BASE_LR[args.arch]
     lr = args.base_lr * args.batch_size / 512
     optimizer = torch.optim.AdamW(param_groups(module, args.weight_decay, args.layer_decay), lr=lr, eps=args.opt_eps,
                                   **fused(device))

@@ -2,6 +2,8 @@
 gets evaluated, held-out selection) and the linear probe (SPEC D: a frozen backbone, checked after the first
 epoch); and the evaluation of a saved classifier (--eval / --evaluate)."""
 from engine import Method
+from models.loading import detect_format, load_fine_tuned, open_weights
+from models.vit import create_vit
 from utils.accuracy import evaluate_classifier
 from utils.checkpoint import find_resume_path, load_strict, load_training_checkpoint
 from utils.errors import UserError
@@ -67,12 +69,34 @@ class LinearProbing(Classification):
         self.guard.check()
 
 
-def saved_checkpoint(args, flag: str, what: str):
-    """(path, checkpoint) for --eval/--evaluate: --resume, else <output-dir>/checkpoint.pth."""
+def saved_source(args, flag: str, what: str) -> str:
+    """What --eval/--evaluate reads: --resume, else <output-dir>/checkpoint.pth."""
     path = find_resume_path(args.resume, args.output_dir)
     if path is None:
         raise UserError(f"{flag} needs {what}: pass --resume PATH (none in {args.output_dir})")
+    return path
+
+
+def saved_checkpoint(args, flag: str, what: str):
+    """(path, checkpoint) for --eval/--evaluate: --resume, else <output-dir>/checkpoint.pth."""
+    path = saved_source(args, flag, what)
     return path, load_training_checkpoint(path)
+
+
+def finetuned_classifier(source, given: dict, num_classes: int):
+    """(model, weights to load or None, note) of what --eval evaluates: one of our fine-tuning checkpoints (its
+    EMA when it kept one), or a released fine-tuned APS classifier (the reference's pickled ViT, read without
+    running it; given: the --arch/--patch-size/--img-size passed, checked against the file)."""
+    name, ckpt = open_weights(source)
+    fmt = detect_format(ckpt, name)
+    if fmt == "reference-aps-classifier":
+        model, _ = load_fine_tuned(ckpt, num_classes=num_classes, name=name, **given)
+        return model, None, " (released fine-tuned classifier)"
+    if fmt != "ours-vit" or "model_config" not in ckpt:
+        raise UserError(f"{name} holds {fmt}, not a fine-tuned classifier; --eval takes one of our fine-tuning "
+                        "checkpoints or a released fine-tuned APS file")
+    weights, which = ema_or_live(ckpt)
+    return create_vit(**ckpt["model_config"]), weights, f" ({which} weights)"
 
 
 def ema_or_live(ckpt: dict):
@@ -83,10 +107,12 @@ def ema_or_live(ckpt: dict):
     return ckpt["model"], "live"
 
 
-def evaluate_saved(model, weights: dict, path: str, loader, device, amp, note: str = "") -> dict:
-    """Load `weights` into `model` strictly, evaluate it on `loader`, log one line; {'test_acc1', ...}."""
+def evaluate_saved(model, weights, path: str, loader, device, amp, note: str = "") -> dict:
+    """Load `weights` (unless None: already loaded) into `model` strictly, evaluate it on `loader`, log one line;
+    {'test_acc1', ...}."""
     model.to(device)
-    load_strict(model, weights, path)
+    if weights is not None:
+        load_strict(model, weights, path)
     metrics = evaluate_classifier(model, loader, device, amp)
     get_logger().info(f"{path}{note}: test top-1 {metrics['acc1']:.2f}% top-5 {metrics['acc5']:.2f}%")
     return {f"test_{k}": v for k, v in metrics.items()}

@@ -26,12 +26,15 @@ ARCHS = {
 class APSViT(VisionTransformer):
     """forward(x) -> cls feature [B, D]; forward_kept(x, idx) runs the blocks on cls + the kept patches."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, norm_eps: float = 1e-5, final_norm_eps: float = None, **kwargs):
+        """norm_eps: the blocks' LayerNorm epsilon (SPEC: 1e-5); final_norm_eps: the final norm's (default the
+        same). Other values only to reproduce a file built otherwise (a module tree records them)."""
         cfg = dict(depth=12, mlp_ratio=4.0, qkv_bias=False, class_token=True, no_embed_class=True,
-                   global_pool="token", num_classes=0, norm_layer=partial(nn.LayerNorm, eps=1e-5),
+                   global_pool="token", num_classes=0, norm_layer=partial(nn.LayerNorm, eps=norm_eps),
                    drop_path_rate=0.0, init_values=None)
         cfg.update(kwargs)
         super().__init__(**cfg)
+        self.norm.eps = norm_eps if final_norm_eps is None else final_norm_eps
         trunc_normal_(self.cls_token, std=0.02)  # timm uses std 1e-6; the reference uses 0.02
         self.grid = self.patch_embed.grid_size[0]
         self.patch = self.patch_embed.patch_size[0]
@@ -117,10 +120,10 @@ def param_groups(module: APSViT, weight_decay: float, layer_decay: float = None)
     return param_groups_weight_decay(module, weight_decay, no_weight_decay_list=no_decay)
 
 
-def add_vit_args(parser):
+def add_vit_args(parser, arch: str = "vit-small", arch_help: str = "ViT size (depth 12)"):
     """The ViT model flags shared by main_pretrain.py and main_finetune.py (an argument group)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", default="vit-small", choices=list(ARCHS), help="ViT size (depth 12)")
+    g.add_argument("--arch", default=arch, choices=list(ARCHS), help=arch_help)
     g.add_argument("--patch-size", type=int, default=None, help="patch size (default: 2 at 32 px, 16 at 224 px)")
     g.add_argument("--depth", type=int, default=None, help="override the number of blocks (default 12)")
     g.add_argument("--embed-dim", type=int, default=None, help="override the width (default: the arch's)")

@@ -1,8 +1,10 @@
 """Shared test setup: the project root on sys.path, two threads, and the fixtures several test files use (the
 tiny model flags, a folder of JPEGs, tiny APS and MoCo checkpoints, a toy Trainer, torchrun)."""
+import contextlib
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -152,3 +154,57 @@ def torchrun():
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
     return run
+
+
+@contextlib.contextmanager
+def reference_classes():
+    """The reference's model module, `module.model`, registered for the block's duration only (torch.save pickles
+    classes by their module path): Vit, the fine-tuned classifier layout of the reference (cls_token (1, 1, D),
+    pos_embedding (L, 1, D), patchify, transformer = timm Blocks, layer_norm, fc on the cls token)."""
+    from timm.models.vision_transformer import Block
+
+    class Vit(nn.Module):
+        def __init__(self, img_size=32, patch=2, dim=32, depth=2, heads=2, classes=10):
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+            self.pos_embedding = nn.Parameter(torch.randn((img_size // patch) ** 2, 1, dim) * 0.02)
+            self.patchify = nn.Conv2d(3, dim, patch, patch)
+            self.transformer = nn.Sequential(*[Block(dim, heads, 4.0, qkv_bias=False) for _ in range(depth)])
+            self.layer_norm = nn.LayerNorm(dim)
+            self.fc = nn.Linear(dim, classes)
+
+        def forward(self, x):
+            t = self.patchify(x).flatten(2).permute(2, 0, 1) + self.pos_embedding            # [L, B, D]
+            t = torch.cat([self.cls_token.expand(-1, x.shape[0], -1), t]).transpose(0, 1)   # [B, 1 + L, D]
+            return self.fc(self.layer_norm(self.transformer(t))[:, 0])
+
+    package, module = types.ModuleType("module"), types.ModuleType("module.model")
+    Vit.__module__, Vit.__qualname__ = "module.model", "Vit"
+    module.Vit, package.model = Vit, module
+    saved = {k: sys.modules.get(k) for k in ("module", "module.model")}
+    sys.modules.update({"module": package, "module.model": module})
+    try:
+        yield module
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+@pytest.fixture
+def reference_classifier():
+    """reference_classifier(path, img_size=32, patch=2, classes=10, dim=32, heads=2, **attrs) -> the model: a
+    genuine torch.save(module) of the reference's fine-tuned Vit (depth 2), written with the
+    reference's module registered and readable only without it (it is gone again when this returns). attrs
+    are set on the model before saving (to smuggle things in)."""
+    def make(path, img_size=32, patch=2, classes=10, dim=32, heads=2, **attrs):
+        with reference_classes() as module:
+            torch.manual_seed(0)
+            model = module.Vit(img_size, patch, dim, 2, heads, classes)
+            for k, v in attrs.items():
+                setattr(model, k, v)
+            torch.save(model, path)
+        return model.eval()
+    return make

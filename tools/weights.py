@@ -4,28 +4,45 @@
     python -m tools.weights list --remote aps          # the files of the APS hub repo (hub API)
     python -m tools.weights download asym-siam/multicrop-r50-100ep [--dest DIR]
     python -m tools.weights download aps:pretrain/<file>
-    python -m tools.weights convert IN OUT              # a plain timm/torchvision backbone state dict
+    python -m tools.weights convert IN OUT              # a plain state dict: a classifier, or a backbone
+    python -m tools.weights inspect IN                  # format, arch, sizes, classes, parameters, sha256
 
 Downloads go to <dest>/<file>.part, resume from there (HTTP Range), are verified (the published md5 prefix for
 Asym-Siam; the hub's sha256 for APS) and only then renamed into place: nothing unverified is ever loaded.
 The registry is models/registry.py; the download machinery utils/download.py.
 """
+import json
 import os
 
-from models.loading import load_backbone
+from models.loading import classifier_state, describe_weights, load_backbone
 from models.registry import (APS_PREFIX, APS_REPO, REGISTRY, aps_listing, asym_siam_url, cache_path, download,
                              hub_endpoint)
 from utils.checkpoint import save_checkpoint
+from utils.download import file_digest
 from utils.errors import ArgumentParser, exit_on_user_error
 
 
 def convert(src: str, out: str) -> str:
-    """Write the backbone of `src` (a path or registry name, any format load_backbone reads) as a plain state
-    dict, after a strict load: torchvision keys for ResNets (no fc), timm keys for ViTs (no head)."""
+    """Write `src` (a path or registry name, any format loading reads) as a plain state dict, after a strict
+    load: a fine-tuned classifier (the reference's pickled Vit, or ours) as our classifier, head included (timm
+    keys); any other file's backbone: torchvision keys for ResNets (no fc), timm keys for ViTs (no head)."""
+    if describe_weights(src)["num_classes"]:
+        state, cfg = classifier_state(src)
+        save_checkpoint(state, out)
+        return (f"wrote {out}: APS ViT classifier ({cfg['num_classes']} classes), {len(state)} tensors; load it into "
+                f"models.create_vit(**{json.dumps(cfg, sort_keys=True)})")
     model = load_backbone(src)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_checkpoint(state, out)
     return f"wrote {out}: {type(model).__name__} backbone, {len(state)} tensors"
+
+
+def inspect(src: str) -> list:
+    """Lines 'key: value' saying what `src` holds (format, arch, sizes, classes, parameters) and its sha256."""
+    info = describe_weights(src)
+    path = src if os.path.isfile(src) else cache_path(src)
+    info["sha256"] = file_digest(path, "sha256")
+    return [f"file: {path}"] + [f"{k}: {'none' if v is None else v}" for k, v in info.items()]
 
 
 def list_lines(dest: str = None):
@@ -52,6 +69,8 @@ def get_args_parser():
     cv = sub.add_parser("convert", help="write a checkpoint's backbone as a plain state dict")
     cv.add_argument("src", help="checkpoint path or registry name")
     cv.add_argument("out", help="output .pth")
+    ins = sub.add_parser("inspect", help="what a file holds (format, arch, sizes, classes, parameters, sha256)")
+    ins.add_argument("src", help="checkpoint path or registry name (downloaded first)")
     return p
 
 
@@ -66,6 +85,8 @@ def main(args):
             print("\t".join(row))
     elif args.command == "download":
         print(download(args.name, args.dest, args.timeout))
+    elif args.command == "inspect":
+        print("\n".join(inspect(args.src)))
     else:
         print(convert(args.src, args.out))
 

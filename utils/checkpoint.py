@@ -35,6 +35,11 @@ def save_checkpoint(state: dict, path: str):
                         "free disk space or choose a writable --output-dir (the previous checkpoint is intact)") from e
 
 
+class PickledObjects(UserError):
+    """A file that holds more than tensors and plain containers (a whole pickled module, or code): refused
+    here; models.pickled reads the module trees it knows without running anything."""
+
+
 def load_file(path: str, what: str = "checkpoint") -> dict:
     """torch.load with weights_only=True, turning every failure into a one-line UserError."""
     if not os.path.isfile(path):
@@ -45,8 +50,9 @@ def load_file(path: str, what: str = "checkpoint") -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(f"{what} {path} contains pickled Python objects (e.g. a whole nn.Module), which we "
-                            "refuse to load because unpickling can run code; save and pass a state_dict instead") from e
+            raise PickledObjects(f"{what} {path} contains pickled Python objects (e.g. a whole nn.Module), which we "
+                                 "refuse to load because unpickling can run code; save and pass a state_dict "
+                                 "instead") from e
         raise UserError(f"{what} {path} is not a PyTorch checkpoint ({e}); pass a .pth file saved by torch.save") from e
     except Exception as e:  # a damaged or foreign file can fail anywhere inside the unpickler
         raise UserError(f"{what} {path} is unreadable (truncated or not a PyTorch file: {describe(e)}); "
