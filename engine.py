@@ -20,20 +20,34 @@ import torch
 
 from utils.checkpoint import LATEST, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
 from utils.dist import all_reduce_min, cleanup, get_rank, get_world_size, is_dist, is_main_process
-from utils.errors import UserError
+from utils.errors import UserError, describe
 from utils.log import MeanMeter, Progress, RunLog, get_logger
+from utils.plots import CURVES, plot_curves
 from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
 from utils.rng import BatchRandom
-from utils.runtime import autocast, compile_in_place, make_grad_scaler, seed_everything, to_device
+from utils.report import write_report
+from utils.runtime import autocast, compile_in_place, make_grad_scaler, peak_memory_mib, seed_everything, to_device
 from utils.schedule import set_lr
 
 
 def finish(trainer: "Trainer", metrics: dict) -> dict:
-    """Log the method's closing line and where the checkpoint is, leave the process group; return metrics."""
-    line = trainer.method.summary(metrics, trainer.best)
+    """Log the method's closing line and where the checkpoint is, draw curves.png, write report.md (rank 0), leave
+    the process group; return metrics."""
+    line = trainer.method.summary(metrics, trainer.best, trainer.start_metrics)
     if line:
         trainer.logger.info(line)
-    trainer.logger.info(f"checkpoint: {os.path.join(trainer.settings.output_dir, LATEST)}")
+    out = trainer.settings.output_dir
+    trainer.logger.info(f"checkpoint: {os.path.join(out, LATEST)}")
+    trainer.draw_curves()
+    if is_main_process():
+        report = write_report(out, trainer.settings.description, trainer.settings.flags, trainer.method.model_config,
+                              metrics,
+                              trainer.start_metrics, trainer.train_seconds,
+                              trainer.train_images / max(trainer.train_seconds, 1e-9) * get_world_size(),
+                              peak_memory_mib(trainer.device),
+                              f"{trainer.settings.epochs}" + (f" (resumed after epoch {trainer.start_epoch})"
+                                                               if trainer.start_epoch else ""))
+        trainer.logger.info(f"report: {report}")
     cleanup()
     return metrics
 
@@ -73,6 +87,7 @@ class Method:
     """
     steps_per_batch = 1
     select_metric = None
+    evaluate_at_start = False   # also evaluate before the first epoch (the kNN monitor's baseline, "epoch 0")
 
     def __init__(self, module: torch.nn.Module, model: torch.nn.Module = None, model_config: dict = None,
                  extra_state: dict = None):
@@ -100,10 +115,14 @@ class Method:
         """Metrics after `epoch` (None: the method has no evaluation)."""
         return None
 
-    def summary(self, metrics: dict, best=None) -> str:
-        """The run's closing line from its last metrics ('' when there is nothing to report)."""
+    def summary(self, metrics: dict, best=None, start: dict = None) -> str:
+        """The run's closing line from its last metrics and those before the first epoch ('' when there is nothing
+        to report)."""
         if "knn_top1" in metrics:
-            return f"final kNN top-1 {metrics['knn_top1']:.2f}% (top-5 {metrics['knn_top5']:.2f}%)"
+            line = f"final kNN top-1 {metrics['knn_top1']:.2f}% (top-5 {metrics['knn_top5']:.2f}%)"
+            if start and "knn_top1" in start:
+                line += f"; kNN top-1 at start {start['knn_top1']:.2f} %, at the end {metrics['knn_top1']:.2f} %"
+            return line
         if "test_acc1" in metrics:
             return f"final test top-1 {metrics['test_acc1']:.2f}% (top-5 {metrics['test_acc5']:.2f}%)"
         return ""
@@ -123,12 +142,14 @@ class TrainSettings:
     skip_nonfinite: int = 0
     compile: Optional[str] = None
     flags: dict = field(default_factory=dict)   # the run's flags, saved in every checkpoint
+    description: str = ""                       # the opening line (utils.run.describe_run), logged and reported
 
     @classmethod
-    def from_args(cls, args, eval_every: int) -> "TrainSettings":
+    def from_args(cls, args, eval_every: int, description: str = "") -> "TrainSettings":
         return cls(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                    resume=args.resume, print_freq=args.print_freq, eval_every=eval_every, save_every=args.save_every,
-                   skip_nonfinite=args.skip_nonfinite, compile=args.compile, flags=dict(vars(args)))
+                   skip_nonfinite=args.skip_nonfinite, compile=args.compile, flags=dict(vars(args)),
+                   description=description)
 
 
 class Trainer:
@@ -147,7 +168,8 @@ class Trainer:
         self.skipped_nonfinite = 0
         self.log = RunLog(settings.output_dir)
         self.logger = get_logger()
-        self.last_metrics = {}
+        self.last_metrics, self.start_metrics = {}, {}
+        self.train_seconds, self.train_images = 0.0, 0      # this process's training time and images (for report.md)
         compile_in_place(method.model, settings.compile)
 
     # ---------------------------------------------------------------- checkpoints
@@ -165,6 +187,7 @@ class Trainer:
             "model_config": self.method.model_config,
             "extra": {k: v.state_dict() for k, v in self.method.extra_state.items()},
             "metrics": self.last_metrics,
+            "start_metrics": self.start_metrics,
             "best": self.best,
         }
 
@@ -176,6 +199,16 @@ class Trainer:
         every = self.settings.save_every
         if every and epoch % every == 0:
             save_checkpoint(state, os.path.join(self.settings.output_dir, f"checkpoint-{epoch:04d}.pth"))
+        self.draw_curves()
+
+    def draw_curves(self):
+        """curves.png from log.jsonl (rank 0); a picture that cannot be drawn is a warning, never a stop."""
+        if not is_main_process():
+            return
+        try:
+            plot_curves(self.settings.output_dir)
+        except Exception as e:  # matplotlib can fail in many ways (fonts, a full disk): the run goes on
+            self.logger.warning(f"could not draw {os.path.join(self.settings.output_dir, CURVES)} ({describe(e)})")
 
     def resume(self):
         path = find_resume_path(self.settings.resume, self.settings.output_dir)
@@ -210,6 +243,7 @@ class Trainer:
             self.logger.warning(f"{path} was written by {len(states)} process(es), not {get_world_size()}: the "
                                 "rest of the epoch resumes with fresh random streams (not bit-exact)")
         self.last_metrics = ckpt.get("metrics", {})
+        self.start_metrics = ckpt.get("start_metrics") or {}
         self.best = ckpt.get("best")
         part = f" and {self.skip_batches} batches of the next" if self.skip_batches else ""
         self.logger.info(f"resumed from {path}: {self.start_epoch} epochs{part} done, step {self.global_step}")
@@ -302,7 +336,10 @@ class Trainer:
         self._check_finite(first_bad, epoch)
         out = meter.averages(sync=True)
         out["lr"] = lr
-        out["img_per_s"] = n_iter * settings.batch_size / max(time.perf_counter() - start, 1e-9)
+        elapsed = time.perf_counter() - start
+        out["img_per_s"] = n_iter * settings.batch_size / max(elapsed, 1e-9)
+        self.train_seconds += elapsed
+        self.train_images += (n_iter - skip) * settings.batch_size
         return out
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int):
@@ -321,9 +358,22 @@ class Trainer:
         finally:
             self.stop.restore()
 
+    def evaluate_start(self):
+        """The method's metrics before any training (epoch 0), logged like an epoch's evaluation."""
+        ev = self.method.evaluate(-1)
+        if ev:
+            self.start_metrics = ev
+            self.log.scalars(ev, 0, prefix="eval/")
+            self.log.record({"epoch": 0, "step": 0, **ev})
+            self.logger.info("before training: " + " ".join(f"{k} {v:.2f}" for k, v in ev.items()))
+
     def _fit(self) -> dict:
         method, settings, epochs = self.method, self.settings, self.settings.epochs
+        if settings.description:
+            self.logger.info(settings.description)
         self.resume()
+        if self.start_epoch == 0 and not self.skip_batches and settings.eval_every > 0 and method.evaluate_at_start:
+            self.evaluate_start()
         if self.start_epoch >= epochs:
             self.logger.info(f"nothing to train: {self.start_epoch} of {epochs} epochs already done")
         for epoch in range(self.start_epoch, epochs):

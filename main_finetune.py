@@ -9,6 +9,7 @@ from timm.utils import ModelEmaV3
 from augment.recipes import add_finetune_view_args, eval_view, finetune_view_from_args
 from data import add_data_args, apply_preset, per_rank_batch_size
 from data.datasets import num_classes_of
+from data.subsets import add_subset_args
 from data.pipeline import eval_loader, training_data
 from engine import Trainer, TrainSettings, finish
 from methods.classify import FineTuning, evaluate_saved, finetuned_classifier, saved_source
@@ -58,6 +59,7 @@ def get_args_parser():
     g.add_argument("--eval", action="store_true",
                    help="only evaluate --resume (default <output-dir>/checkpoint.pth) on the test set: one of our "
                         "fine-tuning checkpoints, or a released fine-tuned APS file (a path or a registry name)")
+    add_subset_args(p, "the training set")
     add_runtime_args(p)
     return p
 
@@ -73,7 +75,7 @@ def main(args):
                         "change --batch-size or pass --mixup 0 --cutmix 0")
     recipe = finetune_view_from_args(args, preset)
     seed_everything(args.seed)
-    logger = start_run(args)
+    start_run(args)
     amp = amp_dtype(args.amp, device)
 
     test_view = eval_view(preset, args.img_size, *preset.finetune_stats)
@@ -83,7 +85,7 @@ def main(args):
         source = saved_source(args, "--eval", "a fine-tuned checkpoint")
         model, weights, note = finetuned_classifier(source, given, num_classes_of(test_loader.dataset))
         return evaluate_saved(model, weights, source, test_loader, device, amp, note)
-    data = training_data(args, recipe, device, holdout=args.val_split)
+    data = training_data(args, recipe, device, holdout=args.val_split, few_labels=True)
     eval_loaders = {"test": test_loader}
     if data.held_out is not None:
         eval_loaders["val"] = eval_loader(args, test_view, device, eval_bs, train=True, indices=data.held_out)
@@ -101,13 +103,16 @@ def main(args):
                   switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
                   num_classes=data.num_classes) if mixing else None
     criterion = SoftTargetCrossEntropy() if mixing else torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
-    logger.info(describe_run(f"{args.arch}/{args.patch_size} at {args.img_size} px, {data.num_classes} classes, "
-                             f"{'pretrained' if args.pretrained_weights else 'from scratch'}", data, lr, device, amp))
+    what = f"{args.arch}/{args.patch_size} at {args.img_size} px, {data.num_classes} classes"
+    description = describe_run(f"{what}, {'pretrained' if args.pretrained_weights else 'from scratch'}", data, lr,
+                               device, amp)
     schedule = partial(warmup_cosine, warmup_epochs=args.warmup_epochs, epochs=args.epochs, base=lr,
                        min_value=args.min_lr, start_value=args.warmup_lr)
     method = FineTuning(module, data_parallel(module, device), criterion, schedule, eval_loaders, device, amp, mixup,
-                        ema, model_config=model_config, select_metric="val_acc1" if data.held_out is not None else None)
-    trainer = Trainer(method, optimizer, data.loader, TrainSettings.from_args(args, args.eval_every), device, amp)
+                        ema, model_config=model_config, select_metric="val_acc1" if data.held_out is not None else None,
+                        records=data.records)
+    settings = TrainSettings.from_args(args, args.eval_every, description)
+    trainer = Trainer(method, optimizer, data.loader, settings, device, amp)
     return finish(trainer, trainer.fit())
 
 

@@ -11,6 +11,7 @@ import torch
 from augment.recipes import eval_view, lincls_view
 from data import add_data_args, apply_preset, build_eval_loader, build_train_loader, per_rank_batch_size
 from data.pipeline import eval_loader, training_data
+from data.subsets import add_subset_args
 from engine import Trainer, TrainSettings, finish
 from methods.classify import LinearProbing, evaluate_saved, saved_checkpoint
 from models.linear import PROBE_ARCHS, BackboneGuard, LinearProbe, backbone_and_fc, backbone_img_size, build_probe
@@ -27,6 +28,7 @@ from utils.schedule import cosine_per_epoch
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
     add_data_args(p, batch_size=4096, dataset=None, data_dir=True)
+    add_subset_args(p, "the training set")
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", default=None, choices=PROBE_ARCHS,
                    help="backbone; read off --pretrained when left out (then it must match); needed for a random init")
@@ -63,7 +65,7 @@ def main(args):
     if args.chunk_size < 0:
         raise UserError(f"--chunk-size {args.chunk_size} must be >= 0 (0: the whole batch at once)")
     seed_everything(args.seed)
-    logger = start_run(args)
+    start_run(args)
     amp = amp_dtype(args.amp, device)
     eval_bs = min(256, max(1, per_rank_batch_size(args.batch_size)))
     if args.evaluate:
@@ -77,15 +79,15 @@ def main(args):
     source = args.pretrained or None
     args.img_size = given_img_size or backbone_img_size(source) or preset.img_size
     data = training_data(args, lincls_view(preset, args.img_size), device,  # cached features need no augmentation
-                         on_device=False if args.cache_features else None)
+                         on_device=False if args.cache_features else None, few_labels=True)
     backbone, fc, backbone_cfg = backbone_and_fc(source, data.num_classes, args.arch,
                                                  given_patch if source else args.patch_size, args.img_size)
     probe = LinearProbe(backbone, fc, args.head_bn, args.chunk_size).to(device)
     test_view = eval_view(preset, args.img_size)
     test_loader, loader = eval_loader(args, test_view, device, eval_bs), data.loader
     if args.cache_features:  # the backbone runs once over centre crops; the head trains on the features
-        train_features = feature_dataset(probe.backbone, eval_loader(args, test_view, device, eval_bs, train=True),
-                                         device, amp)
+        bank = eval_loader(args, test_view, device, eval_bs, train=True, indices=data.subset)
+        train_features = feature_dataset(probe.backbone, bank, device, amp)
         loader = build_train_loader(train_features, args.batch_size, 0, args.seed, device)
         test_loader = build_eval_loader(feature_dataset(probe.backbone, test_loader, device, amp), eval_bs, 0, device)
     if get_world_size() > 1:  # --head-bn: statistics over the global batch, as with one process
@@ -96,14 +98,16 @@ def main(args):
     params = list(probe.head.parameters())
     optimizer = (LARS(params, lr, args.momentum, args.weight_decay, args.trust_coefficient) if args.lars else
                  torch.optim.SGD(params, lr, momentum=args.momentum, weight_decay=args.weight_decay))
-    logger.info(describe_run(f"linear probe on {backbone_cfg['arch']} ({args.pretrained or 'random init'}), "
-                             f"{data.num_classes} classes at {args.img_size} px, {'LARS' if args.lars else 'SGD'}"
-                             f"{', cached features' if args.cache_features else ''}", data, lr, device, amp))
+    what = (f"linear probe on {backbone_cfg['arch']} ({args.pretrained or 'random init'}), {data.num_classes} "
+            f"classes at {args.img_size} px, {'LARS' if args.lars else 'SGD'}"
+            f"{', cached features' if args.cache_features else ''}")
+    description = describe_run(what, data, lr, device, amp)
     method = LinearProbing(probe, data_parallel(trained, device), torch.nn.CrossEntropyLoss(),
                            partial(cosine_per_epoch, epochs=args.epochs, base=lr), {"test": test_loader}, device, amp,
-                           evaluated=trained, guard=BackboneGuard(probe.backbone),
+                           evaluated=trained, guard=BackboneGuard(probe.backbone), records=data.records,
                            model_config=dict(backbone=backbone_cfg, num_classes=data.num_classes, head_bn=args.head_bn))
-    trainer = Trainer(method, optimizer, loader, TrainSettings.from_args(args, args.eval_every), device, amp)
+    settings = TrainSettings.from_args(args, args.eval_every, description)
+    trainer = Trainer(method, optimizer, loader, settings, device, amp)
     return finish(trainer, trainer.fit())
 
 

@@ -8,6 +8,7 @@ import torch
 from augment.recipes import add_moco_view_args, moco_views_from_args
 from data import add_data_args, apply_preset
 from data.pipeline import knn_loaders, training_data
+from data.subsets import add_subset_args
 from engine import Trainer, TrainSettings, finish
 from methods.moco import MoCoPretraining
 from models.moco import build_moco, check_queue, synchronise_key_projector
@@ -43,6 +44,7 @@ def get_args_parser():
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4, help="weight decay")
     add_moco_view_args(p)
     add_knn_args(p)
+    add_subset_args(p, "the kNN memory bank")
     add_runtime_args(p, reference_launcher=True)
     return p
 
@@ -74,17 +76,18 @@ def main(args):
     optimizer = torch.optim.SGD(module.encoder_q.parameters(), lr=lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, **fused(device))
     amp = amp_dtype(args.amp, device)
-    logger.info(describe_run(f"MoCo v2 {args.arch}{' (CIFAR stem)' if args.cifar_stem else ''} at {args.img_size} px,"
-                             f" queue {args.moco_k}", data, lr, device, amp,
-                             {"split BN": bn_splits, "multicrop": args.enable_multicrop,
-                              "scalemix": args.enable_scalemix, "asym-aug": args.enable_asymm_aug,
-                              "asym-bn": args.enable_asym_bn and world > 1, "mean-enc": args.enable_mean_encoding}))
+    what = f"MoCo v2 {args.arch}{' (CIFAR stem)' if args.cifar_stem else ''} at {args.img_size} px, queue {args.moco_k}"
+    description = describe_run(what, data, lr, device, amp, {
+        "split BN": bn_splits, "multicrop": args.enable_multicrop, "scalemix": args.enable_scalemix,
+        "asym-aug": args.enable_asymm_aug, "asym-bn": args.enable_asym_bn and world > 1,
+        "mean-enc": args.enable_mean_encoding})
     knn = knn_monitor(ResNetTrunk(module.encoder_q), *knn_loaders(args, preset, device), device, amp, args.knn_k,
                       args.knn_t) if args.knn_every > 0 else None
     method = MoCoPretraining(module, data_parallel(module, device), lr, args.epochs, knn,
                              dict(arch=args.arch, cifar_stem=args.cifar_stem, mlp_hidden_dim=args.mlp_hidden_dim,
                                   moco_dim=args.moco_dim))
-    trainer = Trainer(method, optimizer, data.loader, TrainSettings.from_args(args, args.knn_every), device, amp)
+    settings = TrainSettings.from_args(args, args.knn_every, description)
+    trainer = Trainer(method, optimizer, data.loader, settings, device, amp)
     return finish(trainer, trainer.fit())
 
 

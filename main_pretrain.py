@@ -4,6 +4,7 @@ import torch
 from augment.recipes import add_aps_view_args, aps_pair_from_args
 from data import add_data_args, apply_preset
 from data.pipeline import knn_loaders, training_data
+from data.subsets import add_subset_args
 from engine import Trainer, TrainSettings, finish
 from methods.aps import APSPretraining
 from models import APS, create_vit
@@ -40,6 +41,7 @@ def get_args_parser():
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"), help="AdamW betas")
     add_aps_view_args(p)
     add_knn_args(p)
+    add_subset_args(p, "the kNN memory bank")
     add_runtime_args(p)
     return p
 
@@ -71,7 +73,7 @@ def main(args):
     args.base_lr = args.base_lr or BASE_LR[args.arch]
     validate(args)
     seed_everything(args.seed)  # same initial weights on every rank and every run
-    logger = start_run(args)
+    start_run(args)
     data = training_data(args, aps_pair_from_args(args, preset), device)
 
     model_config = dict(arch=args.arch, img_size=args.img_size, patch_size=args.patch_size, **vit_overrides(args))
@@ -83,13 +85,14 @@ def main(args):
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay, **fused(device))
     amp = amp_dtype(args.amp, device)
-    logger.info(describe_run(f"{args.arch}/{args.patch_size} at {args.img_size} px, {len(data.loader)} batches x "
-                             f"{args.nsampling} steps per epoch", data, lr, device, amp))
+    what = f"{args.arch}/{args.patch_size} at {args.img_size} px, {len(data.loader)} batches x {args.nsampling} steps"
+    description = describe_run(what + " per epoch", data, lr, device, amp)
     knn = knn_monitor(module.encoder, *knn_loaders(args, preset, device), device, amp, args.knn_k,
                       args.knn_t) if args.knn_every > 0 else None
     method = APSPretraining(module, data_parallel(module, device), encoder.grid, args.sampling_ratio, args.nsampling,
                             args.power, lr, args.warmup_epochs, args.epochs, knn, model_config)
-    trainer = Trainer(method, optimizer, data.loader, TrainSettings.from_args(args, args.knn_every), device, amp)
+    settings = TrainSettings.from_args(args, args.knn_every, description)
+    trainer = Trainer(method, optimizer, data.loader, settings, device, amp)
     return finish(trainer, trainer.fit())
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from augment.batched import batched_pipeline
 from augment.pil import pil_pipeline
@@ -16,7 +16,8 @@ from augment.recipes import eval_view
 from data.datasets import build_dataset, num_classes_of
 from data.device_loaders import DeviceLoader, FolderDeviceLoader
 from data.loader import build_eval_loader, build_train_loader, holdout_split
-from utils.dist import get_world_size
+from data.subsets import SubsetRecord, chosen_subset, take, write_subset
+from utils.dist import get_world_size, is_main_process
 from utils.errors import UserError
 
 
@@ -34,6 +35,12 @@ class TrainData:
     on_device: bool
     num_classes: int
     held_out: Optional[list] = None       # indices of the training set held out for validation
+    subset: Optional[list] = None         # the few-label subset trained on (indices of the training set)
+
+    @property
+    def records(self) -> dict:
+        """What a checkpoint keeps of the data (Method.extra_state): the few-label subset's indices."""
+        return {} if self.subset is None else {"subset": SubsetRecord(self.subset)}
 
     @property
     def path(self) -> str:
@@ -41,11 +48,13 @@ class TrainData:
         return "device" if self.on_device else "cpu workers"
 
 
-def training_data(args, recipe, device: torch.device, holdout: float = 0.0, on_device: bool = None) -> TrainData:
+def training_data(args, recipe, device: torch.device, holdout: float = 0.0, on_device: bool = None,
+                  few_labels: bool = False) -> TrainData:
     """The training set of --dataset and its loader, with `recipe` (augment.recipes) realised on the device path
     (uint8 images on the device, views made there in batches) or the CPU path (PIL in --num-workers workers).
-    holdout > 0 keeps a fixed random fraction of the training set aside (TrainData.held_out). on_device
-    overrides --data-path (False: the CPU path)."""
+    few_labels: train on the subset the --label-fraction/--labels-per-class/--subset-file flags choose (written
+    to <output-dir>/subset.txt). holdout > 0 keeps a fixed random fraction of that aside (TrainData.held_out).
+    on_device overrides --data-path (False: the CPU path)."""
     on_device = use_device_path(args) if on_device is None else on_device
     if on_device:
         try:
@@ -57,16 +66,23 @@ def training_data(args, recipe, device: torch.device, holdout: float = 0.0, on_d
     dataset = build_dataset(args.dataset, args.data_root, train=True, download=args.download,
                             transform=None if on_device else pil_pipeline(recipe))
     num_classes, held = num_classes_of(dataset), None
+    subset = chosen_subset(args, dataset.targets) if few_labels else None
+    if subset is not None and is_main_process():
+        write_subset(subset, args.output_dir)
+    keep = subset
     if holdout:
-        keep, held = holdout_split(len(dataset), holdout, args.seed)
-        dataset = Subset(dataset, keep)
+        base = subset if subset is not None else range(len(dataset))
+        kept, held_pos = holdout_split(len(base), holdout, args.seed)
+        keep, held = [base[p] for p in kept], [base[p] for p in held_pos]
+    if keep is not None:
+        dataset = take(dataset, keep)
     if not on_device:
         loader = build_train_loader(dataset, args.batch_size, args.num_workers, args.seed, device)
     elif hasattr(dataset, "samples"):
         loader = FolderDeviceLoader(dataset, args.batch_size, args.seed, device, augment, args.num_workers)
     else:
         loader = DeviceLoader(dataset, args.batch_size, args.seed, device, augment)
-    return TrainData(dataset, loader, on_device, num_classes, held)
+    return TrainData(dataset, loader, on_device, num_classes, held, subset)
 
 
 def eval_loader(args, view, device: torch.device, batch: int, train: bool = False, indices=None) -> DataLoader:
@@ -75,14 +91,21 @@ def eval_loader(args, view, device: torch.device, batch: int, train: bool = Fals
     dataset = build_dataset(args.dataset, args.data_root, train=train, transform=pil_pipeline(view),
                             download=args.download)
     if indices is not None:
-        dataset = Subset(dataset, indices)
+        dataset = take(dataset, indices)
     return build_eval_loader(dataset, batch, args.num_workers, device)
 
 
 def knn_loaders(args, preset, device: torch.device):
-    """(memory-bank loader, query loader, classes) of the kNN monitor: the training and test splits through the
-    evaluation view, batch --batch-size / processes."""
+    """(memory-bank loader, query loader, classes) of the kNN monitor: the training split (or the few-label subset
+    its flags choose, written to <output-dir>/subset.txt) and the test split, through the evaluation view, batch
+    --batch-size / processes."""
     view = eval_view(preset, args.img_size)
     batch = max(1, args.batch_size // get_world_size())
-    train, test = (eval_loader(args, view, device, batch, train=split) for split in (True, False))
-    return train, test, num_classes_of(train.dataset)
+    bank = build_dataset(args.dataset, args.data_root, train=True, transform=pil_pipeline(view), download=args.download)
+    classes = num_classes_of(bank)
+    subset = chosen_subset(args, bank.targets)
+    if subset is not None:
+        bank = take(bank, subset)
+        if is_main_process():
+            write_subset(subset, args.output_dir)
+    return build_eval_loader(bank, batch, args.num_workers, device), eval_loader(args, view, device, batch), classes

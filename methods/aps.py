@@ -8,6 +8,8 @@ from utils.schedule import aps_factor
 class APSPretraining(Method):
     """module: a models.aps.APS (model: the same, DDP-wrapped); knn: evaluate(epoch) -> kNN metrics, or None."""
 
+    evaluate_at_start = True                                # the kNN baseline of the random (or loaded) weights
+
     def __init__(self, module, model, grid: int, ratio: float, steps_per_batch: int, power: float, lr: float,
                  warmup_epochs: float, epochs: int, knn=None, model_config: dict = None):
         super().__init__(module, model, model_config)

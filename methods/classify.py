@@ -13,11 +13,12 @@ from utils.log import get_logger
 class Classification(Method):
     """Steps of criterion(model(images), labels), mixup/cutmix first when given; evaluation of every loader in
     `eval_loaders` ({split: loader} -> '{split}_acc1', ...) on the EMA's weights when there is an EMA, else on
-    `evaluated` (default: the module). schedule(epoch) -> lr."""
+    `evaluated` (default: the module). schedule(epoch) -> lr. records: more state to checkpoint (the data's:
+    data.pipeline.TrainData.records)."""
 
     def __init__(self, module, model, criterion, schedule, eval_loaders: dict, device, amp, mixup=None, ema=None,
-                 evaluated=None, model_config: dict = None, select_metric: str = None):
-        super().__init__(module, model, model_config, {"ema": ema} if ema is not None else None)
+                 evaluated=None, model_config: dict = None, select_metric: str = None, records: dict = None):
+        super().__init__(module, model, model_config, {**({"ema": ema} if ema is not None else {}), **(records or {})})
         self.criterion, self.schedule, self.mixup, self.ema = criterion, schedule, mixup, ema
         self.eval_loaders, self.device, self.amp = eval_loaders, device, amp
         self.evaluated = module if evaluated is None else evaluated
@@ -46,7 +47,7 @@ class FineTuning(Classification):
     """Classification whose closing line says the test accuracy is the last epoch's (the best held-out epoch is
     only selected, as checkpoint-best.pth)."""
 
-    def summary(self, metrics: dict, best=None) -> str:
+    def summary(self, metrics: dict, best=None, start: dict = None) -> str:
         if "test_acc1" not in metrics:
             return ""
         return (f"final-epoch test top-1 {metrics['test_acc1']:.2f}% (top-5 {metrics['test_acc5']:.2f}%)"

@@ -8,6 +8,8 @@ from utils.schedule import cosine_per_epoch
 class MoCoPretraining(Method):
     """module: a models.moco.MoCo (model: the same, DDP-wrapped); knn: evaluate(epoch) -> kNN metrics, or None."""
 
+    evaluate_at_start = True                                # the kNN baseline of the random (or loaded) weights
+
     def __init__(self, module, model, lr: float, epochs: int, knn=None, model_config: dict = None):
         super().__init__(module, model, model_config)
         self.lr, self.epochs, self.knn = lr, epochs, knn

@@ -100,7 +100,8 @@ def refused_globals(path: str) -> list:
     try:
         names = pickle_globals(read_pickle_bytes(path))
     except (ValueError, EOFError, IndexError) as e:              # pickletools on a damaged stream
-        raise UserError(f"{path} is unreadable (a damaged pickle: {describe(e)}); re-download or re-create it") from None
+        raise UserError(f"{path} is unreadable (a damaged pickle: {describe(e)}); re-download or re-create "
+                        "it") from None
     defaults = torch_allowed()
     return [g for g in names if not allowed(g, defaults)]
 

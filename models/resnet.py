@@ -44,3 +44,48 @@ class ResNetTrunk(nn.Module):
         x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
         x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
         return r.avgpool(x).flatten(1)
+
+
+def detectron2_name(key: str) -> str:
+    """A torchvision ResNet key -> detectron2's name for it (conv1 -> stem.conv1, bn1 -> stem.conv1.norm,
+    layer<i>.<b>.conv<k> -> res<i+1>.<b>.conv<k>, its bn<k> -> .norm, downsample.0/1 -> shortcut / shortcut.norm)."""
+    parts = key.split(".")
+    if parts[0] in ("conv1", "bn1"):
+        return ".".join(["stem.conv1"] + (["norm"] if parts[0] == "bn1" else []) + parts[1:])
+    stage, block, layer, rest = f"res{int(parts[0][len('layer'):]) + 1}", parts[1], parts[2], parts[3:]
+    if layer == "downsample":
+        layer, rest = ("shortcut", rest[1:]) if rest[0] == "0" else ("shortcut.norm", rest[1:])
+    elif layer.startswith("bn"):
+        layer = f"conv{layer[2:]}.norm"
+    return ".".join([stage, block, layer] + rest)
+
+
+def to_detectron2(state: dict) -> dict:
+    """A torchvision ResNet trunk's state dict (no fc) -> detectron2's ResNet names; BN as FrozenBN statistics
+    (weight, bias, running_mean, running_var; num_batches_tracked dropped). Pure function."""
+    if any(k.startswith("fc.") for k in state):
+        raise ValueError("pass the trunk, without fc")
+    return {detectron2_name(k): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def torchvision_name(key: str) -> str:
+    """The inverse of detectron2_name."""
+    parts = key.split(".")
+    if parts[:2] == ["stem", "conv1"]:
+        return ".".join((["bn1"] + parts[3:]) if parts[2:3] == ["norm"] else (["conv1"] + parts[2:]))
+    if not (parts[0].startswith("res") and len(parts) >= 4):
+        raise ValueError(f"{key} is not a detectron2 ResNet name")
+    layer, block, rest = f"layer{int(parts[0][3:]) - 1}", parts[1], parts[2:]
+    norm = len(rest) > 2 and rest[1] == "norm"
+    if rest[0] == "shortcut":
+        name = ["downsample", "1" if norm else "0"]
+    elif rest[0].startswith("conv"):
+        name = [f"bn{rest[0][4:]}" if norm else rest[0]]
+    else:
+        raise ValueError(f"{key} is not a detectron2 ResNet name")
+    return ".".join([layer, block] + name + rest[2 if norm else 1:])
+
+
+def from_detectron2(state: dict) -> dict:
+    """The inverse of to_detectron2 (num_batches_tracked aside). Pure function."""
+    return {torchvision_name(k): v for k, v in state.items()}

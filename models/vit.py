@@ -95,6 +95,22 @@ def cls_block(block, h: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+@torch.no_grad()
+def cls_attention(vit: APSViT, x: torch.Tensor) -> torch.Tensor:
+    """The last block's attention of the cls query over the patches: [B, heads, G, G] (each head's weights over
+    all 1 + L keys sum to 1; the cls key's own share is left out of the map). DINO's picture."""
+    h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))       # [B, 1+L, D]
+    h = vit.blocks[:-1](h)
+    attn = vit.blocks[-1].attn
+    B, T, _ = h.shape
+    A, heads = attn.attn_dim, attn.num_heads
+    qkv = F.linear(vit.blocks[-1].norm1(h), attn.qkv.weight, attn.qkv.bias)     # [B, T, 3A]
+    q, k, _ = qkv.view(B, T, 3, heads, A // heads).permute(2, 0, 3, 1, 4).unbind(0)   # [B, h, T, hd]
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    weights = (q[:, :, :1] @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)  # [B, h, 1, T]
+    return weights[:, :, 0, 1:].reshape(B, heads, vit.grid, vit.grid)
+
+
 def check_patch_grid(img_size: int, patch_size: int) -> int:
     """The grid side G = img_size / patch_size; a one-line error naming both flags when it is not whole."""
     if patch_size <= 0 or img_size % patch_size:

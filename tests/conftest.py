@@ -1,6 +1,7 @@
 """Shared test setup: the project root on sys.path, two threads, and the fixtures several test files use (the
 tiny model flags, a folder of JPEGs, tiny APS and MoCo checkpoints, a toy Trainer, torchrun)."""
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or end-to-end runs (CI runs them too)")
     # torchvision 0.29's decoders still work; their deprecation (for TorchCodec) is noted in docs/SPEED.md
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def fresh_logger():
+    """A script's logger writes to the stdout of the test that set it up; the next test starts without it."""
+    yield
+    logging.getLogger("asym").handlers.clear()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from data import build_dataset
 from models import APS, create_vit
 from models.norm import convert_sync_batchnorm
 
@@ -145,6 +147,23 @@ def test_torchrun_two_process_finetuning_equals_one_process(tmp_path, run_both):
     assert got["metrics"]["val_acc1"] == ref["metrics"]["val_acc1"]
     assert_same_weights(got["model"], ref["model"], ATOL)               # RandAugment + erasing per sample
     assert_same_weights(got["extra"]["ema"], ref["extra"]["ema"], ATOL)
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_fine_tuning_on_a_few_labels_equals_one_process(tmp_path, run_both):
+    """Every rank draws the same class-balanced subset (its own seed) and the device path cuts it the same way."""
+    two, got, ref = run_both(29522, "main_finetune.py", tmp_path, "--dataset", "digits", "--arch", "vit-tiny",
+                             "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "8",
+                             "--batch-size", "128", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0",
+                             "--device", "cpu", "--mixup", "0", "--cutmix", "0", "--drop-path", "0",
+                             "--label-fraction", "0.3", "--subset-seed", "5", "--data-path", "device")
+    subset = got["extra"]["subset"]["indices"].tolist()
+    per_class = Counter(build_dataset("digits").targets)
+    assert subset == ref["extra"]["subset"]["indices"].tolist()
+    assert len(subset) == sum(max(1, round(0.3 * n)) for n in per_class.values())
+    assert (tmp_path / "two" / "subset.txt").read_text() == (tmp_path / "one" / "subset.txt").read_text()
+    assert got["global_step"] == len(subset) // 128
+    assert_same_weights(got["model"], ref["model"], ATOL)
 
 
 @pytest.mark.slow

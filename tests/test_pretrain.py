@@ -35,8 +35,10 @@ def test_short_run_writes_logs_checkpoint_and_knn(tmp_path, tiny_flags, capsys):
     assert ckpt["args"]["nsampling"] == 4 and ckpt["args"]["arch"] == "vit-tiny"
 
     lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
-    assert [entry["epoch"] for entry in lines] == [1, 2]
-    assert all("knn_top1" in entry and "train_loss" in entry and "train_pos_cos" in entry for entry in lines)
+    assert [entry["epoch"] for entry in lines] == [0, 1, 2]                  # epoch 0: the kNN before training
+    assert set(lines[0]) == {"epoch", "step", "knn_top1", "knn_top5"}
+    assert all("knn_top1" in entry and "train_loss" in entry and "train_pos_cos" in entry for entry in lines[1:])
+    assert (out / "curves.png").stat().st_size > 0 and "| knn_top1 |" in (out / "report.md").read_text()
     events = [f for f in os.listdir(out / "tensorboard") if f.startswith("events.out.tfevents")]
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

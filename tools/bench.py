@@ -9,7 +9,6 @@ measures the model (forward of both views on the kept patches, backward, AdamW),
 """
 import json
 import os
-import resource
 import time
 
 import numpy as np
@@ -22,13 +21,8 @@ from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from tools import bench_pipeline as P
 from tools.bench_pipeline import sync
 from tools.bench_targets import check_targets
-from utils.runtime import AMP_CHOICES, add_compile_arg, amp_dtype, autocast, configure_device, make_grad_scaler
-
-
-def peak_memory_mib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+from utils.runtime import (AMP_CHOICES, add_compile_arg, amp_dtype, autocast, configure_device, make_grad_scaler,
+                           peak_memory_mib)
 
 
 MATMUL_KERNELS = ("gemm", "cutlass", "xmma", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm",

@@ -6,6 +6,7 @@
     python -m tools.weights download aps:pretrain/<file>
     python -m tools.weights convert IN OUT              # a plain state dict: a classifier, or a backbone
     python -m tools.weights inspect IN                  # format, arch, sizes, classes, parameters, sha256
+    python -m tools.weights convert --to detectron2 IN out.pkl   # a ResNet-50 for detectron2
 
 Downloads go to <dest>/<file>.part, resume from there (HTTP Range), are verified (the published md5 prefix for
 Asym-Siam; the hub's sha256 for APS) and only then renamed into place: nothing unverified is ever loaded.
@@ -13,20 +14,35 @@ The registry is models/registry.py; the download machinery utils/download.py.
 """
 import json
 import os
+import pickle
 
-from models.loading import classifier_state, describe_weights, load_backbone
+from models.loading import RESNET_FORMATS, classifier_state, describe_weights, load_backbone
+from models.resnet import to_detectron2
 from models.registry import (APS_PREFIX, APS_REPO, REGISTRY, aps_listing, asym_siam_url, cache_path, download,
                              hub_endpoint)
 from utils.checkpoint import save_checkpoint
 from utils.download import file_digest
-from utils.errors import ArgumentParser, exit_on_user_error
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
 
 
-def convert(src: str, out: str) -> str:
+TARGETS = ("torchvision", "timm", "detectron2")
+
+
+def convert(src: str, out: str, to: str = None) -> str:
     """Write `src` (a path or registry name, any format loading reads) as a plain state dict, after a strict
     load: a fine-tuned classifier (the reference's pickled Vit, or ours) as our classifier, head included (timm
-    keys); any other file's backbone: torchvision keys for ResNets (no fc), timm keys for ViTs (no head)."""
-    if describe_weights(src)["num_classes"]:
+    keys); any other file's backbone: torchvision keys for ResNets (no fc), timm keys for ViTs (no head).
+    to: 'torchvision' / 'timm' insist on that kind; 'detectron2' writes a ResNet-50 backbone as detectron2 reads
+    it (a pickle of numpy arrays under res2..res5 names, BN as FrozenBN statistics), as MoCo's converter does."""
+    info = describe_weights(src)
+    resnet = info["format"] in RESNET_FORMATS
+    if to == "detectron2":
+        return convert_detectron2(src, out, info)
+    if to is not None and (to == "torchvision") != resnet:
+        kind = "a ResNet" if resnet else "a ViT"
+        raise UserError(f"{src} holds {kind}; --to {to} is for {'ResNets' if to == 'torchvision' else 'ViTs'}: "
+                        f"use --to {'torchvision' if resnet else 'timm'}")
+    if info["num_classes"]:
         state, cfg = classifier_state(src)
         save_checkpoint(state, out)
         return (f"wrote {out}: APS ViT classifier ({cfg['num_classes']} classes), {len(state)} tensors; load it into "
@@ -35,6 +51,25 @@ def convert(src: str, out: str) -> str:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_checkpoint(state, out)
     return f"wrote {out}: {type(model).__name__} backbone, {len(state)} tensors"
+
+
+def convert_detectron2(src: str, out: str, info: dict) -> str:
+    if info["format"] not in RESNET_FORMATS or info["arch"] != "resnet50" or info["cifar_stem"]:
+        held = f"a {info['arch']}" + (" with the CIFAR stem" if info.get("cifar_stem") else "")
+        raise UserError(f"{src} holds {held}; the detectron2 export takes a ResNet-50 with the ImageNet stem (a "
+                        "main_moco.py -a resnet50 checkpoint at 224 px, or a released Asym-Siam file)")
+    model = load_backbone(src)
+    state = to_detectron2({k: v for k, v in model.state_dict().items()})
+    payload = {"model": {k: v.detach().cpu().numpy() for k, v in state.items()}, "__author__": "asym-ssl",
+               "matching_heuristics": True}
+    tmp = out + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(payload, f)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UserError(f"could not write {out}: {e.strerror or e}; choose a writable path") from e
+    return f"wrote {out}: ResNet-50 backbone for detectron2, {len(state)} arrays (res2..res5, FrozenBN statistics)"
 
 
 def inspect(src: str) -> list:
@@ -66,9 +101,12 @@ def get_args_parser():
     dl.add_argument("name", help="a registry name or aps:<folder>/<file>")
     dl.add_argument("--dest", default=None, help="cache folder (default: $ASYM_SSL_WEIGHTS or torch.hub's)")
     dl.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
-    cv = sub.add_parser("convert", help="write a checkpoint's backbone as a plain state dict")
+    cv = sub.add_parser("convert", help="write a checkpoint's backbone (or classifier) as a plain state dict")
     cv.add_argument("src", help="checkpoint path or registry name")
-    cv.add_argument("out", help="output .pth")
+    cv.add_argument("out", help="output file (.pth; .pkl for detectron2)")
+    cv.add_argument("--to", choices=TARGETS, default=None,
+                    help="torchvision (ResNets) / timm (ViTs): the plain state dict; detectron2: a ResNet-50 "
+                         "backbone in detectron2's layout")
     ins = sub.add_parser("inspect", help="what a file holds (format, arch, sizes, classes, parameters, sha256)")
     ins.add_argument("src", help="checkpoint path or registry name (downloaded first)")
     return p
@@ -88,7 +126,7 @@ def main(args):
     elif args.command == "inspect":
         print("\n".join(inspect(args.src)))
     else:
-        print(convert(args.src, args.out))
+        print(convert(args.src, args.out, args.to))
 
 
 if __name__ == "__main__":

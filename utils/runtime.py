@@ -76,3 +76,11 @@ def to_device(batch, device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The process's peak memory so far: allocated on a GPU, resident on the CPU (Linux: ru_maxrss in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,117 @@
+"""Few labels: a class-balanced subset of the training set (the semi-supervised protocol's 1 % / 10 %), drawn from
+a seed of its own so that two methods can be compared on exactly the same images.
+
+`--label-fraction F` keeps round(F * n_c) images of each class c (at least one), `--labels-per-class N` keeps N
+of each; `--subset-seed` draws them (default 0, whatever --seed is); `--subset-file` reuses a list (one index per
+line, as written to <output-dir>/subset.txt). Fine-tuning and the linear probe train on the subset; the
+pretraining scripts use it as the kNN monitor's memory bank. Every rank computes the same subset.
+"""
+import copy
+import os
+
+import torch
+from torch.utils.data import Subset
+
+from utils.errors import UserError
+
+SUBSET_FILE = "subset.txt"
+
+
+def add_subset_args(parser, what: str):
+    """The few-label flags; `what` says what the subset is for (the training set, the kNN memory bank)."""
+    g = parser.add_argument_group(f"few labels ({what})")
+    g.add_argument("--label-fraction", type=float, default=None, metavar="F",
+                   help=f"keep this fraction (0 < F <= 1) of each class's images as {what}")
+    g.add_argument("--labels-per-class", type=int, default=None, metavar="N",
+                   help=f"keep N images of each class as {what}")
+    g.add_argument("--subset-seed", type=int, default=0, help="seed of the subset's draw (not --seed)")
+    g.add_argument("--subset-file", default=None,
+                   help=f"{what} from a file of training-set indices, one per line (e.g. a run's {SUBSET_FILE})")
+    return g
+
+
+def class_balanced_subset(targets, fraction: float = None, per_class: int = None, seed: int = 0) -> list:
+    """Sorted indices: per class c of n_c images, max(1, round(fraction * n_c)) of them, or `per_class`, drawn
+    without replacement by a generator seeded with `seed` (class by class, in class order)."""
+    if (fraction is None) == (per_class is None):
+        raise UserError("pass one of --label-fraction and --labels-per-class")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise UserError(f"--label-fraction {fraction} must lie in (0, 1]; e.g. 0.01 or 0.1 for 1 % or 10 % of labels")
+    if per_class is not None and per_class < 1:
+        raise UserError(f"--labels-per-class {per_class} must be at least 1")
+    targets = torch.as_tensor(list(targets), dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in torch.unique(targets).tolist():
+        members = (targets == c).nonzero()[:, 0]                                  # this class's indices
+        k = per_class if per_class is not None else max(1, round(fraction * len(members)))
+        if k > len(members):
+            raise UserError(f"--labels-per-class {k} is more than class {c} has ({len(members)} images); "
+                            f"use at most {len(members)}")
+        chosen += members[torch.randperm(len(members), generator=g)[:k]].tolist()
+    return sorted(chosen)
+
+
+def read_subset_file(path: str, n: int) -> list:
+    """The indices in `path` (one per line), checked against a training set of n images."""
+    if not os.path.isfile(path):
+        raise UserError(f"--subset-file {path} does not exist; pass a file of indices, one per line")
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    try:
+        indices = [int(line) for line in lines]
+    except ValueError:
+        bad = next(line for line in lines if not line.lstrip("-").isdigit())
+        raise UserError(f"--subset-file {path}: {bad!r} is not an index; write one integer per line") from None
+    unknown = [i for i in indices if not 0 <= i < n]
+    if unknown or not indices:
+        what = f"unknown indices ({unknown[0]} is not in 0..{n - 1})" if unknown else "no index"
+        raise UserError(f"--subset-file {path} holds {what} for the {n} training images; write it for this dataset")
+    if len(set(indices)) != len(indices):
+        raise UserError(f"--subset-file {path} repeats an index; list each image once")
+    return sorted(indices)
+
+
+def chosen_subset(args, targets) -> list:
+    """The few-label subset the flags ask for (indices into the training set), or None for all of it."""
+    if args.subset_file:
+        if args.label_fraction is not None or args.labels_per_class is not None:
+            raise UserError("--subset-file fixes the subset; leave out --label-fraction/--labels-per-class")
+        return read_subset_file(args.subset_file, len(targets))
+    if args.label_fraction is None and args.labels_per_class is None:
+        return None
+    return class_balanced_subset(targets, args.label_fraction, args.labels_per_class, args.subset_seed)
+
+
+def write_subset(indices: list, output_dir: str):
+    with open(os.path.join(output_dir, SUBSET_FILE), "w") as f:
+        f.write("".join(f"{i}\n" for i in indices))
+
+
+def take(dataset, indices: list):
+    """`dataset` restricted to `indices`: an image folder stays an image folder (its samples cut), so that both
+    data paths read it; other datasets become a torch Subset."""
+    if hasattr(dataset, "samples"):
+        folder = copy.copy(dataset)
+        folder.samples = [dataset.samples[i] for i in indices]
+        folder.imgs = folder.samples
+        folder.targets = [s[1] for s in folder.samples]
+        return folder
+    return Subset(dataset, indices)
+
+
+class SubsetRecord:
+    """The subset's indices, saved in every checkpoint (Method.extra_state); resuming with another subset stops."""
+
+    def __init__(self, indices: list):
+        self.indices = list(indices)
+
+    def state_dict(self) -> dict:
+        return {"indices": torch.tensor(self.indices, dtype=torch.long)}
+
+    def load_state_dict(self, state: dict):
+        saved = state["indices"].tolist()
+        if saved != self.indices:
+            raise UserError(f"the checkpoint was trained on another subset ({len(saved)} images, not "
+                            f"{len(self.indices)}); resume with the same --label-fraction/--labels-per-class/"
+                            "--subset-seed or --subset-file, or use another --output-dir")

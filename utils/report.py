@@ -1,0 +1,58 @@
+"""report.md: what a run was and what it gave, as plain Markdown a user can paste into an issue (the command, the
+code's commit, the data and model, the final metrics, the time, images/s, peak memory, the pictures)."""
+import os
+import shlex
+import subprocess
+import sys
+
+REPORT = "report.md"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_commit(folder: str = ROOT) -> str:
+    """The checkout's commit ('<sha> (with uncommitted changes)' when dirty), or 'unknown' without git."""
+    try:
+        sha = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not sha:
+        return "unknown"
+    return sha + (" (with uncommitted changes)" if dirty else "")
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+
+
+def fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_report(output_dir: str, description: str, flags: dict, model_config: dict, metrics: dict,
+                 start_metrics: dict, seconds: float, images_per_s: float, peak_memory_mib: float, epochs: str) -> str:
+    """Write <output_dir>/report.md (the command as run, then every flag's value); returns its path."""
+    pictures = sorted(f for f in os.listdir(output_dir) if f.endswith(".png"))
+    lines = ["# Run report", "", "```", command_line(), "```", "",
+             f"- code: commit {git_commit()}",
+             f"- flags: {' '.join(f'{k}={v}' for k, v in flags.items())}",
+             f"- run: {description or 'see log.txt'}",
+             f"- model: {', '.join(f'{k}={v}' for k, v in model_config.items()) or 'see the checkpoint'}",
+             f"- epochs: {epochs}",
+             f"- time: {seconds:.0f} s" + (f" ({seconds / 3600:.2f} h)" if seconds >= 3600 else "")
+             + f" of training, {images_per_s:.1f} images/s",
+             f"- peak memory: {peak_memory_mib:.0f} MiB", "",
+             "| metric | at the end |" + (" at the start |" if start_metrics else ""),
+             "|---|---|" + ("---|" if start_metrics else "")]
+    for k in sorted(metrics):
+        start = f" {fmt(start_metrics[k])} |" if start_metrics and k in start_metrics else (" |" if start_metrics
+                                                                                            else "")
+        lines.append(f"| {k} | {fmt(metrics[k])} |{start}")
+    if pictures:
+        lines += ["", "Pictures: " + ", ".join(f"[{p}]({p})" for p in pictures)]
+    path = os.path.join(output_dir, REPORT)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
