@@ -21,6 +21,7 @@ import torch
 from utils.checkpoint import LATEST, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
 from utils.dist import all_reduce_min, cleanup, get_rank, get_world_size, is_dist, is_main_process
 from utils.errors import UserError, describe
+from utils.failpoints import failpoint
 from utils.log import MeanMeter, Progress, RunLog, get_logger
 from utils.plots import CURVES, plot_curves
 from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
@@ -33,6 +34,9 @@ from utils.schedule import set_lr
 def finish(trainer: "Trainer", metrics: dict) -> dict:
     """Log the method's closing line and where the checkpoint is, draw curves.png, write report.md (rank 0), leave
     the process group; return metrics."""
+    if trainer.settings.dry_run:
+        cleanup()
+        return metrics
     line = trainer.method.summary(metrics, trainer.best, trainer.start_metrics)
     if line:
         trainer.logger.info(line)
@@ -88,6 +92,9 @@ class Method:
     steps_per_batch = 1
     select_metric = None
     evaluate_at_start = False   # also evaluate before the first epoch (the kNN monitor's baseline, "epoch 0")
+    name = "this method"        # in messages
+    lr_flag = "--base-lr"       # the flag a non-finite loss's advice names
+    known_ranges = {}           # flag dest -> (low, high) the method is known to train in (names a diverging flag)
 
     def __init__(self, module: torch.nn.Module, model: torch.nn.Module = None, model_config: dict = None,
                  extra_state: dict = None):
@@ -143,13 +150,14 @@ class TrainSettings:
     compile: Optional[str] = None
     flags: dict = field(default_factory=dict)   # the run's flags, saved in every checkpoint
     description: str = ""                       # the opening line (utils.run.describe_run), logged and reported
+    dry_run: bool = False                       # check the data and one forward pass, then stop
 
     @classmethod
     def from_args(cls, args, eval_every: int, description: str = "") -> "TrainSettings":
         return cls(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                    resume=args.resume, print_freq=args.print_freq, eval_every=eval_every, save_every=args.save_every,
                    skip_nonfinite=args.skip_nonfinite, compile=args.compile, flags=dict(vars(args)),
-                   description=description)
+                   description=description, dry_run=args.dry_run)
 
 
 class Trainer:
@@ -316,6 +324,7 @@ class Trainer:
                 first_bad = torch.where((first_bad == NO_STEP) & ~torch.isfinite(loss.detach()),
                                         torch.full_like(first_bad, self.global_step), first_bad)
                 self.scaler.scale(loss).backward()
+                failpoint("step")
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 method.after_step(self.global_step)
@@ -349,7 +358,20 @@ class Trainer:
             ckpt = os.path.join(self.settings.output_dir, LATEST)
             kept = f"the last good checkpoint {ckpt} is kept" if os.path.exists(ckpt) else "no checkpoint was written"
             raise NonFiniteLoss(f"loss became non-finite at step {bad} (epoch {epoch + 1}); {kept}; "
-                                "lower --base-lr or use --amp bf16/off")
+                                + self.nonfinite_advice(bad))
+
+    def nonfinite_advice(self, step: int) -> str:
+        """What to change: in the first steps, a flag outside the range the method is known to train in (the
+        likely cause), else the lr or the precision."""
+        flags, method = self.settings.flags, self.method
+        if step <= 1:
+            off = [(d, flags[d], lo, hi) for d, (lo, hi) in method.known_ranges.items()
+                   if d in flags and isinstance(flags[d], (int, float)) and not lo <= flags[d] <= hi]
+            if off:
+                d, value, lo, hi = off[0]
+                return (f"--{d.replace('_', '-')} {value:g} is outside the range {method.name} is known to train in "
+                        f"({lo:g} to {hi:g}): use a value in it")
+        return f"lower {method.lr_flag} or use --amp bf16/off"
 
     def fit(self) -> dict:
         self.stop.install()
@@ -357,6 +379,18 @@ class Trainer:
             return self._fit()
         finally:
             self.stop.restore()
+
+    def dry_run(self) -> dict:
+        """One batch through the data path and one forward pass of the first training step (no update): the
+        data and the model's shapes check out, or fail with one line."""
+        self.method.model.train()
+        batch = next(iter(self.loader))
+        self.rng.reseed(self.settings.seed, 0, 0, STEP_STREAM)
+        with torch.no_grad(), autocast(self.device, self.amp):
+            loss, _ = next(self.method.training_steps(to_device(batch, self.device), self.rng))
+        self.logger.info(f"dry run: the flags, the data and the model's shapes check out (first loss "
+                         f"{float(loss):.4g}); nothing trained, nothing saved")
+        return {"dry_run_loss": float(loss)}
 
     def evaluate_start(self):
         """The method's metrics before any training (epoch 0), logged like an epoch's evaluation."""
@@ -371,6 +405,8 @@ class Trainer:
         method, settings, epochs = self.method, self.settings, self.settings.epochs
         if settings.description:
             self.logger.info(settings.description)
+        if settings.dry_run:
+            return self.dry_run()
         self.resume()
         if self.start_epoch == 0 and not self.skip_batches and settings.eval_every > 0 and method.evaluate_at_start:
             self.evaluate_start()

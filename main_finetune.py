@@ -14,12 +14,14 @@ from data.pipeline import eval_loader, training_data
 from engine import Trainer, TrainSettings, finish
 from methods.classify import FineTuning, evaluate_saved, finetuned_classifier, saved_source
 from models.loading import build_classifier
-from models.vit import add_vit_args, param_groups, vit_overrides
+from models.vit import add_vit_args, check_vit_flags, param_groups, vit_overrides
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.run import add_runtime_args, describe_run, start_run
+from utils.run import add_runtime_args, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
 from utils.schedule import warmup_cosine
+from models.registry import is_registry_name
+from utils.flags import count, fraction, input_file, momentum, nonnegative, positive, probability
 
 BASE_LR = {"vit-tiny": 2e-3, "vit-small": 1e-3, "vit-base": 5e-4}  # per 512 images
 
@@ -29,38 +31,40 @@ def get_args_parser():
     add_data_args(p, batch_size=128)
     g = add_vit_args(p, arch=None, arch_help="ViT size (depth 12); default: what --pretrained-weights or --eval's "
                                               "file holds, else vit-small")
-    g.add_argument("--pretrained-weights", default="", help="APS checkpoint (ours or the reference's, pretrained or "
-                                                            "fine-tuned; a path or a registry name); empty: train "
-                                                            "from scratch")
-    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (applied, unlike the reference)")
+    g.add_argument("--pretrained-weights", type=input_file(empty="train from scratch", registry=is_registry_name),
+                   default="", help="APS checkpoint: ours or the reference's, pretrained or fine-tuned")
+    g.add_argument("--drop-path", type=momentum(), default=0.1,
+                   help="stochastic depth rate (applied, unlike the reference)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", "--nepoch", dest="epochs", type=int, default=100, help="fine-tuning epochs")
-    g.add_argument("--base-lr", type=float, default=None,
+    g.add_argument("--epochs", "--nepoch", dest="epochs", type=count(), default=100, help="fine-tuning epochs")
+    g.add_argument("--base-lr", type=positive(), default=None,
                    help="lr per 512 images (default 2e-3 tiny, 1e-3 small, 5e-4 base); lr = base * batch / 512")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms, biases, "
+    g.add_argument("--weight-decay", type=nonnegative(), default=0.05, help="AdamW weight decay (not on norms, biases, "
                                                                      "pos_embed, cls_token)")
-    g.add_argument("--opt-eps", type=float, default=1e-8, help="AdamW epsilon")
-    g.add_argument("--warmup-epochs", type=float, default=5, help="linear warmup epochs")
-    g.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at the start of the warmup")
-    g.add_argument("--min-lr", type=float, default=1e-5, help="lr at the end of the cosine")
-    g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (e.g. 0.75); off by default")
+    g.add_argument("--opt-eps", type=positive(), default=1e-8, help="AdamW epsilon")
+    g.add_argument("--warmup-epochs", type=nonnegative(), default=5, help="linear warmup epochs")
+    g.add_argument("--warmup-lr", type=nonnegative(), default=1e-6, help="lr at the start of the warmup")
+    g.add_argument("--min-lr", type=nonnegative(), default=1e-5, help="lr at the end of the cosine")
+    g.add_argument("--layer-decay", type=fraction(high_closed=True), default=None,
+                   help="layer-wise lr decay (e.g. 0.75); off by default")
     g = add_finetune_view_args(p)
-    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
-    g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix when both are on")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--mixup", type=nonnegative(zero="off"), default=0.8, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=nonnegative(zero="off"), default=1.0, help="cutmix alpha (0: off)")
+    g.add_argument("--mixup-prob", type=probability(), default=1.0, help="probability of mixup or cutmix per batch")
+    g.add_argument("--mixup-switch-prob", type=probability(), default=0.5,
+                   help="probability of cutmix when both are on")
+    g.add_argument("--smoothing", type=momentum(), default=0.1, help="label smoothing")
     g = p.add_argument_group("evaluation")
     g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights and evaluate it")
-    g.add_argument("--model-ema-decay", type=float, default=0.9999, help="EMA decay per step")
-    g.add_argument("--val-split", type=float, default=0.0,
+    g.add_argument("--model-ema-decay", type=momentum(), default=0.9999, help="EMA decay per step")
+    g.add_argument("--val-split", type=fraction(zero="no held-out split"), default=0.0,
                    help="hold out this fraction of the training set to select the best epoch (checkpoint-best.pth)")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs and at the end")
+    g.add_argument("--eval-every", type=count(zero="never"), default=1, help="evaluate every N epochs and at the end")
     g.add_argument("--eval", action="store_true",
                    help="only evaluate --resume (default <output-dir>/checkpoint.pth) on the test set: one of our "
                         "fine-tuning checkpoints, or a released fine-tuned APS file (a path or a registry name)")
     add_subset_args(p, "the training set")
-    add_runtime_args(p)
+    add_runtime_args(p, resume_names=is_registry_name)
     return p
 
 
@@ -70,9 +74,12 @@ def main(args):
     given = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size)   # what --eval checks
     preset = apply_preset(args)
     mixing = args.mixup > 0 or args.cutmix > 0
+    check_per_process(args.batch_size, 1, "training")
     if mixing and per_rank_batch_size(args.batch_size) % 2:
         raise UserError(f"mixup/cutmix need an even batch per process (got {args.batch_size // get_world_size()}); "
                         "change --batch-size or pass --mixup 0 --cutmix 0")
+    check_vit_flags(args.arch or ("vit-small" if not (args.pretrained_weights or args.eval) else None), args.img_size,
+                    args.patch_size, args.embed_dim, args.num_heads)
     recipe = finetune_view_from_args(args, preset)
     seed_everything(args.seed)
     start_run(args)

@@ -20,9 +20,11 @@ from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import feature_dataset
 from utils.lars import LARS
-from utils.run import add_runtime_args, describe_run, start_run
+from utils.run import add_runtime_args, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, seed_everything
 from utils.schedule import cosine_per_epoch
+from models.registry import is_registry_name
+from utils.flags import count, input_file, momentum, nonnegative, positive
 
 
 def get_args_parser():
@@ -33,24 +35,25 @@ def get_args_parser():
     g.add_argument("-a", "--arch", default=None, choices=PROBE_ARCHS,
                    help="backbone; read off --pretrained when left out (then it must match); needed for a random init")
     g.add_argument("--pretrained", "--pretrained-weights", dest="pretrained", default="",
+                   type=input_file(empty="a random init", registry=is_registry_name),
                    help="backbone checkpoint: ours (main_moco.py, main_pretrain.py, main_finetune.py) or the "
-                        "reference's (Asym-Siam, APS); empty: a randomly initialised backbone")
-    g.add_argument("--patch-size", type=int, default=None, help="ViT patch size (checked against the checkpoint)")
+                        "reference's (Asym-Siam, APS)")
+    g.add_argument("--patch-size", type=count(), default=None, help="ViT patch size (checked against the checkpoint)")
     g.add_argument("--head-bn", action="store_true", help="affine-free BN before the linear layer (MAE's probe)")
-    g.add_argument("--chunk-size", type=int, default=0,
+    g.add_argument("--chunk-size", type=count(zero="the whole batch"), default=0,
                    help="run the frozen backbone on chunks of this many images (memory; same result); 0 = whole batch")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", "--nepoch", dest="epochs", type=int, default=90, help="training epochs")
-    g.add_argument("--lr", type=float, default=0.1, help="lr per 256 images (scaled by batch / 256)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=0.0, help="weight decay")
+    g.add_argument("--epochs", "--nepoch", dest="epochs", type=count(), default=90, help="training epochs")
+    g.add_argument("--lr", type=positive(), default=0.1, help="lr per 256 images (scaled by batch / 256)")
+    g.add_argument("--momentum", type=momentum(), default=0.9, help="SGD momentum")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=nonnegative(), default=0.0, help="weight decay")
     g.add_argument("--lars", action="store_true", help="LARS (trust ratio on the weight matrix) around SGD")
-    g.add_argument("--trust-coefficient", type=float, default=0.001, help="LARS trust coefficient")
+    g.add_argument("--trust-coefficient", type=positive(), default=0.001, help="LARS trust coefficient")
     g.add_argument("--cache-features", action="store_true",
                    help="extract the features of the centre-cropped images once and train on them (fast; not the "
                         "reference protocol, which augments every epoch)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs and at the end")
+    g.add_argument("--eval-every", type=count(zero="never"), default=1, help="evaluate every N epochs and at the end")
     g.add_argument("-e", "--evaluate", action="store_true",
                    help="only evaluate --resume (default <output-dir>/checkpoint.pth) on the test set")
     add_runtime_args(p, reference_launcher=True)
@@ -62,8 +65,7 @@ def main(args):
     device = init_distributed(args.device)
     given_img_size, given_patch = args.img_size, args.patch_size
     preset = apply_preset(args)
-    if args.chunk_size < 0:
-        raise UserError(f"--chunk-size {args.chunk_size} must be >= 0 (0: the whole batch at once)")
+    check_per_process(args.batch_size, 2 if args.head_bn else 1, "--head-bn's batch norm")
     seed_everything(args.seed)
     start_run(args)
     amp = amp_dtype(args.amp, device)

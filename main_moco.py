@@ -16,8 +16,9 @@ from models.resnet import RESNETS, ResNetTrunk
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
-from utils.run import add_runtime_args, describe_run, start_run
+from utils.run import add_runtime_args, check_ordered, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
+from utils.flags import count, momentum, nonnegative, positive
 
 
 def get_args_parser():
@@ -27,21 +28,22 @@ def get_args_parser():
     g.add_argument("-a", "--arch", default="resnet50", choices=RESNETS, help="torchvision ResNet")
     g.add_argument("--cifar-stem", default=None, action="store_true",
                    help="3x3 stride-1 first conv, no max-pool (default: on for 32 px datasets)")
-    g.add_argument("--mlp-hidden-dim", type=int, default=2048, help="projector hidden width")
-    g.add_argument("--moco-dim", type=int, default=128, help="key dimension")
-    g.add_argument("--moco-k", type=int, default=65536, help="queue size (a multiple of the global batch)")
-    g.add_argument("--moco-m", type=float, default=0.999, help="key-encoder momentum")
-    g.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature")
-    g.add_argument("--bn-splits", type=int, default=8,
+    g.add_argument("--mlp-hidden-dim", type=count(), default=2048, help="projector hidden width")
+    g.add_argument("--moco-dim", type=count(), default=128, help="key dimension")
+    g.add_argument("--moco-k", type=count(), default=65536, help="queue size (a multiple of the global batch)")
+    g.add_argument("--moco-m", type=momentum(), default=0.999, help="key-encoder momentum")
+    g.add_argument("--moco-t", type=positive(), default=0.2, help="softmax temperature")
+    g.add_argument("--bn-splits", type=count(), default=8,
                    help="one process: BN statistics per chunk of the batch (stand-in for shuffle-BN); 1 = off")
     g.add_argument("--enable-asym-bn", action="store_true",
                    help="AsymBN: synchronise the target projector's BN over groups of processes")
-    g.add_argument("--syncbn-group-size", type=int, default=8, help="processes per AsymBN group (divides the world)")
+    g.add_argument("--syncbn-group-size", type=count(), default=8,
+                   help="processes per AsymBN group (divides the world)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", "--nepoch", dest="epochs", type=int, default=100, help="pretraining epochs")
-    g.add_argument("--lr", type=float, default=0.03, help="lr per 256 images (scaled by batch / 256)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--epochs", "--nepoch", dest="epochs", type=count(), default=100, help="pretraining epochs")
+    g.add_argument("--lr", type=positive(), default=0.03, help="lr per 256 images (scaled by batch / 256)")
+    g.add_argument("--momentum", type=momentum(), default=0.9, help="SGD momentum")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=nonnegative(), default=1e-4, help="weight decay")
     add_moco_view_args(p)
     add_knn_args(p)
     add_subset_args(p, "the kNN memory bank")
@@ -55,6 +57,8 @@ def main(args):
     preset = apply_preset(args)
     args.cifar_stem = args.img_size <= 64 if args.cifar_stem is None else args.cifar_stem
     check_queue(args.moco_k, args.batch_size)
+    check_ordered(args, "mini_crop_scale")
+    check_per_process(args.batch_size, 2, "the projector's batch norm")
     world = get_world_size()
     bn_splits = args.bn_splits if world == 1 else 1  # many processes: real shuffle-BN across ranks
     if bn_splits > 1 and (args.batch_size % bn_splits or args.batch_size // bn_splits < 2):

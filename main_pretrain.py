@@ -9,13 +9,14 @@ from engine import Trainer, TrainSettings, finish
 from methods.aps import APSPretraining
 from models import APS, create_vit
 from models.norm import convert_sync_batchnorm
-from models.vit import add_vit_args, check_patch_grid, vit_overrides
+from models.vit import add_vit_args, check_vit_flags, vit_overrides
 from samplers.aps import kept_per_view
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args, knn_monitor
-from utils.run import add_runtime_args, describe_run, start_run
+from utils.run import add_runtime_args, check_ordered, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
+from utils.flags import count, fraction, momentum, nonnegative, positive
 
 BASE_LR = {"vit-tiny": 1e-3, "vit-small": 5e-4, "vit-base": 5e-4}
 
@@ -24,21 +25,22 @@ def get_args_parser():
     p = ArgumentParser(description=__doc__)
     add_data_args(p, batch_size=512)
     g = add_vit_args(p)
-    g.add_argument("--proj-hidden-dim", type=int, default=512, help="projector hidden width")
-    g.add_argument("--proj-dim", type=int, default=128, help="projector output width")
-    g.add_argument("--pred-hidden-dim", type=int, default=512, help="predictor hidden width")
+    g.add_argument("--proj-hidden-dim", type=count(), default=512, help="projector hidden width")
+    g.add_argument("--proj-dim", type=count(), default=128, help="projector output width")
+    g.add_argument("--pred-hidden-dim", type=count(), default=512, help="predictor hidden width")
     g = p.add_argument_group("APS")
-    g.add_argument("--sampling-ratio", type=float, default=0.25, help="fraction of patches kept per view")
-    g.add_argument("--nsampling", type=int, default=4, help="sampling rounds (= optimizer steps) per batch")
-    g.add_argument("--power", type=float, default=3.0, help="view-2 cells drawn with probability ~ uncovered^power")
-    g.add_argument("--temperature", type=float, default=0.1, help="contrastive temperature T")
+    g.add_argument("--sampling-ratio", type=fraction(), default=0.25, help="fraction of patches kept per view")
+    g.add_argument("--nsampling", type=count(), default=4, help="sampling rounds (= optimizer steps) per batch")
+    g.add_argument("--power", type=nonnegative(), default=3.0,
+                   help="view-2 cells drawn with probability ~ uncovered^power")
+    g.add_argument("--temperature", type=positive(), default=0.1, help="contrastive temperature T")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--nepoch", "--epochs", dest="epochs", type=int, default=1600, help="pretraining epochs E")
-    g.add_argument("--warmup-epochs", type=float, default=20, help="linear warmup epochs")
-    g.add_argument("--base-lr", type=float, default=None,
+    g.add_argument("--nepoch", "--epochs", dest="epochs", type=count(), default=1600, help="pretraining epochs E")
+    g.add_argument("--warmup-epochs", type=nonnegative(), default=20, help="linear warmup epochs")
+    g.add_argument("--base-lr", type=positive(), default=None,
                    help="lr per 256 images (default 1e-3 tiny, 5e-4 small/base); lr = base * batch / 256")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (on all parameters)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"), help="AdamW betas")
+    g.add_argument("--weight-decay", type=nonnegative(), default=0.05, help="AdamW weight decay (on all parameters)")
+    g.add_argument("--betas", type=momentum(), nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"), help="AdamW betas")
     add_aps_view_args(p)
     add_knn_args(p)
     add_subset_args(p, "the kNN memory bank")
@@ -47,19 +49,13 @@ def get_args_parser():
 
 
 def validate(args):
-    """The cross-flag rules, before any work."""
-    for flag in ("sampling_ratio", "temperature", "epochs", "batch_size"):
-        if not getattr(args, flag) > 0:
-            raise UserError(f"--{'nepoch' if flag == 'epochs' else flag.replace('_', '-')} {getattr(args, flag)} "
-                            "must be positive")
-    if args.warmup_epochs < 0 or args.num_workers < 0:
-        raise UserError("--warmup-epochs and --num-workers must be >= 0")
-    for flag in ("flip_prob", "color_jitter_prob", "grayscale_prob"):
-        if not 0 <= getattr(args, flag) <= 1:
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must lie in [0, 1]")
-    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        raise UserError(f"--crop-scale {args.crop_scale[0]} {args.crop_scale[1]} must satisfy 0 < MIN <= MAX <= 1")
-    grid = check_patch_grid(args.img_size, args.patch_size)
+    """The cross-flag rules, before any work (each flag's own domain is its type)."""
+    check_ordered(args, "crop_scale", "crop_ratio")
+    if args.color_jitter[3] > 0.5:
+        raise UserError(f"--color-jitter hue {args.color_jitter[3]:g} must lie in [0, 0.5] (a hue shift wraps around)")
+    check_vit_flags(args.arch, args.img_size, args.patch_size, args.embed_dim, args.num_heads)
+    check_per_process(args.batch_size, 2, "the heads' batch norm")
+    grid = args.img_size // args.patch_size
     try:
         kept_per_view(grid * grid, args.sampling_ratio, args.nsampling)
     except ValueError as e:

@@ -16,6 +16,7 @@ from typing import Optional
 from augment.ops import ERASE_MODES
 from augment.randaugment import parse_policy
 from utils.errors import UserError
+from utils.flags import count, fraction, nonnegative, positive, probability, text
 
 CROPS = ("resized", "padded", "resize", "center")
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -163,15 +164,16 @@ def add_aps_view_args(parser):
     """The APS view flags (SPEC A1), defaults from APS_VIEW."""
     v = APS_VIEW
     g = parser.add_argument_group("augmentation (each view)")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=v.scale, metavar=("MIN", "MAX"),
+    g.add_argument("--crop-scale", type=fraction(high_closed=True), nargs=2, default=v.scale, metavar=("MIN", "MAX"),
                    help="RandomResizedCrop area range")
-    g.add_argument("--crop-ratio", type=float, nargs=2, default=v.ratio, metavar=("MIN", "MAX"),
+    g.add_argument("--crop-ratio", type=positive(), nargs=2, default=v.ratio, metavar=("MIN", "MAX"),
                    help="RandomResizedCrop aspect-ratio range")
-    g.add_argument("--flip-prob", type=float, default=v.flip_p, help="horizontal flip probability")
-    g.add_argument("--color-jitter", type=float, nargs=4, default=v.jitter, metavar=("B", "C", "S", "H"),
+    g.add_argument("--flip-prob", type=probability(), default=v.flip_p, help="horizontal flip probability")
+    g.add_argument("--color-jitter", type=nonnegative(), nargs=4, default=v.jitter, metavar=("B", "C", "S", "H"),
                    help="ColorJitter brightness, contrast, saturation, hue")
-    g.add_argument("--color-jitter-prob", type=float, default=v.jitter_p, help="probability of applying ColorJitter")
-    g.add_argument("--grayscale-prob", type=float, default=v.gray_p, help="RandomGrayscale probability")
+    g.add_argument("--color-jitter-prob", type=probability(), default=v.jitter_p,
+                   help="probability of applying ColorJitter")
+    g.add_argument("--grayscale-prob", type=probability(), default=v.gray_p, help="RandomGrayscale probability")
     return g
 
 
@@ -184,18 +186,19 @@ def aps_pair_from_args(args, preset) -> Pair:
 def add_moco_view_args(parser):
     """MoCo v2's view flags and the view switches of Asym-Siam (MultiCrop, ScaleMix, AsymAug, MeanEnc)."""
     g = parser.add_argument_group("augmentation and asymmetries")
-    g.add_argument("--blur-prob", type=float, default=MOCO_V2_VIEW.blur_p, help="Gaussian blur probability")
+    g.add_argument("--blur-prob", type=probability(), default=MOCO_V2_VIEW.blur_p, help="Gaussian blur probability")
     g.add_argument("--enable-multicrop", action="store_true", help="MultiCrop: small query crops")
-    g.add_argument("--num-mini-crops", type=int, default=MINI_CROPS, help="mini query crops with MultiCrop")
-    g.add_argument("--mini-crop-size", type=int, default=None, help="mini crop size (default 96/224 of the image)")
-    g.add_argument("--mini-crop-scale", type=float, nargs=2, default=MINI_CROP_SCALE, metavar=("MIN", "MAX"),
+    g.add_argument("--num-mini-crops", type=count(), default=MINI_CROPS, help="mini query crops with MultiCrop")
+    g.add_argument("--mini-crop-size", type=count(), default=None, help="mini crop size (default 96/224 of the image)")
+    g.add_argument("--mini-crop-scale", type=fraction(high_closed=True), nargs=2,
+                   default=MINI_CROP_SCALE, metavar=("MIN", "MAX"),
                    help="mini crop area range; the large crops then use (MAX, 1)")
     g.add_argument("--enable-scalemix", action="store_true",
                    help="ScaleMix: the query pastes a box of a second query view into the first")
     g.add_argument("--enable-asymm-aug", action="store_true",
                    help="AsymAug: RandAugment on the query side, crop + flip only on the key side")
     g.add_argument("--enable-mean-encoding", action="store_true", help="MeanEnc: average several key views")
-    g.add_argument("--num-key-views", type=int, default=2, help="key views with MeanEnc")
+    g.add_argument("--num-key-views", type=count(), default=2, help="key views with MeanEnc")
     return g
 
 
@@ -213,10 +216,22 @@ def add_finetune_view_args(parser):
     """SPEC B's augmentation flags, defaults from FINETUNE_VIEW."""
     v = FINETUNE_VIEW
     g = parser.add_argument_group("augmentation and regularisation")
-    g.add_argument("--aa", default=v.randaugment, help="RandAugment policy ('none' to disable)")
-    g.add_argument("--reprob", type=float, default=v.erase_p, help="random erasing probability")
+    g.add_argument("--aa", type=text("a RandAugment policy rand-m<M>[-n<N>][-mstd<S>][-inc<0|1>], or none",
+                                     check=policy_problem), default=v.randaugment, help="RandAugment policy")
+    g.add_argument("--reprob", type=probability(), default=v.erase_p, help="random erasing probability")
     g.add_argument("--remode", default=v.erase_mode, choices=ERASE_MODES, help="random erasing mode")
     return g
+
+
+def policy_problem(value: str) -> str:
+    """'' for 'none' or a policy parse_policy reads, else why not (the --aa flag's domain)."""
+    if value == "none":
+        return ""
+    try:
+        parse_policy(value)
+    except ValueError as e:
+        return f": {e}; use e.g. --aa {FINETUNE_VIEW.randaugment}, or --aa none"
+    return ""
 
 
 def finetune_view_from_args(args, preset) -> View:

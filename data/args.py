@@ -3,13 +3,14 @@ import os
 
 from data.datasets import PRESETS, get_preset
 from utils.errors import UserError
+from utils.flags import count, folder, input_folder, output_folder
 
 DATA_PATHS = ("auto", "cpu", "device")
 
 
 def add_data_dir_arg(parser):
     """The reference scripts' positional DATA_DIR (an ImageNet-style folder with train/ and val/)."""
-    parser.add_argument("data_dir", nargs="?", default=None,
+    parser.add_argument("data_dir", type=input_folder(), nargs="?", default=None,
                         help="ImageNet-style folder (train/ and val/), as in the reference; same as --data-root "
                              "with --dataset imagefolder")
 
@@ -32,18 +33,18 @@ def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: 
     g.add_argument("--dataset", default=dataset, choices=sorted(PRESETS),
                    help="dataset; 'digits' is embedded (scikit-learn's 8x8 digits upscaled to 32 px) and needs no "
                         "files; 'imagefolder' reads <data-root>/train and <data-root>/val")
-    g.add_argument("--data-root", default=None,
+    g.add_argument("--data-root", type=folder(), default=None,
                    help="dataset folder (default ./dataset/<dataset>); CIFAR in torchvision's layout, "
                         "MNIST/Fashion-MNIST as the idx files (*-ubyte or *-ubyte.gz)")
     g.add_argument("--download", action="store_true",
                    help="let torchvision download CIFAR/MNIST/Fashion-MNIST into --data-root if missing")
-    g.add_argument("--img-size", type=int, default=None,
+    g.add_argument("--img-size", type=count(), default=None,
                    help="training resolution (default: the dataset's preset, 32 px small sets, 224 px folders)")
-    g.add_argument("--batch-size", type=int, default=batch_size,
+    g.add_argument("--batch-size", type=count(), default=batch_size,
                    help="global batch size, split evenly over the processes")
-    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+    g.add_argument("--num-workers", type=count(zero="load in the main process"), default=min(4, os.cpu_count() or 1),
                    help="data-loading worker processes per GPU/process (default 4, or the CPU count if smaller)")
-    g.add_argument("--output-dir", default=output_dir,
+    g.add_argument("--output-dir", type=output_folder(), default=output_dir,
                    help="where checkpoints, log.txt, log.jsonl and tensorboard/ go; a checkpoint there is resumed")
     g.add_argument("--data-path", default="auto", choices=DATA_PATHS,
                    help="device: augment batches on the training device (in-memory datasets live there as "

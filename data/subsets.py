@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Subset
 
 from utils.errors import UserError
+from utils.flags import count, fraction, input_file, integer
 
 SUBSET_FILE = "subset.txt"
 
@@ -20,12 +21,12 @@ SUBSET_FILE = "subset.txt"
 def add_subset_args(parser, what: str):
     """The few-label flags; `what` says what the subset is for (the training set, the kNN memory bank)."""
     g = parser.add_argument_group(f"few labels ({what})")
-    g.add_argument("--label-fraction", type=float, default=None, metavar="F",
+    g.add_argument("--label-fraction", type=fraction(high_closed=True), default=None, metavar="F",
                    help=f"keep this fraction (0 < F <= 1) of each class's images as {what}")
-    g.add_argument("--labels-per-class", type=int, default=None, metavar="N",
+    g.add_argument("--labels-per-class", type=count(), default=None, metavar="N",
                    help=f"keep N images of each class as {what}")
-    g.add_argument("--subset-seed", type=int, default=0, help="seed of the subset's draw (not --seed)")
-    g.add_argument("--subset-file", default=None,
+    g.add_argument("--subset-seed", type=integer(low=0), default=0, help="seed of the subset's draw (not --seed)")
+    g.add_argument("--subset-file", type=input_file(), default=None,
                    help=f"{what} from a file of training-set indices, one per line (e.g. a run's {SUBSET_FILE})")
     return g
 

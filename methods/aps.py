@@ -8,7 +8,9 @@ from utils.schedule import aps_factor
 class APSPretraining(Method):
     """module: a models.aps.APS (model: the same, DDP-wrapped); knn: evaluate(epoch) -> kNN metrics, or None."""
 
+    name = "APS"
     evaluate_at_start = True                                # the kNN baseline of the random (or loaded) weights
+    known_ranges = {"temperature": (0.01, 1.0)}             # contrastive methods train at T around 0.05-0.5
 
     def __init__(self, module, model, grid: int, ratio: float, steps_per_batch: int, power: float, lr: float,
                  warmup_epochs: float, epochs: int, knn=None, model_config: dict = None):

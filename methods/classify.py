@@ -46,6 +46,7 @@ class Classification(Method):
 class FineTuning(Classification):
     """Classification whose closing line says the test accuracy is the last epoch's (the best held-out epoch is
     only selected, as checkpoint-best.pth)."""
+    name = "fine-tuning"
 
     def summary(self, metrics: dict, best=None, start: dict = None) -> str:
         if "test_acc1" not in metrics:
@@ -57,6 +58,9 @@ class FineTuning(Classification):
 class LinearProbing(Classification):
     """Classification of a models.linear.LinearProbe: `guard` (a BackboneGuard) remembers the backbone before
     the first optimizer step and checks after the first epoch that training left it alone."""
+
+    name = "the linear probe"
+    lr_flag = "--lr"
 
     def __init__(self, *args, guard, **kwargs):
         super().__init__(*args, **kwargs)

@@ -8,7 +8,10 @@ from utils.schedule import cosine_per_epoch
 class MoCoPretraining(Method):
     """module: a models.moco.MoCo (model: the same, DDP-wrapped); knn: evaluate(epoch) -> kNN metrics, or None."""
 
+    name = "MoCo"
     evaluate_at_start = True                                # the kNN baseline of the random (or loaded) weights
+    lr_flag = "--lr"
+    known_ranges = {"moco_t": (0.01, 1.0)}                  # MoCo's 0.07-0.2, with room
 
     def __init__(self, module, model, lr: float, epochs: int, knn=None, model_config: dict = None):
         super().__init__(module, model, model_config)

@@ -15,6 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
 
 from utils.errors import UserError
+from utils.flags import count
 
 ARCHS = {
     "vit-tiny": dict(embed_dim=192, num_heads=3),
@@ -119,6 +120,17 @@ def check_patch_grid(img_size: int, patch_size: int) -> int:
     return img_size // patch_size
 
 
+def check_vit_flags(arch: str, img_size: int, patch_size: int, embed_dim: int = None, num_heads: int = None):
+    """The ViT flags' cross rules, before any work: the image a whole number of patches, the width a whole number
+    of heads (arch None: read off a file later, only what was given is checked)."""
+    check_patch_grid(img_size, patch_size)
+    width = embed_dim or (ARCHS[arch]["embed_dim"] if arch else None)
+    heads = num_heads or (ARCHS[arch]["num_heads"] if arch else None)
+    if width and heads and width % heads:
+        raise UserError(f"--embed-dim {width} is not divisible by --num-heads {heads}; pick a width that is (64 "
+                        "channels per head is usual)")
+
+
 def create_vit(arch: str = "vit-small", img_size: int = 32, patch_size: int = 2, **overrides) -> APSViT:
     """Build an APS ViT by name; `overrides` (depth, embed_dim, num_heads, drop_path_rate, ...) win."""
     if arch not in ARCHS:
@@ -140,10 +152,10 @@ def add_vit_args(parser, arch: str = "vit-small", arch_help: str = "ViT size (de
     """The ViT model flags shared by main_pretrain.py and main_finetune.py (an argument group)."""
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default=arch, choices=list(ARCHS), help=arch_help)
-    g.add_argument("--patch-size", type=int, default=None, help="patch size (default: 2 at 32 px, 16 at 224 px)")
-    g.add_argument("--depth", type=int, default=None, help="override the number of blocks (default 12)")
-    g.add_argument("--embed-dim", type=int, default=None, help="override the width (default: the arch's)")
-    g.add_argument("--num-heads", type=int, default=None,
+    g.add_argument("--patch-size", type=count(), default=None, help="patch size (default: 2 at 32 px, 16 at 224 px)")
+    g.add_argument("--depth", type=count(), default=None, help="override the number of blocks (default 12)")
+    g.add_argument("--embed-dim", type=count(), default=None, help="override the width (default: the arch's)")
+    g.add_argument("--num-heads", type=count(), default=None,
                    help="override the attention heads (default: the arch's; 64 channels per head when reading "
                         "a non-standard width from a file)")
     return g

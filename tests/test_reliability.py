@@ -148,3 +148,68 @@ def test_sigterm_to_torchrun_checkpoints_on_every_rank_and_the_rerun_is_exact(tm
     assert res.returncode == 0, res.stderr[-2000:]
     assert_same_weights(load_file(str(out / "checkpoint.pth"))["model"],
                         load_file(str(tmp_path / "ref" / "checkpoint.pth"))["model"])
+
+
+SOAK = ["--knn-every", "1", "--num-workers", "0", "--device", "cpu"]
+
+
+def soak(tmp_path, tiny_flags, moments, epochs=3):
+    """Kill one tiny run at each of `moments` in turn (failpoints: the process SIGKILLs itself there, or
+    'external': a SIGKILL from outside after a random delay; a callable picks the moment from the epochs already
+    checkpointed), rerunning the same command after each (it resumes from whatever checkpoint survived); then
+    let it finish. It must end with the uninterrupted run's weights, optimizer state and step count, bit for
+    bit."""
+    cmd = [sys.executable, "main_pretrain.py", *tiny_flags, *RUN, *SOAK, "--nepoch", str(epochs)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("ASYM_FAILPOINT", None)
+    ref = subprocess.run(cmd + ["--output-dir", str(tmp_path / "ref")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out, rng, killed = tmp_path / "soaked", __import__("random").Random(7), []
+    for moment in moments:
+        ckpt = out / "checkpoint.pth"
+        if callable(moment):
+            moment = moment(rng, load_file(str(ckpt))["epoch"] if ckpt.exists() else 0, epochs)
+        if moment == "external":
+            proc = subprocess.Popen(cmd + ["--output-dir", str(out)], cwd=ROOT, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(3.0, 9.0))                   # past the imports, somewhere in the run
+            proc.send_signal(signal.SIGKILL)
+            code = proc.wait()
+        else:
+            code = subprocess.run(cmd + ["--output-dir", str(out)], cwd=ROOT, capture_output=True, timeout=600,
+                                  env=dict(env, ASYM_FAILPOINT=moment)).returncode
+        killed.append((moment, code))
+        if ckpt.exists():
+            assert load_file(str(out / "checkpoint.pth"))["epoch"] >= 0     # whatever survived is readable
+    assert all(code == -signal.SIGKILL for moment, code in killed if moment != "external"), killed
+    res = subprocess.run(cmd + ["--output-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got, want = load_file(str(out / "checkpoint.pth")), load_file(str(tmp_path / "ref" / "checkpoint.pth"))
+    assert got["epoch"] == want["epoch"] == epochs and got["global_step"] == want["global_step"]
+    assert_same_weights(got["model"], want["model"])
+    for k, v in want["optimizer"]["state"].items():
+        assert all(torch.equal(v[n], got["optimizer"]["state"][k][n]) for n in v), k
+    return killed
+
+
+@pytest.mark.slow
+def test_sigkill_soak_at_six_moments_resumes_to_the_uninterrupted_weights(tmp_path, tiny_flags):
+    # the first step; inside the kNN before training and after epoch 1; inside checkpoint writes; mid-epoch; outside
+    soak(tmp_path, tiny_flags, ["step@1", "knn@1", "checkpoint-write@1", "knn@2", "step@30", "checkpoint-write@2",
+                                "external"])
+
+
+def random_moment(rng, done: int, epochs: int) -> str:
+    """A moment the next process is sure to reach (it has epochs - done to train, 44 steps each, a kNN after
+    each and one before training when nothing is checkpointed yet); the last epoch is never let through."""
+    left = epochs - done - 1                   # epochs the process may complete (and save) before dying
+    return rng.choice([f"step@{rng.randint(1, 44 * (left + 1) - 4)}", f"checkpoint-write@{rng.randint(1, left + 1)}",
+                       f"knn@{rng.randint(1, left + 1 + (done == 0))}"])
+
+
+@pytest.mark.slow
+def test_sigkill_soak_at_twenty_moments(tmp_path, tiny_flags):
+    killed = soak(tmp_path, tiny_flags, [random_moment] * 20, epochs=4)
+    assert len(killed) == 20 and {m.split("@")[0] for m, _ in killed} == {"step", "checkpoint-write", "knn"}

@@ -15,12 +15,14 @@ import numpy as np
 import torch
 
 from models import ARCHS
+from models.resnet import RESNETS
 from samplers.aps import kept_per_view, random_boxes, sample_aps
-from utils.dist import resolve_device
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from tools import bench_pipeline as P
 from tools.bench_pipeline import sync
 from tools.bench_targets import check_targets
+from utils.dist import resolve_device
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.flags import count, device_name, fraction, one_of, positive
 from utils.runtime import (AMP_CHOICES, add_compile_arg, amp_dtype, autocast, configure_device, make_grad_scaler,
                            peak_memory_mib)
 
@@ -148,35 +150,39 @@ def bench_sampler(batch, grid, ratio, K, power, device, loop_pairs, repeats):
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_name(), default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="precision (auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated archs to time")
-    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 512 on GPU, 32 on CPU)")
-    p.add_argument("--img-size", type=int, default=32, help="image size (32 px CIFAR shapes)")
-    p.add_argument("--patch-size", type=int, default=2, help="patch size")
-    p.add_argument("--sampling-ratio", type=float, default=0.25, help="fraction of patches kept")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on GPU, 1 on CPU)")
-    p.add_argument("--sampler-batch", type=int, default=512, help="pairs per sampler call")
-    p.add_argument("--loop-pairs", type=int, default=200, help="pairs timed with the per-pair numpy loop")
+    p.add_argument("--archs", type=one_of(ARCHS, "arch"), default=",".join(ARCHS),
+                   help="comma-separated archs to time")
+    p.add_argument("--batch-size", type=count(), default=None, help="pairs per step (default 512 on GPU, 32 on CPU)")
+    p.add_argument("--img-size", type=count(), default=32, help="image size (32 px CIFAR shapes)")
+    p.add_argument("--patch-size", type=count(), default=2, help="patch size")
+    p.add_argument("--sampling-ratio", type=fraction(), default=0.25, help="fraction of patches kept")
+    p.add_argument("--steps", type=count(), default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=count(zero="none"), default=None,
+                   help="untimed steps first (default 5 on GPU, 1 on CPU)")
+    p.add_argument("--sampler-batch", type=count(), default=512, help="pairs per sampler call")
+    p.add_argument("--loop-pairs", type=count(), default=200, help="pairs timed with the per-pair numpy loop")
     p.add_argument("--skip-model", action="store_true", help="only time the sampler")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
+    p.add_argument("--profile", type=count(zero="off"), default=0, metavar="N",
                    help="also profile N more APS steps per arch: the time's split into matmul, attention and other "
                         "kernels, and the top kernels (time_split in the aps_step record)")
     p.add_argument("--skip-pipeline", action="store_true", help="skip the data-path comparisons")
     add_compile_arg(p, "the models and the device augmentation (as the scripts' --compile)")
-    p.add_argument("--pipeline-archs", default=None,
+    p.add_argument("--pipeline-archs", type=one_of(ARCHS, "arch"), default=None,
                    help="APS archs timed through both data paths (default: all on GPU, vit-tiny on CPU)")
-    p.add_argument("--pipeline-batches", type=int, default=None, help="timed batches per data path "
+    p.add_argument("--pipeline-batches", type=count(), default=None, help="timed batches per data path "
                                                                        "(default 10 on GPU, 2 on CPU)")
-    p.add_argument("--workers", type=int, default=None, help="CPU-path loader workers (default: min(16, cores))")
-    p.add_argument("--moco-arch", default=None, help="MoCo ResNet (default resnet50 on GPU, resnet18 on CPU)")
-    p.add_argument("--moco-batch", type=int, default=None, help="MoCo batch (default 256 on GPU, 16 on CPU)")
-    p.add_argument("--moco-img-size", type=int, default=None, help="MoCo crop size (default 224 on GPU, 64 on CPU)")
+    p.add_argument("--workers", type=count(zero="the main process"), default=None,
+                   help="CPU-path loader workers (default: min(16, cores))")
+    p.add_argument("--moco-arch", type=one_of(RESNETS, "ResNet"), default=None,
+                   help="MoCo ResNet (default resnet50 on GPU, resnet18 on CPU)")
+    p.add_argument("--moco-batch", type=count(), default=None, help="MoCo batch (default 256 on GPU, 16 on CPU)")
+    p.add_argument("--moco-img-size", type=count(), default=None, help="MoCo crop size (default 224 on GPU, 64 on CPU)")
     p.add_argument("--moco-jpeg", action="store_true",
                    help="also time MoCo from a (temporary, synthetic) folder of JPEGs: PIL in workers vs decoded on "
                         "the device")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=positive(), default=None,
                    help="the device's dense bf16 peak, for MFU (default: known GPUs, e.g. 989 for H100/H200)")
     return p
 

@@ -7,13 +7,14 @@ import os
 
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.plots import plot_runs
+from utils.flags import input_folder, output_file, text
 
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], prog="python -m tools.plot_runs")
-    p.add_argument("dirs", nargs="+", help="output folders of runs (each with its log.jsonl)")
-    p.add_argument("--out", default="runs.png", help="the PNG to write")
-    p.add_argument("--title", default="", help="a title over the panels")
+    p.add_argument("dirs", type=input_folder(), nargs="+", help="output folders of runs (each with its log.jsonl)")
+    p.add_argument("--out", type=output_file(), default="runs.png", help="the PNG to write")
+    p.add_argument("--title", type=text(), default="", help="a title over the panels")
     return p
 
 

@@ -18,6 +18,7 @@ import time
 import torch
 
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.flags import input_folder, one_of, output_folder
 
 TINY_VIT = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "128", "--num-heads", "2", "--patch-size", "4"]
 QUICKSTART = TINY_VIT + ["--dataset", "digits", "--batch-size", "128", "--nepoch", "30", "--warmup-epochs", "5",
@@ -135,12 +136,13 @@ def get_args_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], prog="python -m tools.same_runs")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="the fixed set of seeded CPU runs")
-    r.add_argument("out", help="folder for the runs (one sub-folder each)")
-    r.add_argument("--repo", default=".", help="checkout whose scripts to run (default: this one)")
-    r.add_argument("--only", nargs="+", default=None, help="only these runs (names as in RUNS)")
+    r.add_argument("out", type=output_folder(), help="folder for the runs (one sub-folder each)")
+    r.add_argument("--repo", type=input_folder(), default=".", help="checkout whose scripts to run (default: this one)")
+    r.add_argument("--only", type=one_of([n for n, _, _ in RUNS], "run"), nargs="+", default=None,
+                   help="only these runs (names as in RUNS)")
     c = sub.add_parser("compare", help="compare two folders written by `run`")
-    c.add_argument("a")
-    c.add_argument("b")
+    c.add_argument("a", type=input_folder())
+    c.add_argument("b", type=input_folder())
     return p
 
 

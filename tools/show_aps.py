@@ -15,6 +15,7 @@ from augment.recipes import APS_VIEW
 from data import PRESETS, build_dataset, get_preset
 from samplers.aps import coverage_stats, covered_fraction_of, random_boxes, sample_aps
 from utils.errors import ArgumentParser, exit_on_user_error
+from utils.flags import count, folder, fraction, integer, nonnegative, output_file
 
 
 def show(args):
@@ -80,16 +81,16 @@ def get_args_parser():
                        prog="python -m tools.show_aps")
     p.add_argument("--show", action="store_true", help="accepted for the old `samplers.aps --show` (always drawn)")
     p.add_argument("--dataset", default="digits", choices=sorted(PRESETS), help="where the images come from")
-    p.add_argument("--data-root", default=None, help="dataset folder (see main_pretrain.py --help)")
-    p.add_argument("--img-size", type=int, default=None, help="view size (default: dataset preset)")
-    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: dataset preset)")
-    p.add_argument("--sampling-ratio", type=float, default=0.25, help="fraction of patches kept per view")
-    p.add_argument("--nsampling", type=int, default=4, help="sampling rounds (for the coverage figures)")
-    p.add_argument("--power", type=float, default=3.0, help="exponent on the uncovered fraction")
-    p.add_argument("--num-pairs", type=int, default=4, help="image pairs drawn")
-    p.add_argument("--tile", type=int, default=160, help="pixels per image in the picture")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--out", default="aps_samples.png", help="output PNG path")
+    p.add_argument("--data-root", type=folder(), default=None, help="dataset folder (see main_pretrain.py --help)")
+    p.add_argument("--img-size", type=count(), default=None, help="view size (default: dataset preset)")
+    p.add_argument("--patch-size", type=count(), default=None, help="patch size (default: dataset preset)")
+    p.add_argument("--sampling-ratio", type=fraction(), default=0.25, help="fraction of patches kept per view")
+    p.add_argument("--nsampling", type=count(), default=4, help="sampling rounds (for the coverage figures)")
+    p.add_argument("--power", type=nonnegative(), default=3.0, help="exponent on the uncovered fraction")
+    p.add_argument("--num-pairs", type=count(), default=4, help="image pairs drawn")
+    p.add_argument("--tile", type=count(low=8), default=160, help="pixels per image in the picture")
+    p.add_argument("--seed", type=integer(low=0), default=0, help="random seed")
+    p.add_argument("--out", type=output_file(), default="aps_samples.png", help="output PNG path")
     return p
 
 

@@ -17,17 +17,21 @@ from models.loading import RESNET_FORMATS, describe_weights, load_backbone
 from models.vit import cls_attention
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.plots import pyplot, save
+from models.registry import is_registry_name
+from utils.flags import count, folder, input_file, integer, output_file
 
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], prog="python -m tools.show_attention")
-    p.add_argument("weights", help="a ViT checkpoint (path or registry name)")
+    p.add_argument("weights", type=input_file(registry=is_registry_name),
+                   help="a ViT checkpoint (path or registry name)")
     p.add_argument("--dataset", default="digits", choices=sorted(PRESETS), help="test images from this dataset")
-    p.add_argument("--data-root", default=None, help="dataset folder (see main_pretrain.py --help)")
-    p.add_argument("--images", nargs="+", default=None, help="image files instead of the dataset's test images")
-    p.add_argument("--num-images", type=int, default=4, help="test images shown")
-    p.add_argument("--seed", type=int, default=0, help="which test images")
-    p.add_argument("--out", default="attention.png", help="the PNG to write")
+    p.add_argument("--data-root", type=folder(), default=None, help="dataset folder (see main_pretrain.py --help)")
+    p.add_argument("--images", type=input_file(), nargs="+", default=None,
+                   help="image files instead of the dataset's test images")
+    p.add_argument("--num-images", type=count(), default=4, help="test images shown")
+    p.add_argument("--seed", type=integer(low=0), default=0, help="which test images")
+    p.add_argument("--out", type=output_file(), default="attention.png", help="the PNG to write")
     return p
 
 

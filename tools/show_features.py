@@ -16,24 +16,28 @@ from models.loading import RESNET_FORMATS, describe_weights, load_backbone
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.plots import pyplot, save
 from utils.knn import extract_features, knn_classify
+from models.registry import is_registry_name
+from utils.flags import count, folder, input_file, integer, output_file
 
 METHODS = ("tsne", "umap")
 
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], prog="python -m tools.show_features")
-    p.add_argument("weights", help="a backbone checkpoint (path or registry name): ResNet or ViT")
+    p.add_argument("weights", type=input_file(registry=is_registry_name),
+                   help="a backbone checkpoint (path or registry name): ResNet or ViT")
     p.add_argument("--dataset", default="digits", choices=sorted(PRESETS), help="the images embedded")
-    p.add_argument("--data-root", default=None, help="dataset folder (see main_pretrain.py --help)")
-    p.add_argument("--img-size", type=int, default=None, help="ResNet input size (default: the dataset's; a ViT's "
+    p.add_argument("--data-root", type=folder(), default=None, help="dataset folder (see main_pretrain.py --help)")
+    p.add_argument("--img-size", type=count(), default=None, help="ResNet input size (default: the dataset's; a ViT's "
                                                               "is read off the file)")
     p.add_argument("--method", default="tsne", choices=METHODS, help="the 2-D embedding (umap needs umap-learn)")
-    p.add_argument("--max-points", type=int, default=2000, help="test images embedded (a random subset beyond)")
-    p.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN top-1 in the title")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--num-workers", type=int, default=0, help="loader workers")
-    p.add_argument("--seed", type=int, default=0, help="the embedding's and the subset's seed")
-    p.add_argument("--out", default="features.png", help="the PNG to write")
+    p.add_argument("--max-points", type=count(low=2), default=2000,
+                   help="test images embedded (a random subset beyond)")
+    p.add_argument("--knn-k", type=count(), default=20, help="neighbours of the kNN top-1 in the title")
+    p.add_argument("--batch-size", type=count(), default=256, help="images per forward pass")
+    p.add_argument("--num-workers", type=count(zero="the main process"), default=0, help="loader workers")
+    p.add_argument("--seed", type=integer(low=0), default=0, help="the embedding's and the subset's seed")
+    p.add_argument("--out", type=output_file(), default="features.png", help="the PNG to write")
     return p
 
 

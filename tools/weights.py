@@ -19,10 +19,11 @@ import pickle
 from models.loading import RESNET_FORMATS, classifier_state, describe_weights, load_backbone
 from models.resnet import to_detectron2
 from models.registry import (APS_PREFIX, APS_REPO, REGISTRY, aps_listing, asym_siam_url, cache_path, download,
-                             hub_endpoint)
+                             hub_endpoint, is_registry_name)
 from utils.checkpoint import save_checkpoint
 from utils.download import file_digest
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.flags import folder, input_file, output_file, output_folder, positive, text
 
 
 TARGETS = ("torchvision", "timm", "detectron2")
@@ -96,19 +97,22 @@ def get_args_parser():
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="known weights (or --remote aps: the hub repo's files)")
     ls.add_argument("--remote", choices=["aps"], default=None, help="list the files of a remote repo")
-    ls.add_argument("--dest", default=None, help="cache folder to look in (default: see above)")
+    ls.add_argument("--dest", type=folder(), default=None, help="cache folder to look in (default: see above)")
     dl = sub.add_parser("download", help="fetch and verify one weight")
-    dl.add_argument("name", help="a registry name or aps:<folder>/<file>")
-    dl.add_argument("--dest", default=None, help="cache folder (default: $ASYM_SSL_WEIGHTS or torch.hub's)")
-    dl.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    dl.add_argument("name", type=text("a registry name (`list`) or aps:<folder>/<file>"),
+                    help="what to download")
+    dl.add_argument("--dest", type=output_folder(), default=None,
+                    help="cache folder (default: $ASYM_SSL_WEIGHTS or torch.hub's)")
+    dl.add_argument("--timeout", type=positive(), default=30.0, help="network timeout in seconds")
     cv = sub.add_parser("convert", help="write a checkpoint's backbone (or classifier) as a plain state dict")
-    cv.add_argument("src", help="checkpoint path or registry name")
-    cv.add_argument("out", help="output file (.pth; .pkl for detectron2)")
+    cv.add_argument("src", type=input_file(registry=is_registry_name), help="checkpoint path or registry name")
+    cv.add_argument("out", type=output_file(), help="output file (.pth; .pkl for detectron2)")
     cv.add_argument("--to", choices=TARGETS, default=None,
                     help="torchvision (ResNets) / timm (ViTs): the plain state dict; detectron2: a ResNet-50 "
                          "backbone in detectron2's layout")
     ins = sub.add_parser("inspect", help="what a file holds (format, arch, sizes, classes, parameters, sha256)")
-    ins.add_argument("src", help="checkpoint path or registry name (downloaded first)")
+    ins.add_argument("src", type=input_file(registry=is_registry_name),
+                     help="checkpoint path or registry name (downloaded first)")
     return p
 
 

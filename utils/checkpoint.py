@@ -6,6 +6,7 @@ import warnings
 import torch
 
 from utils.errors import UserError, describe
+from utils.failpoints import failpoint
 
 LATEST = "checkpoint.pth"
 
@@ -21,6 +22,7 @@ def save_checkpoint(state: dict, path: str):
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
+            failpoint("checkpoint-write")
             os.fsync(f.fileno())
         os.replace(tmp, path)
         dir_fd = os.open(folder, os.O_RDONLY)

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from utils.errors import UserError
+from utils.flags import text
 from utils.runtime import configure_device
 
 
@@ -146,6 +147,6 @@ def add_reference_launcher_args(parser):
     """The reference scripts' launcher flags, accepted and ignored: torchrun is the launcher."""
     g = parser.add_argument_group("reference launcher flags (accepted, ignored: use torchrun)")
     for flag in ("--dist-url", "--dist-backend", "--world-size", "--rank", "--gpu"):
-        g.add_argument(flag, default=None, help="ignored")
+        g.add_argument(flag, type=text("anything (ignored)"), default=None, help="ignored")
     g.add_argument("--multiprocessing-distributed", action="store_true", help="ignored")
     return g

@@ -3,6 +3,8 @@ import argparse
 import functools
 import sys
 
+from utils.flags import MARK, DomainHelpFormatter
+
 
 class UserError(Exception):
     """A problem with the user's input (path, flag, file) that they can fix.
@@ -36,7 +38,17 @@ def exit_on_user_error(fn):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gives one line (`error: ... (see X --help)`) instead of usage + error."""
+    """argparse, but a bad flag gives one line (`error: ... (see X --help)`) instead of usage + error, and --help
+    shows every flag's declared domain (utils.flags)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DomainHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        if MARK in message:                      # a declared domain refused a value: "--flag value must ..."
+            head, value, problem = message.split(MARK, 2)
+            flag = head.removeprefix("argument ").rstrip(": ")
+            flag, sep = flag.split("/")[0], "" if problem.startswith(":") else " "
+            message = f"{flag} {value if value else repr(value)}{sep}{problem.replace('{flag}', flag)}"
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")

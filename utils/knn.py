@@ -4,7 +4,9 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from utils.dist import all_gather_uneven
+from utils.failpoints import failpoint
 from utils.runtime import autocast
+from utils.flags import count, positive
 
 
 @torch.no_grad()
@@ -59,6 +61,7 @@ def knn_classify(train_f, train_y, test_f, test_y, num_classes, k=20, temperatur
 def knn_evaluate(model, train_loader, test_loader, num_classes, device, amp=None, k=20, temperature=0.07):
     """kNN top-1/top-5 of `model`'s features: train-set features as the memory bank, test set as queries."""
     train_f, train_y = extract_features(model, train_loader, device, amp)
+    failpoint("knn")
     test_f, test_y = extract_features(model, test_loader, device, amp)
     top1, top5 = knn_classify(train_f, train_y, test_f, test_y, num_classes, k, temperature)
     return {"knn_top1": top1, "knn_top5": top5}
@@ -66,10 +69,10 @@ def knn_evaluate(model, train_loader, test_loader, num_classes, device, amp=None
 
 def add_knn_args(parser):
     g = parser.add_argument_group("kNN monitor")
-    g.add_argument("--knn-every", type=int, default=10,
+    g.add_argument("--knn-every", type=count(zero="never"), default=10,
                    help="weighted kNN top-1 on the test set every N epochs and at the end (0: never)")
-    g.add_argument("--knn-k", type=int, default=20, help="neighbours (capped at the train-set size)")
-    g.add_argument("--knn-t", type=float, default=0.07, help="temperature of the exp(cos / T) vote weights")
+    g.add_argument("--knn-k", type=count(), default=20, help="neighbours (capped at the train-set size)")
+    g.add_argument("--knn-t", type=positive(), default=0.07, help="temperature of the exp(cos / T) vote weights")
     return g
 
 

@@ -8,27 +8,31 @@ from utils.dist import add_reference_launcher_args, get_world_size, is_main_proc
 from utils.errors import UserError
 from utils.log import setup_logger
 from utils.runtime import AMP_CHOICES, add_compile_arg
+from utils.flags import count, device_name, input_file, integer
 
 
-def add_runtime_args(parser, reference_launcher: bool = False):
+def add_runtime_args(parser, reference_launcher: bool = False, resume_names=None):
     """The runtime flags of every script; reference_launcher: also accept (and ignore) the reference scripts'
-    launcher flags (torchrun is the launcher)."""
+    launcher flags (torchrun is the launcher); resume_names(name) -> True for registry names --resume takes."""
     if reference_launcher:
         add_reference_launcher_args(parser)
     g = parser.add_argument_group("runtime")
-    g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init, sampling)")
-    g.add_argument("--resume", default="", help="checkpoint to resume from (default: <output-dir>/checkpoint.pth "
-                                               "if it exists)")
-    g.add_argument("--device", default="auto", help="auto (GPU if visible), cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=integer(low=0), default=0,
+                   help="random seed (data order, augmentation, init, sampling)")
+    g.add_argument("--resume", type=input_file(empty="<output-dir>/checkpoint.pth if it exists", registry=resume_names),
+                   default="", help="checkpoint to resume from")
+    g.add_argument("--device", type=device_name(), default="auto", help="auto: the GPU if one is visible")
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="autocast precision; auto = bf16 on GPU, off (fp32) on CPU; fp16 adds a grad scaler")
-    g.add_argument("--print-freq", type=int, default=20, help="iterations between progress lines / TB points")
+    g.add_argument("--print-freq", type=count(), default=20, help="iterations between progress lines / TB points")
     add_compile_arg(g, "the training model and the device augmentation")
-    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+    g.add_argument("--skip-nonfinite", type=count(zero="stop at the first"), default=0, metavar="N",
                    help="skip up to N optimizer steps whose loss is not finite (checks every step: a host sync) "
                         "instead of stopping at the first")
-    g.add_argument("--save-every", type=int, default=0,
+    g.add_argument("--save-every", type=count(zero="checkpoint.pth only"), default=0,
                    help="also keep checkpoint-<epoch>.pth every N epochs (checkpoint.pth is updated every epoch)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the flags, the data and the model's shapes (one forward pass), then stop")
     return g
 
 
@@ -60,3 +64,26 @@ def describe_run(what: str, data, lr: float, device: torch.device, amp, details:
     extra = "".join(f", {k} {v}" for k, v in (details or {}).items())
     return (f"{what}, {len(data.dataset)} images, lr {lr:.3g}, device {device}, {get_world_size()} process(es)"
             f"{extra}, precision {amp or torch.float32}, data path {data.path}")
+
+
+def flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_ordered(args, *dests: str):
+    """Every MIN MAX pair flag in order (one line naming the flag otherwise)."""
+    for dest in dests:
+        low, high = getattr(args, dest)
+        if low > high:
+            raise UserError(f"{flag_name(dest)} {low:g} {high:g}: MIN must not exceed MAX; swap them")
+
+
+def check_per_process(batch: int, least: int, why: str):
+    """The global batch splits evenly over the processes, with at least `least` images each (why: what needs
+    them, e.g. batch norm)."""
+    world = get_world_size()
+    if batch % world:
+        raise UserError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")
+    if batch // world < least:
+        raise UserError(f"--batch-size {batch} leaves {batch // world} image(s) per process; {why} needs at least "
+                        f"{least}: raise --batch-size")
