@@ -24,6 +24,7 @@ TINY = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32", "--num-heads"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or end-to-end runs (CI runs them too)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (tools.gpu_report runs them on the device machine)")
     # torchvision 0.29's decoders still work; their deprecation (for TorchCodec) is noted in docs/SPEED.md
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
 

@@ -153,3 +153,34 @@ def test_same_runs_compares_checkpoints_bit_for_bit(tmp_path):
             ("epoch", {"epoch": 2}, ".epoch")]:
         diffs = compare_checkpoint(a, saved(f"{name}.pth", **change))
         assert len(diffs) == 1 and diffs[0].startswith(where), (name, diffs)
+
+
+def test_the_reference_step_computes_our_loss_with_two_encoder_calls():
+    from models import APS, create_vit
+    from tools.bench_pipeline import reference_step_loss
+    torch.manual_seed(0)
+    model = APS(create_vit("vit-tiny", 16, 4, depth=2, embed_dim=32, num_heads=2), 32, 16, 32)
+    x1, x2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    idx1, idx2 = torch.rand(6, 16).argsort(1)[:, :4], torch.rand(6, 16).argsort(1)[:, :4]
+    ours, _ = model(x1, x2, idx1, idx2)                        # the encoder once over both views
+    assert torch.allclose(reference_step_loss(model, x1, x2, idx1, idx2), ours, atol=1e-5)
+
+
+def test_gpu_report_runs_every_phase_at_small_shapes(tmp_path):
+    from tools import gpu_report
+    summary = gpu_report.main(gpu_report.get_args_parser().parse_args(["--out", str(tmp_path), "--small"]))
+    phases = {p["phase"]: p for p in summary["phases"]}
+    assert phases["eager"]["exit"] == 0 and phases["pipelines"]["exit"] == 0 and "skipped" in phases["compiled"]
+    assert phases["tests"]["exit"] in (0, 5)                    # 5: no CUDA-marked test in the suite
+    records = [json.loads(line) for line in (tmp_path / "pipelines.jsonl").read_text().splitlines()]
+    ref = next(r for r in records if r["bench"] == "aps_reference_pipeline")
+    ratio = next(r for r in records if r["bench"] == "aps_reference_ratio")
+    ours = max((r for r in records if r["bench"] == "aps_pipeline"), key=lambda r: r["pairs_per_s"])
+    assert ref["amp"] == "float16" and ref["workers"] == 1 and ref["pairs_per_s"] > 0
+    assert ratio["ours_over_reference"] == pytest.approx(ours["pairs_per_s"] / ref["pairs_per_s"], rel=0.01)
+    assert ratio["projected_1600_epoch_hours"] == pytest.approx(1600 * 50000 / ours["pairs_per_s"] / 3600, rel=0.01)
+    assert json.loads((tmp_path / "summary.json").read_text())["phases"][0]["targets"]["bench"] == "targets"
+    from tools.bench_targets import check_targets
+    gpu = check_targets([{**ratio, "arch": "vit-small", "batch": 512, "img_size": 32, "patch": 2}], gpu=True)
+    check = next(c for c in gpu["checks"] if c["target"].startswith("APS ViT-S/2 epoch end to end"))
+    assert check["measured"] == ratio["ours_over_reference"] and check["at_spec_shape"] is True

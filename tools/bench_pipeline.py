@@ -175,6 +175,92 @@ def aps_pipeline(arch, path, batch, img_size, patch, ratio, steps_per_batch, dev
             **out}
 
 
+def numpy_per_pair_sampler(box1, flip1, box2, flip2, grid, n, steps_per_batch, power, rng):
+    """The per-pair loop the reference uses, in numpy: the baseline the batched sampler is compared with."""
+    def spans(box, flip, axis):
+        start, length = box[axis], box[axis + 2]
+        e = start + length * np.arange(grid + 1) / grid
+        s = np.stack([e[:-1], e[1:]], 1)
+        return s[::-1] if (axis == 1 and flip) else s
+
+    def overlap(a, b):
+        return np.clip(np.minimum(a[:, None, 1], b[None, :, 1]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+
+    oy = overlap(spans(box1, flip1, 0), spans(box2, flip2, 0))
+    ox = overlap(spans(box1, flip1, 1), spans(box2, flip2, 1))
+    area = box2[2] * box2[3] / grid ** 2
+    perm = rng.permutation(grid * grid)
+    out1, out2 = [], []
+    for t in range(steps_per_batch):
+        sel = perm[t * n:(t + 1) * n]
+        covered = np.zeros((grid, grid))
+        for c in sel:
+            covered += np.outer(oy[c // grid], ox[c % grid])
+        r = np.clip(1 - covered / area, 0, 1).ravel()
+        p = r ** power
+        if (p > 0).sum() < n:
+            p = p + 1e-12
+        out1.append(sel)
+        out2.append(rng.choice(grid * grid, n, replace=False, p=p / p.sum()))
+    return out1, out2
+
+
+class ReferenceViews(torch.utils.data.Dataset):
+    """The reference's data path, imitated: a sample's two PIL views (with their boxes and flips) made in a loader
+    worker, then its per-pair numpy sampler run there too (numpy_per_pair_sampler, seeded per sample)."""
+
+    def __init__(self, dataset, grid: int, kept: int, steps_per_batch: int, power: float):
+        self.dataset, self.grid, self.kept, self.steps, self.power = dataset, grid, kept, steps_per_batch, power
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        views, label = self.dataset[i]
+        rng = np.random.default_rng(i)
+        idx1, idx2 = numpy_per_pair_sampler(views["box1"].numpy(), bool(views["flip1"]), views["box2"].numpy(),
+                                            bool(views["flip2"]), self.grid, self.kept, self.steps, self.power, rng)
+        return {**views, "idx1": torch.as_tensor(np.stack(idx1)), "idx2": torch.as_tensor(np.stack(idx2))}, label
+
+
+def reference_step_loss(model, x1, x2, idx1, idx2):
+    """The reference's step: each view through the encoder in a call of its own (two calls), then the heads and
+    the symmetric contrastive loss (our APS.forward runs the encoder once over both views)."""
+    from models.aps import contrastive_loss
+    z1, p1 = model.heads(model.encoder.forward_kept(x1, idx1))
+    z2, p2 = model.heads(model.encoder.forward_kept(x2, idx2))
+    return contrastive_loss(p1, z2, model.temperature)[0] + contrastive_loss(p2, z1, model.temperature)[0]
+
+
+def aps_reference_pipeline(arch, batch, img_size, patch, ratio, steps_per_batch, device, batches, warmup, workers):
+    """Image pairs/s of whole APS batches as the reference's code makes them (SPEC A): PIL views and a per-pair
+    numpy sampler in CPU workers, two encoder calls per step, eager, fp16 autocast with a grad scaler,
+    steps_per_batch optimizer steps per batch. The baseline our end-to-end pipeline is compared with."""
+    grid = img_size // patch
+    kept = kept_per_view(grid * grid, ratio, steps_per_batch)
+    fp16 = torch.float16
+    model, opt = aps_model(arch, img_size, patch, device)
+    scaler = make_grad_scaler(device, fp16)
+
+    def new_loader():
+        data = SyntheticRGB(batch * (batches + warmup + 1), img_size, pil_pipeline(aps_pair(get_preset("cifar10"),
+                                                                                            img_size)))
+        return build_train_loader(ReferenceViews(data, grid, kept, steps_per_batch, 3.0), batch, workers, 0, device)
+
+    def step(b):
+        v = to_device(b[0], device)
+        for t in range(steps_per_batch):
+            with autocast(device, fp16):
+                loss = reference_step_loss(model, v["view1"], v["view2"], v["idx1"][:, t], v["idx2"][:, t])
+            backward_step(loss, opt, scaler)
+
+    out = run_pipeline(new_loader(), step, batches, warmup, device, batch, count=False)
+    out["data_pairs_per_s"] = data_rate(new_loader, device, batches, warmup, batch)
+    return {"bench": "aps_reference_pipeline", "arch": arch, "path": "reference", "batch": batch, "img_size": img_size,
+            "patch": patch, "nsampling": steps_per_batch, "amp": "float16", "compile": False, "device": str(device),
+            "workers": workers, "pairs_per_s": out.pop("img_per_s"), **out}
+
+
 def aps_augment(batch, img_size, device, repeats, compile_views=False):
     """Image pairs/s of the on-device APS views alone (two views, boxes, flips) from uint8 images."""
     views = batched_pipeline(aps_pair(get_preset("cifar10"), img_size))
