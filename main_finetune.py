@@ -9,7 +9,6 @@ from timm.utils import ModelEmaV3
 from augment.recipes import add_finetune_view_args, eval_view, finetune_view_from_args
 from data import add_data_args, apply_preset, per_rank_batch_size
 from data.datasets import num_classes_of
-from data.subsets import add_subset_args
 from data.pipeline import eval_loader, training_data
 from engine import Trainer, TrainSettings, finish
 from methods.classify import FineTuning, evaluate_saved, finetuned_classifier, saved_source
@@ -28,7 +27,7 @@ BASE_LR = {"vit-tiny": 2e-3, "vit-small": 1e-3, "vit-base": 5e-4}  # per 512 ima
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
-    add_data_args(p, batch_size=128)
+    add_data_args(p, batch_size=128, subset="the training set")
     g = add_vit_args(p, arch=None, arch_help="ViT size (depth 12); default: what --pretrained-weights or --eval's "
                                               "file holds, else vit-small")
     g.add_argument("--pretrained-weights", type=input_file(empty="train from scratch", registry=is_registry_name),
@@ -63,7 +62,6 @@ def get_args_parser():
     g.add_argument("--eval", action="store_true",
                    help="only evaluate --resume (default <output-dir>/checkpoint.pth) on the test set: one of our "
                         "fine-tuning checkpoints, or a released fine-tuned APS file (a path or a registry name)")
-    add_subset_args(p, "the training set")
     add_runtime_args(p, resume_names=is_registry_name)
     return p
 

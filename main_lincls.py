@@ -11,7 +11,6 @@ import torch
 from augment.recipes import eval_view, lincls_view
 from data import add_data_args, apply_preset, build_eval_loader, build_train_loader, per_rank_batch_size
 from data.pipeline import eval_loader, training_data
-from data.subsets import add_subset_args
 from engine import Trainer, TrainSettings, finish
 from methods.classify import LinearProbing, evaluate_saved, saved_checkpoint
 from models.linear import PROBE_ARCHS, BackboneGuard, LinearProbe, backbone_and_fc, backbone_img_size, build_probe
@@ -29,8 +28,7 @@ from utils.flags import count, input_file, momentum, nonnegative, positive
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
-    add_data_args(p, batch_size=4096, dataset=None, data_dir=True)
-    add_subset_args(p, "the training set")
+    add_data_args(p, batch_size=4096, dataset=None, data_dir=True, subset="the training set")
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", default=None, choices=PROBE_ARCHS,
                    help="backbone; read off --pretrained when left out (then it must match); needed for a random init")

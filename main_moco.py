@@ -8,7 +8,6 @@ import torch
 from augment.recipes import add_moco_view_args, moco_views_from_args
 from data import add_data_args, apply_preset
 from data.pipeline import knn_loaders, training_data
-from data.subsets import add_subset_args
 from engine import Trainer, TrainSettings, finish
 from methods.moco import MoCoPretraining
 from models.moco import build_moco, check_queue, synchronise_key_projector
@@ -23,7 +22,7 @@ from utils.flags import count, momentum, nonnegative, positive
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
-    add_data_args(p, batch_size=256, dataset=None, data_dir=True)
+    add_data_args(p, batch_size=256, dataset=None, data_dir=True, subset="the kNN memory bank")
     g = p.add_argument_group("model")
     g.add_argument("-a", "--arch", default="resnet50", choices=RESNETS, help="torchvision ResNet")
     g.add_argument("--cifar-stem", default=None, action="store_true",
@@ -46,7 +45,6 @@ def get_args_parser():
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=nonnegative(), default=1e-4, help="weight decay")
     add_moco_view_args(p)
     add_knn_args(p)
-    add_subset_args(p, "the kNN memory bank")
     add_runtime_args(p, reference_launcher=True)
     return p
 

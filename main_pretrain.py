@@ -4,7 +4,6 @@ import torch
 from augment.recipes import add_aps_view_args, aps_pair_from_args
 from data import add_data_args, apply_preset
 from data.pipeline import knn_loaders, training_data
-from data.subsets import add_subset_args
 from engine import Trainer, TrainSettings, finish
 from methods.aps import APSPretraining
 from models import APS, create_vit
@@ -23,7 +22,7 @@ BASE_LR = {"vit-tiny": 1e-3, "vit-small": 5e-4, "vit-base": 5e-4}
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
-    add_data_args(p, batch_size=512)
+    add_data_args(p, batch_size=512, subset="the kNN memory bank")
     g = add_vit_args(p)
     g.add_argument("--proj-hidden-dim", type=count(), default=512, help="projector hidden width")
     g.add_argument("--proj-dim", type=count(), default=128, help="projector output width")
@@ -43,7 +42,6 @@ def get_args_parser():
     g.add_argument("--betas", type=momentum(), nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"), help="AdamW betas")
     add_aps_view_args(p)
     add_knn_args(p)
-    add_subset_args(p, "the kNN memory bank")
     add_runtime_args(p)
     return p
 

@@ -2,6 +2,7 @@
 import os
 
 from data.datasets import PRESETS, get_preset
+from data.subsets import add_subset_args
 from utils.errors import UserError
 from utils.flags import count, folder, input_folder, output_folder
 
@@ -25,8 +26,9 @@ def resolve_data_dir(args, default_dataset: str = "digits"):
 
 
 def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: str = "./output",
-                  data_dir: bool = False):
-    """The data flags; data_dir: also the reference's positional DATA_DIR (resolved by apply_preset)."""
+                  data_dir: bool = False, subset: str = None):
+    """The data flags; data_dir: also the reference's positional DATA_DIR (resolved by apply_preset); subset: also
+    the few-label flags (data.subsets), saying what the subset is for."""
     if data_dir:
         add_data_dir_arg(parser)
     g = parser.add_argument_group("data")
@@ -51,6 +53,8 @@ def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: 
                         "uint8; image folders: workers read the JPEGs, the GPU decodes them); cpu: PIL "
                         "transforms in worker processes (the reference's way); auto: device for the in-memory "
                         "datasets (digits, MNIST, Fashion-MNIST, CIFAR), cpu for image folders")
+    if subset:
+        add_subset_args(parser, subset)
     return g
 
 
