@@ -43,9 +43,10 @@ def run_phase(name: str, argv: list, out: str, limit: float) -> dict:
                               timeout=limit, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         stdout, code = done.stdout, done.returncode
         err = done.stderr.strip().splitlines()[-3:]
-    except subprocess.TimeoutExpired as e:
-        stdout, code, err = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), None, \
-            [f"stopped after {limit:.0f} s"]
+    except subprocess.TimeoutExpired as e:                    # keep what the phase printed before its limit
+        raw = e.stdout or b""                                     # bytes, whatever text= says
+        stdout = raw.decode() if isinstance(raw, bytes) else raw
+        code, err = None, [f"stopped after {limit:.0f} s"]
     records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     with open(path, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in records))
