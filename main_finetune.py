@@ -68,7 +68,7 @@ def get_args_parser():
 
 @exit_on_user_error
 def main(args):
-    device = init_distributed(args.device)
+    device = init_distributed(args.device, args.deterministic)
     given = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size)   # what --eval checks
     preset = apply_preset(args)
     mixing = args.mixup > 0 or args.cutmix > 0

@@ -9,7 +9,8 @@ from functools import partial
 import torch
 
 from augment.recipes import eval_view, lincls_view
-from data import add_data_args, apply_preset, build_eval_loader, build_train_loader, per_rank_batch_size
+from data import add_data_args, apply_preset, build_eval_loader, per_rank_batch_size
+from data.device_loaders import TensorLoader
 from data.pipeline import eval_loader, training_data
 from engine import Trainer, TrainSettings, finish
 from methods.classify import LinearProbing, evaluate_saved, saved_checkpoint
@@ -60,7 +61,7 @@ def get_args_parser():
 
 @exit_on_user_error
 def main(args):
-    device = init_distributed(args.device)
+    device = init_distributed(args.device, args.deterministic)
     given_img_size, given_patch = args.img_size, args.patch_size
     preset = apply_preset(args)
     check_per_process(args.batch_size, 2 if args.head_bn else 1, "--head-bn's batch norm")
@@ -88,7 +89,7 @@ def main(args):
     if args.cache_features:  # the backbone runs once over centre crops; the head trains on the features
         bank = eval_loader(args, test_view, device, eval_bs, train=True, indices=data.subset)
         train_features = feature_dataset(probe.backbone, bank, device, amp)
-        loader = build_train_loader(train_features, args.batch_size, 0, args.seed, device)
+        loader = TensorLoader(train_features, args.batch_size, args.seed, device)  # on the device, no workers
         test_loader = build_eval_loader(feature_dataset(probe.backbone, test_loader, device, amp), eval_bs, 0, device)
     if get_world_size() > 1:  # --head-bn: statistics over the global batch, as with one process
         probe.head = convert_sync_batchnorm(probe.head, device)

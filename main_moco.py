@@ -51,7 +51,7 @@ def get_args_parser():
 
 @exit_on_user_error
 def main(args):
-    device = init_distributed(args.device)
+    device = init_distributed(args.device, args.deterministic)
     preset = apply_preset(args)
     args.cifar_stem = args.img_size <= 64 if args.cifar_stem is None else args.cifar_stem
     check_queue(args.moco_k, args.batch_size)

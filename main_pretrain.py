@@ -62,7 +62,7 @@ def validate(args):
 
 @exit_on_user_error
 def main(args):
-    device = init_distributed(args.device)
+    device = init_distributed(args.device, args.deterministic)
     preset = apply_preset(args)
     args.base_lr = args.base_lr or BASE_LR[args.arch]
     validate(args)

@@ -18,13 +18,15 @@ from augment.ops import (apply_where, color_jitter, crop_boxes, crop_resize_list
 from augment.randaugment import DeviceRandAugment
 from augment.recipes import MoCoViews, Pair, View
 from utils.rng import BatchRandom
+from utils.transfer import tree_to_device
 
 
-def compile_pixels(fn):
-    """torch.compile an augmentation's pixel work for fixed shapes (room for the few a run sees)."""
+def compile_pixels(fn, mode=None):
+    """torch.compile an augmentation's pixel work for fixed shapes (room for the few a run sees), in --compile's
+    mode (None or 'default': torch.compile's default)."""
     import torch._dynamo
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, mode=None if mode in (None, True, "default") else mode)
 
 
 def device_of(images) -> torch.device:
@@ -43,7 +45,10 @@ class BatchedView:
         self.view = view
         self.randaug = DeviceRandAugment(view.randaugment, mean_fill(view.mean)) if view.randaugment else None
 
-    def params(self, n: int, height, width, rng: BatchRandom) -> dict:
+    def params(self, n: int, height, width, rng: BatchRandom, device=None) -> dict:
+        """Every random number of n views, worked out where rng returns its draws (the CPU, as __call__ draws
+        them); `device`: where the images are, for the one draw made there (random erasing's per-pixel noise,
+        counter-based: the same on any device)."""
         v, S = self.view, self.view.size
         if v.crop == "padded":
             offsets = torch.floor(rng.rand(n, 2) * (2 * v.padding + 1))            # RandomCrop's top, left
@@ -67,22 +72,24 @@ class BatchedView:
         if v.erase_p > 0:
             p["erase_boxes"], found = erase_boxes(n, S, S, rng)
             p["erase"] = (rng.rand(n) < v.erase_p) & found
-            shape = (3, S, S) if v.erase_mode == "pixel" else (3, 1, 1)
-            noise = rng.normal(n, *shape).expand(n, 3, S, S)
-            p["erase_values"] = noise if v.erase_mode != "const" else torch.zeros_like(noise)
+            if v.erase_mode == "pixel":
+                p["erase_values"] = rng.noise(n, 3, S, S, device=device)
+            else:
+                noise = rng.normal(n, 3, 1, 1).expand(n, 3, S, S)
+                p["erase_values"] = noise if v.erase_mode != "const" else torch.zeros_like(noise)
         return p
 
     def apply(self, x, p: dict):
         """x: float [N, 3, H, W], or a list of uint8 [3, h_i, w_i] (cropped image by image, outside the
-        compiled part). For a list, parameters drawn on the CPU (a CPU rng) give the crop loop its boxes
-        without a host sync; they move to the images' device after it."""
+        compiled part). Parameters drawn on the CPU move to the images' device here, from pinned memory without
+        a host sync (utils.transfer); for a list, after the crop loop has read its boxes on the host."""
         if isinstance(x, (list, tuple)):
             if self.view.crop != "resized":
                 raise ValueError("images of different sizes take 'resized' crops only")
             v = crop_resize_list(x, p["boxes"], self.view.size)
-            p = {k: t.to(v.device, non_blocking=True) if torch.is_tensor(t) else t for k, t in p.items()}
+            p = tree_to_device(p, v.device)
             return self._finish(torch.where(per_sample(p["flips"], v).bool(), v.flip(-1), v), p)
-        return self._apply_batch(x, p)
+        return self._apply_batch(x, tree_to_device(p, x.device))
 
     def _apply_batch(self, x: torch.Tensor, p: dict):
         S = self.view.size
@@ -120,13 +127,14 @@ class BatchedView:
             N = len(x)
         else:
             N, _, H, W = x.shape
-        out = self.apply(x, self.params(N, H, W, rng or BatchRandom.local(device)))
+        rng = (rng or BatchRandom.local(device)).host()        # parameters worked out on the CPU, then moved
+        out = self.apply(x, self.params(N, H, W, rng, device))
         return out if self.view.boxed else out[0]
 
-    def compile(self) -> "BatchedView":
+    def compile(self, mode=None) -> "BatchedView":
         """torch.compile the pixel work: its ~100 small element-wise kernels fused into a few."""
-        self._apply_batch = compile_pixels(self._apply_batch)
-        self._finish = compile_pixels(self._finish)
+        self._apply_batch = compile_pixels(self._apply_batch, mode)
+        self._finish = compile_pixels(self._finish, mode)
         return self
 
 
@@ -141,9 +149,9 @@ class _Pipeline:
             self._views[view] = BatchedView(view)
         return self._views[view]
 
-    def compile(self):
+    def compile(self, mode=None):
         for view in self._views.values():
-            view.compile()
+            view.compile(mode)
         return self
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.rng import BatchRandom
+from utils.transfer import constant, to_device
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
@@ -39,8 +40,8 @@ def crop_boxes(n: int, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), r
     rng: where the numbers come from (default: the CPU's global generator)."""
     rng = rng or BatchRandom.local("cpu")
     device = rng.device
-    H = torch.as_tensor(height, dtype=torch.float32, device=device).reshape(-1).expand(n)      # [n]
-    W = torch.as_tensor(width, dtype=torch.float32, device=device).reshape(-1).expand(n)
+    H = to_device(torch.as_tensor(height, dtype=torch.float32), device).reshape(-1).expand(n)      # [n]
+    W = to_device(torch.as_tensor(width, dtype=torch.float32), device).reshape(-1).expand(n)
     tries = 10
     area = (H * W)[:, None] * rng.uniform(n, *scale, tries)
     log_r = rng.uniform(n, math.log(ratio[0]), math.log(ratio[1]), tries)
@@ -104,7 +105,7 @@ def per_sample(v: torch.Tensor, like: torch.Tensor):
 
 @functools.lru_cache(maxsize=64)
 def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+    return constant(values, device, dtype)
 
 
 def channel_constant(values, like: torch.Tensor) -> torch.Tensor:
@@ -402,7 +403,7 @@ def warp(x, matrices, fill):
     out = F.grid_sample(torch.cat([x, ones], dim=1), grid, mode="bilinear", padding_mode="zeros",
                         align_corners=False)
     cover = out[:, -1:]
-    fill = torch.as_tensor(fill, device=x.device, dtype=x.dtype).view(1, C, 1, 1)
+    fill = channel_constant(tuple(fill), x)
     return torch.round(out[:, :-1] + (1.0 - cover) * fill).clamp(0.0, 255.0)
 
 

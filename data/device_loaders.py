@@ -18,6 +18,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from data.loader import GlobalBatchSampler
 from utils.errors import UserError, describe
 from utils.rng import BatchRandom
+from utils.transfer import to_device
 from utils.runtime import seed_worker
 
 # torchvision 0.29 deprecates its decoders for TorchCodec (docs/SPEED.md); the pinned version has them
@@ -55,7 +56,8 @@ class DeviceLoader:
 
     def _setup(self, dataset, n, global_batch, seed, device, augment, rank, world):
         self.batch_sampler = GlobalBatchSampler(n, global_batch, seed, rank, world)
-        self.rng = BatchRandom(device, self.batch_sampler.rank, self.batch_sampler.world)
+        # the views' random numbers are drawn and worked out on the CPU (the same for any device), then moved
+        self.rng = BatchRandom("cpu", self.batch_sampler.rank, self.batch_sampler.world)
         self.dataset, self.seed, self.device, self.augment = dataset, seed, device, augment
 
     def __len__(self):
@@ -63,13 +65,31 @@ class DeviceLoader:
 
     def __iter__(self):
         sampler = self.batch_sampler
-        order = sampler.rank_order().to(self.device, non_blocking=True)
+        order = to_device(sampler.rank_order(), self.device)
         for i in range(sampler.take_start(), len(self)):       # skipped batches are not augmented at all
             idx = order[i]
             yield self.augment(self.images[idx], self.reseed(i)), self.labels[idx]
 
     def reseed(self, i: int) -> BatchRandom:
         return self.rng.reseed(self.seed, self.batch_sampler.epoch, i, AUGMENT_STREAM)
+
+
+class TensorLoader(DeviceLoader):
+    """The tensors of a TensorDataset (features, labels), held on `device`, in DeviceLoader's order: (x[idx],
+    y[idx]) for this rank's part of each global batch. For data with nothing random to draw per sample (the
+    linear probe's cached features): no workers, no per-sample seeding, one gather per batch."""
+
+    def __init__(self, dataset, global_batch: int, seed: int, device: torch.device, rank: int = None,
+                 world: int = None):
+        self._setup(dataset, len(dataset), global_batch, seed, device, None, rank, world)
+        self.images, self.labels = (to_device(t, device) for t in dataset.tensors)
+
+    def __iter__(self):
+        sampler = self.batch_sampler
+        order = to_device(sampler.rank_order(), self.device)
+        for i in range(sampler.take_start(), len(self)):
+            idx = order[i]
+            yield self.images[idx], self.labels[idx]
 
 
 JPEG_MAGIC = (0xFF, 0xD8)
@@ -102,6 +122,15 @@ def _as_list(batch):
     return list(data), torch.tensor(labels), list(idx)
 
 
+def order_decoder(device: torch.device):
+    """Before a batched GPU decode: wait for the kernels already queued on the current stream. nvJPEG decodes on
+    its own stream, and some torchvision versions do not order its outputs with the caller's stream, so a decode
+    could overwrite memory that earlier kernels of the training step still read. One stream sync per batch (the
+    decode is the batch's first device work, so little waits); nothing on other devices."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 class FolderDeviceLoader(DeviceLoader):
     """An image folder on the device path: `num_workers` processes read the files, the device decodes the
     JPEGs in one batched call (GPU; on a CPU the workers decode, unless worker_decode=False), and augment
@@ -111,8 +140,6 @@ class FolderDeviceLoader(DeviceLoader):
                  rank: int = None, world: int = None, worker_decode: bool = None):
         worker_decode = device.type != "cuda" if worker_decode is None else worker_decode
         self._setup(folder, len(folder), global_batch, seed, device, augment, rank, world)
-        # the views' random numbers are drawn on the CPU: the crop loop reads the boxes without a host sync
-        self.rng = BatchRandom("cpu", self.batch_sampler.rank, self.batch_sampler.world)
         self.loader = DataLoader(EncodedImages(folder, decode=worker_decode), batch_sampler=self.batch_sampler,
                                  num_workers=num_workers, collate_fn=_as_list, pin_memory=device.type == "cuda",
                                  worker_init_fn=seed_worker)
@@ -127,6 +154,7 @@ class FolderDeviceLoader(DeviceLoader):
         """The batch's images on the device, uint8 [3, h, w] each: JPEG bytes decoded there in one call."""
         encoded = [k for k, d in enumerate(data) if d.dim() == 1]
         if encoded:
+            order_decoder(self.device)
             try:
                 images = decode_jpeg([data[k] for k in encoded], mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:                                  # find (and name) the file it could not decode

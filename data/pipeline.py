@@ -62,7 +62,7 @@ def training_data(args, recipe, device: torch.device, holdout: float = 0.0, on_d
         except ValueError as e:
             raise UserError(f"--data-path device cannot make this recipe's views ({e}); use --data-path cpu") from e
         if args.compile:
-            augment.compile()
+            augment.compile(args.compile)
     dataset = build_dataset(args.dataset, args.data_root, train=True, download=args.download,
                             transform=None if on_device else pil_pipeline(recipe))
     num_classes, held = num_classes_of(dataset), None

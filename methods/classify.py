@@ -1,6 +1,8 @@
 """Supervised classification as Trainer methods: fine-tuning (SPEC B: mixup/cutmix, an optional EMA that is what
 gets evaluated, held-out selection) and the linear probe (SPEC D: a frozen backbone, checked after the first
 epoch); and the evaluation of a saved classifier (--eval / --evaluate)."""
+import torch
+
 from engine import Method
 from models.loading import detect_format, load_fine_tuned, open_weights
 from models.vit import create_vit
@@ -8,6 +10,15 @@ from utils.accuracy import evaluate_classifier
 from utils.checkpoint import find_resume_path, load_strict, load_training_checkpoint
 from utils.errors import UserError
 from utils.log import get_logger
+from utils.runtime import no_autocast
+
+
+def classification_loss(criterion, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """criterion(logits, target) in fp32 (at least), outside autocast: the log-softmax over bf16/fp16 logits, and
+    the soft targets of mixup and smoothing, stay exact."""
+    with no_autocast(logits.device):
+        up = lambda t: t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t  # noqa: E731
+        return criterion(up(logits), up(target))
 
 
 class Classification(Method):
@@ -28,7 +39,7 @@ class Classification(Method):
         images, target = batch
         if self.mixup is not None:
             images, target = self.mixup(images, target)
-        yield self.criterion(self.model(images), target), {}
+        yield classification_loss(self.criterion, self.model(images), target), {}
 
     def lr_at(self, epoch: float) -> float:
         return self.schedule(epoch)

@@ -1,7 +1,7 @@
 """MoCo v2 (with any Asym-Siam switches) as a Trainer method (SPEC C): one optimizer step per batch, the query
 encoder under SGD with a cosine schedule per epoch."""
 from engine import Method
-from models.moco import moco_inputs
+from models.moco import moco_inputs, shuffle_permutation
 from utils.schedule import cosine_per_epoch
 
 
@@ -18,7 +18,8 @@ class MoCoPretraining(Method):
         self.lr, self.epochs, self.knn = lr, epochs, knn
 
     def training_steps(self, batch, rng):
-        yield self.model(*moco_inputs(batch[0], rng), rng=rng)
+        query, keys, minis = moco_inputs(batch[0], rng)
+        yield self.model(query, keys, minis, perm=shuffle_permutation(keys, rng))
 
     def lr_at(self, epoch: float) -> float:
         return cosine_per_epoch(epoch, self.epochs, self.lr)

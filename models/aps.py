@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from models.heads import mlp_bn_head
 from samplers.aps import sample_aps
 from utils.dist import all_gather, get_rank
+from utils.runtime import no_autocast
 
 
 def contrastive_loss(p: torch.Tensor, z: torch.Tensor, temperature: float):
@@ -14,7 +15,7 @@ def contrastive_loss(p: torch.Tensor, z: torch.Tensor, temperature: float):
     Returns (loss, mean cosine between each prediction and its own target).
     """
     dtype = torch.promote_types(p.dtype, torch.float32)          # fp32 at least (also under autocast)
-    with torch.autocast(device_type=p.device.type, enabled=False):
+    with no_autocast(p.device):
         p = F.normalize(p.to(dtype), dim=1)                      # [N, d]
         z = F.normalize(z.detach().to(dtype), dim=1)             # [N, d]
         z_all = all_gather(z)                                    # [N * world, d]

@@ -12,6 +12,7 @@ from models.norm import SplitBatchNorm, convert_sync_batchnorm
 from models.resnet import create_resnet, moco_projector
 from utils.dist import all_gather, broadcast, get_rank, get_world_size, rank_group
 from utils.errors import UserError
+from utils.runtime import no_autocast
 
 
 def _fp32(z: torch.Tensor) -> torch.Tensor:
@@ -32,11 +33,16 @@ def view_major(z: torch.Tensor, views: int, groups: int) -> torch.Tensor:
 
 
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """CE([q.k, q.queue] / T, label 0). q, k: [N, d] L2-normalised; queue: [d, K] L2-normalised columns."""
-    l_pos = (q * k).sum(dim=1, keepdim=True)                         # [N, 1]
-    l_neg = q @ queue                                                # [N, K]
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature          # [N, 1 + K]
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    """CE([q.k, q.queue] / T, label 0). q, k: [N, d] L2-normalised; queue: [d, K] L2-normalised columns.
+
+    In fp32 (at least) under any autocast: a bf16 q @ queue would round the negatives' logits while the
+    positive's stay exact, and at T = 0.2 the rounding is a visible share of the logits' spread."""
+    with no_autocast(q.device):
+        q, k, queue = _fp32(q), _fp32(k), _fp32(queue)
+        l_pos = (q * k).sum(dim=1, keepdim=True)                     # [N, 1]
+        l_neg = q @ queue                                            # [N, K]
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature      # [N, 1 + K]
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
 class MoCo(nn.Module):
@@ -45,7 +51,8 @@ class MoCo(nn.Module):
     encoder: a network whose output is the projection (the query encoder); the key encoder is its EMA.
     query: [N, 3, H, W]; keys: [V, N, 3, H, W] (V > 1: MeanEnc, the key is the normalised mean of the V
     projections); mini_queries: [M, N, 3, h, w] or None (MultiCrop: loss = large + mean over minis).
-    rng: a utils.rng.BatchRandom for shuffle-BN's permutation (default: rank 0's global generator).
+    perm: shuffle-BN's permutation of the global keys (`shuffle_permutation`, drawn before the forward so that
+    a compiled forward holds no random draw; default: rank 0's global generator, broadcast).
 
     An encoder with split BN (S chunks) in one process computes what S processes compute with plain BN:
     chunk g sees the g-th contiguous part of the batch, as process g would (tests/test_moco_dist.py).
@@ -82,7 +89,7 @@ class MoCo(nn.Module):
         self.queue_ptr.add_(n).remainder_(self.queue_size)
 
     @torch.no_grad()
-    def encode_keys(self, keys: torch.Tensor, rng=None) -> torch.Tensor:
+    def encode_keys(self, keys: torch.Tensor, perm: torch.Tensor = None) -> torch.Tensor:
         """keys: [V, N, ...] -> [N, d], normalised mean over the V views' projections (one BN batch: MeanEnc).
 
         Shuffle-BN: the keys of all ranks (and split-BN chunks) are encoded in a random order, so that no BN
@@ -93,7 +100,7 @@ class MoCo(nn.Module):
         per, rank = x.shape[0], get_rank()
         x_all = all_gather(x)                                        # [world * V * N, ...]
         total = x_all.shape[0]
-        perm = rng.randperm(total) if rng is not None else broadcast(torch.randperm(total, device=x.device))
+        perm = perm if perm is not None else broadcast(torch.randperm(total, device=x.device))
         mine = perm[rank * per:(rank + 1) * per]
         z_all = all_gather(_fp32(self.encoder_k(x_all[mine])))
         z = torch.empty_like(z_all)
@@ -101,11 +108,11 @@ class MoCo(nn.Module):
         z = view_major(z[rank * per:(rank + 1) * per], V, self.splits)  # [V, N, d]
         return F.normalize(z.mean(dim=0), dim=1)
 
-    def forward(self, query, keys, mini_queries=None, rng=None):
+    def forward(self, query, keys, mini_queries=None, perm=None):
         q = F.normalize(_fp32(self.encoder_q(query)), dim=1)                              # [N, d]
         with torch.no_grad():
             self.momentum_update()
-            k = self.encode_keys(keys, rng)                          # [N, d]
+            k = self.encode_keys(keys, perm)                         # [N, d]
         queue = self.queue.clone().detach()
         loss = moco_loss(q, k, queue, self.temperature)
         stats = {"loss_large": loss.detach()}
@@ -119,6 +126,12 @@ class MoCo(nn.Module):
         stats["pos_cos"] = (q * k).sum(dim=1).mean().detach()
         self.enqueue(k)
         return loss, stats
+
+
+def shuffle_permutation(keys: torch.Tensor, rng) -> torch.Tensor:
+    """Shuffle-BN's permutation for keys [V, N, ...] of this rank: one of all ranks' V * N key images, from rng
+    (a utils.rng.BatchRandom: drawn on the CPU, the same on every rank and device)."""
+    return rng.randperm(get_world_size() * keys.shape[0] * keys.shape[1])
 
 
 def synchronise_key_projector(module: MoCo, device: torch.device, group_size: int):

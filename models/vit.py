@@ -74,15 +74,21 @@ class APSViT(VisionTransformer):
         return self.norm(h)[:, 0]                                         # [B, D]
 
 
+def attn_width(attn) -> int:
+    """The width of an attention's queries (timm's attn_dim from 1.0.23 on; before it, a third of the qkv
+    projection's outputs)."""
+    return getattr(attn, "attn_dim", None) or attn.qkv.out_features // 3
+
+
 def cls_block(block, h: torch.Tensor) -> torch.Tensor:
     """block(h)[:, :1] for a timm pre-norm Block, computed for the first token only: its query attends to
     every token's key and value, then the projection, the residuals and the MLP run on that one token
     (in the last block, 1/(1+n) of the work after the key/value projection)."""
     attn = block.attn
-    if attn.gate is not None:                                             # a layout this shortcut doesn't know
+    if getattr(attn, "gate", None) is not None:                           # a layout this shortcut doesn't know
         return block(h)[:, :1]
     B, T, _ = h.shape
-    A, heads = attn.attn_dim, attn.num_heads
+    A, heads = attn_width(attn), attn.num_heads
     y = block.norm1(h)
     w, b = attn.qkv.weight, attn.qkv.bias
     q = F.linear(y[:, :1], w[:A], None if b is None else b[:A])                       # [B, 1, A]
@@ -104,7 +110,7 @@ def cls_attention(vit: APSViT, x: torch.Tensor) -> torch.Tensor:
     h = vit.blocks[:-1](h)
     attn = vit.blocks[-1].attn
     B, T, _ = h.shape
-    A, heads = attn.attn_dim, attn.num_heads
+    A, heads = attn_width(attn), attn.num_heads
     qkv = F.linear(vit.blocks[-1].norm1(h), attn.qkv.weight, attn.qkv.bias)     # [B, T, 3A]
     q, k, _ = qkv.view(B, T, 3, heads, A // heads).permute(2, 0, 3, 1, 4).unbind(0)   # [B, h, T, hd]
     q, k = attn.q_norm(q), attn.k_norm(k)

@@ -19,6 +19,7 @@ import torchvision.transforms as T
 
 from augment.recipes import APS_VIEW
 from utils.rng import BatchRandom
+from utils.runtime import no_autocast
 
 POSITIVE_EPS = 1e-5  # r below this counts as fully covered (float round-off of exact cover)
 
@@ -99,7 +100,7 @@ def sample_aps(box1, flip1, box2, flip2, grid: int, ratio: float, steps_per_batc
     mask1 = torch.zeros(B, steps_per_batch, L, device=device).scatter_(2, idx1, 1.0)     # [B, K, L]
 
     # view 2: r^power weights, Gumbel top-k = sampling without replacement (geometry in fp32, never autocast)
-    with torch.autocast(device_type=device.type, enabled=False):
+    with no_autocast(device):
         r = uncovered_fraction(box1, flip1, box2, flip2, grid, mask1.view(B, -1, grid, grid)).flatten(2)  # [B, K, L]
     # key = power * log(r) + Gumbel. Covered cells (r = 0) score below every uncovered one (power * log r >=
     # power * log eps, Gumbel in [-2.63, 13.8]) plus their own Gumbel noise, so they are drawn last and

@@ -24,7 +24,7 @@ from augment.pil import pil_pipeline
 from augment.recipes import moco_views
 from data import build_dataset
 from data.datasets import get_preset
-from models.moco import MoCo, moco_inputs, moco_loss, synchronise_key_projector
+from models.moco import MoCo, moco_inputs, moco_loss, shuffle_permutation, synchronise_key_projector
 from models.norm import SplitBatchNorm
 from models.resnet import create_resnet, moco_projector
 from utils.rng import BatchRandom
@@ -94,7 +94,7 @@ def train(moco, call, batches, rank=None, world=None):
     opt = sgd(moco)
     for step, batch in enumerate(batches):
         rng = BatchRandom("cpu", rank, world).reseed(step) if world else None
-        loss, _ = call(*batch, rng=rng) if rng else call(*batch)
+        loss, _ = call(*batch, perm=shuffle_permutation(batch[1], rng)) if rng else call(*batch)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -44,13 +44,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
 
 
-def init_distributed(device_name: str = "auto") -> torch.device:
+def init_distributed(device_name: str = "auto", deterministic: bool = False) -> torch.device:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); return this process's device
-    (configured: utils.runtime.configure_device)."""
+    (configured: utils.runtime.configure_device, deterministic for --deterministic)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    configure_device(device)
+    configure_device(device, deterministic)
     if world_size > 1 and not is_dist():
         if device.type == "cuda":
             torch.cuda.set_device(device)

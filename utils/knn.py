@@ -6,6 +6,7 @@ from torch.utils.data import TensorDataset
 from utils.dist import all_gather_uneven
 from utils.failpoints import failpoint
 from utils.runtime import autocast
+from utils.transfer import to_device
 from utils.flags import count, positive
 
 
@@ -18,9 +19,9 @@ def extract_features(model, loader, device, amp=None, normalize=True):
     feats, labels = [], []
     for images, target in loader:
         with autocast(device, amp):
-            f = model(images.to(device, non_blocking=True))  # f: [B, D]
+            f = model(to_device(images, device))  # f: [B, D]
         feats.append(F.normalize(f.float(), dim=1) if normalize else f.float())
-        labels.append(target.to(device))
+        labels.append(to_device(target, device))
     model.train(was_training)
     dim = feats[0].shape[1] if feats else 0
     f = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
@@ -43,7 +44,7 @@ def knn_classify(train_f, train_y, test_f, test_y, num_classes, k=20, temperatur
     """
     k = min(k, train_f.shape[0])
     top5_k = min(5, num_classes)
-    correct1 = correct5 = 0
+    correct = torch.zeros(2, dtype=torch.long, device=test_f.device)        # top-1, top-5 hits: read once
     for start in range(0, test_f.shape[0], chunk):
         q, y = test_f[start:start + chunk], test_y[start:start + chunk]
         sim, idx = (q @ train_f.T).topk(k, dim=1)                   # sim, idx: [b, k]
@@ -52,8 +53,8 @@ def knn_classify(train_f, train_y, test_f, test_y, num_classes, k=20, temperatur
         votes.scatter_add_(1, train_y[idx], weights)                    # votes: [b, C]
         pred = votes.topk(top5_k, dim=1).indices                     # pred: [b, top5_k]
         hit = pred == y[:, None]
-        correct1 += hit[:, 0].sum().item()
-        correct5 += hit.any(dim=1).sum().item()
+        correct += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()])
+    correct1, correct5 = correct.tolist()
     n = max(test_f.shape[0], 1)
     return 100.0 * correct1 / n, 100.0 * correct5 / n
 

@@ -26,6 +26,9 @@ def add_runtime_args(parser, reference_launcher: bool = False, resume_names=None
                    help="autocast precision; auto = bf16 on GPU, off (fp32) on CPU; fp16 adds a grad scaler")
     g.add_argument("--print-freq", type=count(), default=20, help="iterations between progress lines / TB points")
     add_compile_arg(g, "the training model and the device augmentation")
+    g.add_argument("--deterministic", action="store_true",
+                   help="reproducible GPU kernels: cuDNN benchmark off, deterministic cuDNN/cuBLAS and torch "
+                        "algorithms (slower; docs/RUNNING.md says what is bit-exact with and without it)")
     g.add_argument("--skip-nonfinite", type=count(zero="stop at the first"), default=0, metavar="N",
                    help="skip up to N optimizer steps whose loss is not finite (checks every step: a host sync) "
                         "instead of stopping at the first")

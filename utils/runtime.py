@@ -1,10 +1,13 @@
 """Per-process runtime choices: seeding, numeric precision (autocast + grad scaler), compilation, and moving
 batches to the device."""
 import contextlib
+import os
 import random
 
 import numpy as np
 import torch
+
+from utils.transfer import tree_to_device
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -30,10 +33,22 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def configure_device(device: torch.device):
-    """Per-process kernel choices for `device`: on CUDA, cuDNN benchmark mode (the training inputs have fixed
-    shapes, so the fastest convolution algorithms are timed once and reused)."""
-    if device.type == "cuda":
+CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's workspace setting for reproducible results (CUDA 10.2 and later)
+
+
+def configure_device(device: torch.device, deterministic: bool = False):
+    """Per-process kernel choices for `device`. By default, on CUDA, cuDNN benchmark mode (the training inputs have
+    fixed shapes, so the fastest convolution algorithms are timed once and reused): fast, but the algorithm, and
+    so the last bits of a result, may differ from run to run. deterministic (--deterministic): benchmark mode off,
+    cuDNN's deterministic algorithms, cuBLAS's fixed workspace, and torch's deterministic implementations where an
+    op has one (an op with none warns once instead of stopping the run); docs/RUNNING.md says what is then
+    bit-exact."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)   # read when cuBLAS starts
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
 
@@ -62,20 +77,24 @@ def autocast(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def no_autocast(device: torch.device):
+    """A block in full precision under any autocast (for losses and geometry); nothing to turn off on devices
+    autocast does not know ('meta', where the tests run the step)."""
+    kind = torch.device(device).type
+    if kind == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=kind, enabled=False)
+
+
 def make_grad_scaler(device: torch.device, dtype):
     """A GradScaler that is active only for fp16 (bf16 and fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def to_device(batch, device):
-    """Every tensor of a (nested dict / list / tuple) batch moved to `device` (non-blocking)."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    """Every tensor of a (nested dict / list / tuple) batch moved to `device` without a host sync
+    (utils.transfer: from pinned memory, non-blocking)."""
+    return tree_to_device(batch, device)
 
 
 def peak_memory_mib(device: torch.device) -> float:
