@@ -10,6 +10,7 @@ from it (APS's patch sampling, ScaleMix, shuffle-BN's permutation) is the same f
 Every epoch also reseeds the global RNGs from (seed, epoch, rank) (dropout, drop path), and a mid-epoch
 checkpoint saves them.
 """
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -257,6 +258,20 @@ class Trainer:
         self.logger.info(f"resumed from {path}: {self.start_epoch} epochs{part} done, step {self.global_step}")
 
     # ---------------------------------------------------------------- loop
+    # Wraps the work of every step and the loading of every batch (not the progress lines, evaluation or
+    # checkpoints): tools.gpu_checks sets it to torch.cuda's sync debug mode, so a host sync there is an error.
+    step_context = staticmethod(contextlib.nullcontext)
+
+    def guarded(self, batches):
+        """The batches, each fetched inside step_context."""
+        it = iter(batches)
+        while True:
+            with self.step_context():
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield batch
+
     def batches(self, skip: int):
         """The loader's batches from index `skip` on (a GlobalBatchSampler skips them without loading them;
         any other loader loads and drops them); then the saved RNG state returns."""
@@ -309,28 +324,29 @@ class Trainer:
         progress = Progress(n_iter, f"epoch {epoch + 1}/{settings.epochs}", settings.print_freq, settings.batch_size)
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        for it, batch in enumerate(self.batches(skip), start=skip):
+        for it, batch in enumerate(self.guarded(self.batches(skip)), start=skip):
             self.rng.reseed(settings.seed, epoch, it, STEP_STREAM)
             steps = method.training_steps(to_device(batch, self.device), self.rng)
             for t in range(steps_per_batch):
                 lr = method.lr_at(epoch + (it * steps_per_batch + t) / (n_iter * steps_per_batch))
                 set_lr(self.optimizer, lr)
-                with autocast(self.device, self.amp):
+                with self.step_context(), autocast(self.device, self.amp):
                     loss, stats = next(steps)
                 self.optimizer.zero_grad(set_to_none=True)
                 if not self._finite_or_skip(loss, epoch):
                     self.global_step += 1
                     continue
-                first_bad = torch.where((first_bad == NO_STEP) & ~torch.isfinite(loss.detach()),
-                                        torch.full_like(first_bad, self.global_step), first_bad)
-                self.scaler.scale(loss).backward()
-                failpoint("step")
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                method.after_step(self.global_step)
-                values = {"loss": loss, **stats}
-                meter.update(**values)
-                window.update(**values)
+                with self.step_context():
+                    first_bad = torch.where((first_bad == NO_STEP) & ~torch.isfinite(loss.detach()),
+                                            torch.full_like(first_bad, self.global_step), first_bad)
+                    self.scaler.scale(loss).backward()
+                    failpoint("step")
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    method.after_step(self.global_step)
+                    values = {"loss": loss, **stats}
+                    meter.update(**values)
+                    window.update(**values)
                 self.global_step += 1
             due = progress.due(it)
             if due:

@@ -21,7 +21,7 @@ from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import feature_dataset
 from utils.lars import LARS
 from utils.run import add_runtime_args, check_per_process, describe_run, start_run
-from utils.runtime import amp_dtype, seed_everything
+from utils.runtime import amp_dtype, fused, seed_everything
 from utils.schedule import cosine_per_epoch
 from models.registry import is_registry_name
 from utils.flags import count, input_file, momentum, nonnegative, positive
@@ -98,7 +98,8 @@ def main(args):
     lr = args.lr * args.batch_size / 256
     params = list(probe.head.parameters())
     optimizer = (LARS(params, lr, args.momentum, args.weight_decay, args.trust_coefficient) if args.lars else
-                 torch.optim.SGD(params, lr, momentum=args.momentum, weight_decay=args.weight_decay))
+                 torch.optim.SGD(params, lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                 **fused(device)))
     what = (f"linear probe on {backbone_cfg['arch']} ({args.pretrained or 'random init'}), {data.num_classes} "
             f"classes at {args.img_size} px, {'LARS' if args.lars else 'SGD'}"
             f"{', cached features' if args.cache_features else ''}")

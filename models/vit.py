@@ -45,7 +45,8 @@ class APSViT(VisionTransformer):
         output token pooling reads (cls_block). Other pooling, masks or checkpointing: timm's own forward."""
         if (attn_mask is not None or is_causal or self.global_pool != "token" or self.attn_pool is not None
                 or self.grad_checkpointing):
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            causal = {"is_causal": True} if is_causal else {}         # (timm before 1.0.23 has no is_causal)
+            return super().forward(x, attn_mask=attn_mask, **causal)
         h = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))    # [B, 1+L, D]
         h = cls_block(self.blocks[-1], self.blocks[:-1](h))                          # [B, 1, D]
         return self.forward_head(self.norm(h))

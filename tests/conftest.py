@@ -29,6 +29,16 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Without a CUDA device the CUDA-marked tests are deselected (not skipped): tools.gpu_report runs them."""
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("cuda")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+
+
 @pytest.fixture(autouse=True)
 def fresh_logger():
     """A script's logger writes to the stdout of the test that set it up; the next test starts without it."""
@@ -219,137 +229,11 @@ def reference_classifier():
     return make
 
 
-# ---------------------------------------------------------------- the device guard (what a GPU would stall on)
-RANDOM_FACTORIES = ("rand", "randn", "randint", "randperm")
-RANDOM_LIKE = ("rand_like", "randn_like", "randint_like", "bernoulli", "multinomial", "normal", "poisson")
-RANDOM_IN_PLACE = ("uniform_", "normal_", "random_", "bernoulli_", "exponential_", "geometric_", "log_normal_",
-                   "cauchy_")
-PYTHON_DATA_FACTORIES = ("tensor", "as_tensor", "asarray")
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
-DATA_DEPENDENT = ("nonzero", "masked_select", "unique", "unique_consecutive", "argwhere")
-
-
-def _off_host(device) -> bool:
-    return device is not None and torch.device(device).type != "cpu"
-
-
-def _where():
-    """file:line of the first frame outside torch and this file (what a violation names)."""
-    import traceback
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        if "/torch/" not in frame.filename and not frame.filename.endswith("conftest.py"):
-            return f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno}"
-    return "?"
-
-
-class DeviceGuard:
-    """Watches the code under test for what stalls or changes on a GPU, with the data on `meta` (shapes only):
-
-    - syncs: host reads of device values (.item(), .tolist(), .cpu(), bool(), ...), data-dependent shapes
-      (nonzero, masked_select, unique, boolean-mask indexing), tensors built from Python data on a device, and
-      host-to-device copies that do not go through utils.transfer (pinned, non-blocking);
-    - device_draws: random numbers drawn on a device's generator (whose stream depends on the GPU model).
-
-    Host reads on `meta` return zeros, so code that reads once per pass (an accuracy at the end) runs on; a test
-    compares counts."""
-
-    def __init__(self, monkeypatch):
-        self.mp, self.syncs, self.device_draws = monkeypatch, [], []
-
-    def _flag(self, kind: list, what: str):
-        kind.append(f"{what} at {_where()}")
-
-    def install(self):
-        from utils.transfer import in_transfer
-        guard, mp, T = self, self.mp, torch.Tensor
-
-        def factory(name, original):
-            def wrapped(data, *args, **kwargs):
-                device = kwargs.get("device", args[1] if name == "as_tensor" and len(args) > 1 else None)
-                if _off_host(device) and not torch.is_tensor(data):
-                    guard._flag(guard.syncs, f"torch.{name}(Python data, device={device})")
-                return original(data, *args, **kwargs)
-            return wrapped
-
-        def drawing(name, original, device_of):
-            def wrapped(*args, **kwargs):
-                device = device_of(args, kwargs)
-                if _off_host(device):
-                    guard._flag(guard.device_draws, f"{name} on {device}")
-                return original(*args, **kwargs)
-            return wrapped
-
-        def host_read(name, original):
-            def wrapped(self, *args, **kwargs):
-                if self.device.type != "cpu":
-                    guard._flag(guard.syncs, f".{name}() of a {self.device.type} tensor")
-                    if self.device.type == "meta":
-                        zeros = torch.zeros(self.shape, dtype=self.dtype)
-                        return zeros if name == "cpu" else getattr(zeros, name)(*args, **kwargs)
-                return original(self, *args, **kwargs)
-            return wrapped
-
-        def data_dependent(name, original):
-            def wrapped(self, *args, **kwargs):
-                if torch.is_tensor(self) and self.device.type != "cpu":
-                    guard._flag(guard.syncs, f"{name} (a data-dependent shape) on {self.device.type}")
-                return original(self, *args, **kwargs)
-            return wrapped
-
-        def moving(name, original):
-            def wrapped(self, *args, **kwargs):
-                out = original(self, *args, **kwargs)
-                if self.device.type == "cpu" and out.device.type != "cpu" and not in_transfer():
-                    guard._flag(guard.syncs, f"host-to-device .{name}() outside utils.transfer")
-                return out
-            return wrapped
-
-        def copying(original):
-            def wrapped(self, src, *args, **kwargs):
-                if self.device.type != "cpu" and torch.is_tensor(src) and src.device.type == "cpu" and not in_transfer():
-                    guard._flag(guard.syncs, "host-to-device .copy_() outside utils.transfer")
-                return original(self, src, *args, **kwargs)
-            return wrapped
-
-        def indexing(original):
-            def wrapped(self, index):
-                parts = index if isinstance(index, tuple) else (index,)
-                if self.device.type != "cpu" and any(torch.is_tensor(i) and i.dtype == torch.bool for i in parts):
-                    guard._flag(guard.syncs, f"boolean-mask indexing (a data-dependent shape) on {self.device.type}")
-                return original(self, index)
-            return wrapped
-
-        def factory_device(args, kwargs):
-            return kwargs.get("device")
-
-        def like_device(args, kwargs):
-            return kwargs.get("device") or next((a.device for a in args if torch.is_tensor(a)), None)
-
-        for name in PYTHON_DATA_FACTORIES:
-            mp.setattr(torch, name, factory(name, getattr(torch, name)))
-        for name in RANDOM_FACTORIES:
-            mp.setattr(torch, name, drawing(f"torch.{name}", getattr(torch, name), factory_device))
-        for name in RANDOM_LIKE:
-            mp.setattr(torch, name, drawing(f"torch.{name}", getattr(torch, name), like_device))
-        for name in RANDOM_IN_PLACE:
-            mp.setattr(T, name, drawing(f".{name}()", getattr(T, name), like_device))
-        for name in HOST_READS:
-            mp.setattr(T, name, host_read(name, getattr(T, name)))
-        for name in DATA_DEPENDENT:
-            mp.setattr(torch, name, data_dependent(f"torch.{name}", getattr(torch, name)))
-            mp.setattr(T, name, data_dependent(f".{name}()", getattr(T, name)))
-        for name in ("to", "cuda"):
-            mp.setattr(T, name, moving(name, getattr(T, name)))
-        mp.setattr(T, "copy_", copying(T.copy_))
-        mp.setattr(T, "__getitem__", indexing(T.__getitem__))
-        return self
-
-    def reset(self):
-        self.syncs.clear()
-        self.device_draws.clear()
-
-
+# ---------------------------------------------------------------- the device guard
 @pytest.fixture
-def device_guard(monkeypatch):
-    """A DeviceGuard, installed for the test (every patch undone after it)."""
-    return DeviceGuard(monkeypatch).install()
+def device_guard():
+    """A tools.device_guard.DeviceGuard, installed for the test (every patch undone after it)."""
+    from tools.device_guard import DeviceGuard
+    guard = DeviceGuard().install()
+    yield guard
+    guard.uninstall()

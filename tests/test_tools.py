@@ -166,6 +166,21 @@ def test_the_reference_step_computes_our_loss_with_two_encoder_calls():
     assert torch.allclose(reference_step_loss(model, x1, x2, idx1, idx2), ours, atol=1e-5)
 
 
+def test_gpu_report_keeps_json_lines_and_sets_other_lines_aside():
+    from tools.gpu_report import json_lines
+    records, other = json_lines('{"a": 1}\n{not json\nwarning: x\n[1, 2]\n  {"b": 2}\n')
+    assert records == [{"a": 1}, {"b": 2}] and other == ["{not json", "warning: x", "[1, 2]"]
+
+
+def test_profile_split_knows_hopper_kernel_names():
+    from tools.bench import kernel_kind
+    assert kernel_kind("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"                   # H100/H200 cuBLAS
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1") == "matmul"
+    assert kernel_kind("void cutlass::device_kernel<flash::FlashAttnFwdSm90<...gemm...>>") == "attention"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == "attention"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == "other"
+
+
 def test_gpu_report_runs_every_phase_at_small_shapes(tmp_path):
     from tools import gpu_report
     summary = gpu_report.main(gpu_report.get_args_parser().parse_args(["--out", str(tmp_path), "--small"]))
@@ -179,7 +194,11 @@ def test_gpu_report_runs_every_phase_at_small_shapes(tmp_path):
     assert ref["amp"] == "float16" and ref["workers"] == 1 and ref["pairs_per_s"] > 0
     assert ratio["ours_over_reference"] == pytest.approx(ours["pairs_per_s"] / ref["pairs_per_s"], rel=0.01)
     assert ratio["projected_1600_epoch_hours"] == pytest.approx(1600 * 50000 / ours["pairs_per_s"] / 3600, rel=0.01)
-    assert json.loads((tmp_path / "summary.json").read_text())["phases"][0]["targets"]["bench"] == "targets"
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert next(p for p in saved["phases"] if p["phase"] == "eager")["targets"]["bench"] == "targets"
+    assert saved["versions"]["torch"] == torch.__version__ and saved["phases"][0]["phase"] == "correctness"
+    assert saved["correctness"] == {"all_passed": True, "checks": {"train/pretrain/bf16": "pass"},
+                                    "cuda_tests": phases["tests"]["result"]}
     from tools.bench_targets import check_targets
     gpu = check_targets([{**ratio, "arch": "vit-small", "batch": 512, "img_size": 32, "patch": 2}], gpu=True)
     check = next(c for c in gpu["checks"] if c["target"].startswith("APS ViT-S/2 epoch end to end"))

@@ -27,9 +27,18 @@ from utils.runtime import (AMP_CHOICES, add_compile_arg, amp_dtype, autocast, co
                            peak_memory_mib)
 
 
-MATMUL_KERNELS = ("gemm", "cutlass", "xmma", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
-                  "aten::baddbmm")
-ATTENTION_KERNELS = ("flash", "fmha", "attention")
+# kernel-name fragments; Hopper's cuBLAS runs "nvjet_*" and "sm90_xmma_gemm_*" kernels, CUTLASS 3 "*wgmma*"
+MATMUL_KERNELS = ("gemm", "gemv", "cutlass", "xmma", "wgmma", "nvjet", "cublas", "matmul", "aten::mm", "aten::addmm",
+                  "aten::bmm", "aten::baddbmm", "aten::linear")
+ATTENTION_KERNELS = ("flash", "fmha", "attention", "sdpa")     # FlashAttention, cutlass/cuDNN fused attention
+
+
+def kernel_kind(name: str) -> str:
+    """'attention', 'matmul' or 'other' (attention first: its fused kernels' names often hold 'gemm' too)."""
+    low = name.lower()
+    if any(s in low for s in ATTENTION_KERNELS):
+        return "attention"
+    return "matmul" if any(s in low for s in MATMUL_KERNELS) else "other"
 
 
 def time_split(prof, device, steps: int, top: int = 8) -> dict:
@@ -46,10 +55,10 @@ def time_split(prof, device, steps: int, top: int = 8) -> dict:
             times[e.key] = times.get(e.key, 0.0) + t / 1000.0 / steps              # us -> ms per step
     total = sum(times.values()) or 1.0
 
-    def share(keys):
-        return round(sum(t for k, t in times.items() if any(s in k.lower() for s in keys)) / total, 3)
+    def share(kind):
+        return round(sum(t for k, t in times.items() if kernel_kind(k) == kind) / total, 3)
 
-    matmul, attention = share(MATMUL_KERNELS), share(ATTENTION_KERNELS)
+    matmul, attention = share("matmul"), share("attention")
     ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
     return {"matmul": matmul, "attention": attention, "other": round(1.0 - matmul - attention, 3),
             "top_ms": [[k[:80], round(t, 3)] for k, t in ranked]}

@@ -1,0 +1,255 @@
+"""Correctness on a GPU, one JSON line per check (tools.gpu_report's first phase; also runs alone):
+
+    python -m tools.gpu_checks --out DIR [--skip-compile]
+
+- train/<script>/<precision>: one short epoch of each script on digits, on the device path, in bf16, fp16 and
+  bf16 with --compile, with torch.cuda's sync debug mode set to "error" around every step and batch (a host
+  sync there fails the check, naming the line);
+- same-views: the device path on the GPU and on the CPU, same seed: every crop box and flip equal, the views
+  equal to float round-off (mean |diff| <= VIEW_TOL);
+- same-patches: APS's patch sampling on both, same seed and boxes: view 1's patches equal, view 2's equal for
+  at least PATCH_AGREEMENT of the pairs (near-ties of covered area may round either way);
+- jpeg: a folder of JPEGs decoded on the GPU (nvJPEG) and by the CPU workers: the same boxes and flips, pixels
+  within JPEG_MEAN_TOL (mean) and JPEG_MAX_TOL (max) levels of 255 (the decoders' IDCTs differ slightly);
+- nccl: 2 processes against 1 (pretraining, fp32): every checkpoint tensor within NCCL_TOL (relative); needs 2
+  GPUs (NCCL puts no two ranks on one GPU);
+- deterministic: two runs with --deterministic give bit-identical checkpoints.
+"""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from utils.errors import ArgumentParser, exit_on_user_error
+from utils.flags import output_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIEW_TOL = 1e-3          # mean |diff| of normalised views, GPU vs CPU (grid_sample, blur and colour round-off)
+PATCH_AGREEMENT = 0.99   # share of pairs whose view-2 patches are the same set on both devices
+JPEG_MEAN_TOL, JPEG_MAX_TOL = 1.5, 24.0   # levels of 255: nvJPEG vs libjpeg
+NCCL_TOL = 1e-3          # relative, per checkpoint tensor, after one epoch in fp32
+
+TINY_VIT = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4",
+            "--dataset", "digits", "--num-workers", "0", "--print-freq", "5", "--data-path", "device"]
+SCRIPTS = {
+    "pretrain": ("main_pretrain", TINY_VIT + ["--batch-size", "128", "--nepoch", "1", "--warmup-epochs", "1",
+                                              "--knn-every", "1"]),
+    "moco": ("main_moco", ["-a", "resnet18", "--dataset", "digits", "--img-size", "16", "--batch-size", "64",
+                           "--moco-k", "256", "--epochs", "1", "--knn-every", "1", "--num-workers", "0",
+                           "--data-path", "device", "--enable-multicrop", "--num-mini-crops", "2",
+                           "--mini-crop-size", "8", "--enable-scalemix", "--enable-asymm-aug",
+                           "--enable-mean-encoding"]),
+    "finetune": ("main_finetune", TINY_VIT + ["--batch-size", "128", "--epochs", "1", "--warmup-epochs", "1"]),
+    "lincls": ("main_lincls", ["--pretrained", "{moco}", "--dataset", "digits", "--img-size", "16",
+                               "--batch-size", "64", "--epochs", "1", "--num-workers", "0", "--data-path", "device"]),
+}
+PRECISIONS = {"bf16": ["--amp", "bf16"], "fp16": ["--amp", "fp16"], "compile": ["--amp", "bf16", "--compile"]}
+
+
+@contextlib.contextmanager
+def sync_errors():
+    """torch.cuda's sync debug mode at "error" inside the block: any host sync raises (nothing without CUDA)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+def check(name: str, fn, out: list):
+    """Run one check: fn() -> (passed, details); a raised error fails it with its last lines."""
+    start = time.perf_counter()
+    try:
+        passed, details = fn()
+        record = {"check": name, "passed": None if passed is None else bool(passed), **details}
+    except Exception as e:                                         # a failed check is a result, not a stop
+        tb = traceback.format_exception(type(e), e, e.__traceback__)
+        ours = [line.strip() for line in tb if ROOT in line and "/.venv/" not in line][-3:]
+        record = {"check": name, "passed": False, "error": f"{type(e).__name__}: {str(e)[:400]}", "where": ours}
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    out.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def run_script(module: str, argv: list):
+    """main(args) of a script, in this process, with every step and batch under sync_errors()."""
+    import importlib
+    from engine import Trainer
+    script = importlib.import_module(module)
+    args = script.get_args_parser().parse_args(argv)
+    old = Trainer.step_context
+    Trainer.step_context = staticmethod(sync_errors)
+    try:
+        return script.main(args)
+    finally:
+        Trainer.step_context = old
+
+
+def train_checks(out_dir: str, out: list, precisions=tuple(PRECISIONS), scripts=tuple(SCRIPTS), device="cuda"):
+    """train/<script>/<precision> for each; lincls probes the first MoCo run's checkpoint."""
+    made = {}
+    for precision in precisions:
+        for name in scripts:
+            module, argv = SCRIPTS[name]
+            folder = os.path.join(out_dir, f"{name}-{precision}")
+            argv = [a.format(**made) for a in argv] + PRECISIONS[precision] + ["--device", device,
+                                                                               "--output-dir", folder]
+
+            def one(module=module, argv=argv):
+                metrics = run_script(module, argv)
+                finite = all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
+                return finite, {"metrics": {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}}
+            check(f"train/{name}/{precision}", one, out)
+            made.setdefault(name, os.path.join(folder, "checkpoint.pth"))
+
+
+def same_views():
+    from augment.batched import batched_pipeline
+    from augment.recipes import aps_pair, finetune_view, moco_views
+    from data.datasets import get_preset
+    from utils.rng import BatchRandom
+    preset, worst, details = get_preset("cifar10"), 0.0, {}
+    g = torch.Generator().manual_seed(0)
+    imgs = (torch.rand(64, 3, 32, 32, generator=g) * 255).to(torch.uint8)
+    recipes = {"aps": aps_pair(preset, 32), "finetune": finetune_view(preset, 32),
+               "moco": moco_views(preset, 32, num_key_views=2, num_minis=2, mini_size=16, asym_aug=True)}
+    same_params = True
+    for name, recipe in recipes.items():
+        outs = [batched_pipeline(recipe)(imgs.to(d), BatchRandom("cpu", 0, 1).reseed(1)) for d in ("cpu", "cuda")]
+        flat = [{k: v for k, v in (o.items() if isinstance(o, dict) else [("view", o)])} for o in outs]
+        for key in flat[0]:
+            a, b = flat[0][key], flat[1][key].cpu()
+            if key.startswith(("box", "flip")):
+                same_params &= torch.equal(a, b)
+            else:
+                diff = (a.float() - b.float()).abs().mean().item()
+                worst = max(worst, diff)
+                details[f"{name}/{key}"] = round(diff, 6)
+    return same_params and worst <= VIEW_TOL, {"boxes_and_flips_equal": same_params, "mean_abs_diff": details,
+                                                "tolerance": VIEW_TOL}
+
+
+def same_patches():
+    from samplers.aps import random_boxes, sample_aps
+    from utils.rng import BatchRandom
+    torch.manual_seed(0)
+    b1, f1, b2, f2 = random_boxes(512, 32)
+    idx = [sample_aps(*(t.to(d) for t in (b1, f1, b2, f2)), 16, 0.25, 2, 2.0, BatchRandom(d, 0, 1).reseed(3))
+           for d in ("cpu", "cuda")]
+    first = torch.equal(idx[0][0], idx[1][0].cpu())
+    second = (idx[0][1].sort(-1).values == idx[1][1].cpu().sort(-1).values).all(-1).float().mean().item()
+    return first and second >= PATCH_AGREEMENT, {"view1_equal": first, "view2_agreement": round(second, 4),
+                                                 "required": PATCH_AGREEMENT}
+
+
+def jpeg_views(tmp: str):
+    from PIL import Image
+    from augment.batched import batched_pipeline
+    from augment.recipes import lincls_view
+    from data.datasets import get_preset
+    from data.device_loaders import FolderDeviceLoader
+    from torchvision.datasets import ImageFolder
+    yy, xx = np.mgrid[0:96, 0:128]
+    for c in range(2):
+        os.makedirs(os.path.join(tmp, "jpeg", f"c{c}"), exist_ok=True)
+        for i in range(16):
+            img = np.stack([(xx * (i + 1)) % 256, (yy * (c + 2)) % 256, ((xx + yy) * 3) % 256], -1).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(tmp, "jpeg", f"c{c}", f"{i}.jpg"), quality=90)
+    folder = ImageFolder(os.path.join(tmp, "jpeg"))
+    view = lincls_view(get_preset("imagenet"), 64)
+    outs = []
+    for device in ("cpu", "cuda"):
+        loader = FolderDeviceLoader(folder, 16, 0, torch.device(device), batched_pipeline(view), num_workers=2,
+                                    rank=0, world=1)
+        outs.append([x.cpu() for x, _ in loader])
+    mean, std = torch.tensor(view.mean).view(1, 3, 1, 1), torch.tensor(view.std).view(1, 3, 1, 1)
+    diffs = [((a - b) * std * 255).abs() for a, b in zip(*outs)]
+    mean_diff = torch.stack([d.mean() for d in diffs]).mean().item()
+    max_diff = max(d.max().item() for d in diffs)
+    return mean_diff <= JPEG_MEAN_TOL and max_diff <= JPEG_MAX_TOL, {
+        "mean_levels": round(mean_diff, 3), "max_levels": round(max_diff, 2),
+        "tolerance": [JPEG_MEAN_TOL, JPEG_MAX_TOL]}
+
+
+def checkpoint_gap(a: str, b: str) -> float:
+    """The largest relative difference between two checkpoints' model tensors."""
+    sa, sb = (torch.load(p, map_location="cpu", weights_only=True)["model"] for p in (a, b))
+    gap = 0.0
+    for k, v in sa.items():
+        if v.is_floating_point():
+            gap = max(gap, ((v - sb[k]).abs().max() / v.abs().max().clamp_min(1e-12)).item())
+    return gap
+
+
+PRETRAIN_FP32 = ["main_pretrain.py", *SCRIPTS["pretrain"][1], "--amp", "off", "--knn-every", "0", "--seed", "0"]
+
+
+def nccl(tmp: str):
+    if torch.cuda.device_count() < 2:
+        return None, {"skipped": "one GPU: NCCL puts no two ranks on one GPU (run on a machine with two)"}
+    one, two = os.path.join(tmp, "nccl-1"), os.path.join(tmp, "nccl-2")
+    subprocess.run([sys.executable, *PRETRAIN_FP32, "--output-dir", one], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *PRETRAIN_FP32,
+                    "--output-dir", two], cwd=ROOT, check=True, capture_output=True)
+    gap = checkpoint_gap(os.path.join(one, "checkpoint.pth"), os.path.join(two, "checkpoint.pth"))
+    return gap <= NCCL_TOL, {"max_relative_gap": gap, "tolerance": NCCL_TOL}
+
+
+def deterministic(tmp: str):
+    runs = []
+    for i in range(2):
+        folder = os.path.join(tmp, f"det-{i}")
+        subprocess.run([sys.executable, *PRETRAIN_FP32, "--deterministic", "--device", "cuda", "--output-dir", folder],
+                       cwd=ROOT, check=True, capture_output=True)
+        runs.append(os.path.join(folder, "checkpoint.pth"))
+    gap = checkpoint_gap(*runs)
+    return gap == 0.0, {"max_relative_gap": gap}
+
+
+def get_args_parser():
+    p = ArgumentParser(description=__doc__.split("\n")[0], prog="python -m tools.gpu_checks")
+    p.add_argument("--out", type=output_folder(), required=True, help="where the runs go; checks.jsonl is written there")
+    p.add_argument("--skip-compile", action="store_true", help="leave out the --compile runs (minutes of compiling)")
+    p.add_argument("--small", action="store_true",
+                   help="no GPU needed: only the pretraining epoch in bf16 on the CPU (checks this tool itself)")
+    return p
+
+
+@exit_on_user_error
+def main(args):
+    os.makedirs(args.out, exist_ok=True)
+    out = []
+    if args.small:
+        train_checks(args.out, out, ("bf16",), ("pretrain",), device="cpu")
+    elif not torch.cuda.is_available():
+        check("cuda", lambda: (False, {"error": "no CUDA device visible; --small checks this tool on the CPU"}), out)
+    else:
+        run_gpu_checks(args, out)
+    with open(os.path.join(args.out, "checks.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in out))
+    return out
+
+
+def run_gpu_checks(args, out: list):
+    with tempfile.TemporaryDirectory() as tmp:
+        check("same-views", same_views, out)
+        check("same-patches", same_patches, out)
+        check("jpeg", lambda: jpeg_views(tmp), out)
+        train_checks(args.out, out, [p for p in PRECISIONS if p != "compile" or not args.skip_compile])
+        check("deterministic", lambda: deterministic(tmp), out)
+        check("nccl", lambda: nccl(tmp), out)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
