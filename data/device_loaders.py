@@ -148,7 +148,7 @@ class FolderDeviceLoader(DeviceLoader):
         start = self.batch_sampler.next_start                     # the sampler skips (and resets) it itself
         for i, (data, labels, idx) in enumerate(self.loader, start=start):
             images = self.decode(data, idx)
-            yield self.augment(images, self.reseed(i)), labels.to(self.device, non_blocking=True)
+            yield self.augment(images, self.reseed(i)), to_device(labels, self.device)
 
     def decode(self, data: list, idx: list) -> list:
         """The batch's images on the device, uint8 [3, h, w] each: JPEG bytes decoded there in one call."""
@@ -161,7 +161,7 @@ class FolderDeviceLoader(DeviceLoader):
                 images = [self._decode_one(data[k], idx[k]) for k in encoded]
             for k, img in zip(encoded, images):
                 data[k] = img
-        return [img.to(self.device, non_blocking=True) for img in data]
+        return [to_device(img, self.device) for img in data]
 
     def _decode_one(self, data, i):
         try:

@@ -371,3 +371,67 @@ def test_classification_loss_is_fp32_under_autocast(kind):
         target = torch.arange(8) % 10
         criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     assert fp32_vs_bf16(lambda z, t: classification_loss(criterion, z, t), logits, target) <= 1e-6
+
+
+# ---------------------------------------------------------------- compile, JPEG ordering, --deterministic
+def test_the_views_compile_in_the_mode_the_user_chose(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None, mode=None: modes.append(mode) or fn)
+    batched.batched_pipeline(RECIPES["aps"]()).compile("max-autotune")
+    batched.batched_pipeline(RECIPES["lincls"]()).compile("default")
+    assert modes == ["max-autotune"] * 2 + [None] * 2              # _apply_batch and _finish of each view
+
+
+def test_moco_forward_draws_nothing_random_when_given_its_permutation(monkeypatch):
+    from models.moco import build_moco, shuffle_permutation
+    module = build_moco("resnet18", cifar_stem=True, hidden_dim=32, dim=8, queue_size=16)
+    keys = torch.zeros(1, 4, 3, 16, 16)
+    perm = shuffle_permutation(keys, BatchRandom("cpu", 0, 1).reseed(0))
+    drawn, real = [], torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: drawn.append(a) or real(*a, **k))
+    module(torch.zeros(4, 3, 16, 16), keys, perm=perm)             # (what torch.compile would have to trace)
+    monkeypatch.undo()
+    assert drawn == [] and sorted(perm.tolist()) == [0, 1, 2, 3]
+
+
+def test_gpu_jpeg_decoding_waits_for_the_stream_once_per_batch(monkeypatch, tmp_path, make_folder):
+    import data.device_loaders as dl
+    from torchvision.datasets import ImageFolder
+    calls = []
+
+    class Stream:
+        def synchronize(self):
+            calls.append("sync")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    dl.order_decoder(torch.device("cuda", 0))
+    dl.order_decoder(torch.device("cpu"))
+    assert calls == ["sync"]                                     # a stream sync on CUDA only
+
+    make_folder(tmp_path, classes=2, per_class=4)
+    ordered = []
+    monkeypatch.setattr(dl, "order_decoder", lambda device: ordered.append(device))
+    loader = dl.FolderDeviceLoader(ImageFolder(str(tmp_path / "train")), 4, 0, torch.device("cpu"),
+                                   batched.batched_pipeline(RECIPES["lincls"]()), num_workers=0, rank=0, world=1,
+                                   worker_decode=False)              # JPEG bytes reach decode(), as on a GPU
+    assert len(list(loader)) == 2 and ordered == [torch.device("cpu")] * 2
+
+
+def test_deterministic_sets_reproducible_kernels_and_every_script_takes_it(monkeypatch):
+    import importlib
+    from utils.runtime import configure_device
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    try:
+        configure_device(torch.device("cuda", 0), deterministic=True)
+        assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        import os
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for script in ("main_pretrain", "main_finetune", "main_moco", "main_lincls"):
+        parser = importlib.import_module(script).get_args_parser()
+        assert parser.parse_args(["--deterministic"]).deterministic is True
+        assert parser.parse_args([]).deterministic is False
