@@ -51,7 +51,7 @@ def finish(trainer: "Trainer", metrics: dict) -> dict:
                               trainer.train_images / max(trainer.train_seconds, 1e-9) * get_world_size(),
                               peak_memory_mib(trainer.device),
                               f"{trainer.settings.epochs}" + (f" (resumed after epoch {trainer.start_epoch})"
-                                                               if trainer.start_epoch else ""))
+                                                               if trainer.start_epoch else ""), trainer.settings.notes)
         trainer.logger.info(f"report: {report}")
     cleanup()
     return metrics
@@ -152,13 +152,14 @@ class TrainSettings:
     flags: dict = field(default_factory=dict)   # the run's flags, saved in every checkpoint
     description: str = ""                       # the opening line (utils.run.describe_run), logged and reported
     dry_run: bool = False                       # check the data and one forward pass, then stop
+    notes: tuple = ()                           # lines for report.md (e.g. why no kNN was run)
 
     @classmethod
-    def from_args(cls, args, eval_every: int, description: str = "") -> "TrainSettings":
+    def from_args(cls, args, eval_every: int, description: str = "", notes=()) -> "TrainSettings":
         return cls(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                    resume=args.resume, print_freq=args.print_freq, eval_every=eval_every, save_every=args.save_every,
                    skip_nonfinite=args.skip_nonfinite, compile=args.compile, flags=dict(vars(args)),
-                   description=description, dry_run=args.dry_run)
+                   description=description, dry_run=args.dry_run, notes=tuple(notes))
 
 
 class Trainer:
@@ -421,6 +422,8 @@ class Trainer:
         method, settings, epochs = self.method, self.settings, self.settings.epochs
         if settings.description:
             self.logger.info(settings.description)
+        for note in settings.notes:
+            self.logger.info(note)
         if settings.dry_run:
             return self.dry_run()
         self.resume()

@@ -7,14 +7,14 @@ import torch
 
 from augment.recipes import add_moco_view_args, moco_views_from_args
 from data import add_data_args, apply_preset
-from data.pipeline import knn_loaders, training_data
+from data.pipeline import knn_setup, training_data
 from engine import Trainer, TrainSettings, finish
 from methods.moco import MoCoPretraining
 from models.moco import build_moco, check_queue, synchronise_key_projector
 from models.resnet import RESNETS, ResNetTrunk
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.knn import add_knn_args, knn_monitor
+from utils.knn import add_knn_args
 from utils.run import add_runtime_args, check_ordered, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
 from utils.flags import count, momentum, nonnegative, positive
@@ -83,12 +83,11 @@ def main(args):
         "split BN": bn_splits, "multicrop": args.enable_multicrop, "scalemix": args.enable_scalemix,
         "asym-aug": args.enable_asymm_aug, "asym-bn": args.enable_asym_bn and world > 1,
         "mean-enc": args.enable_mean_encoding})
-    knn = knn_monitor(ResNetTrunk(module.encoder_q), *knn_loaders(args, preset, device), device, amp, args.knn_k,
-                      args.knn_t) if args.knn_every > 0 else None
+    knn, notes = knn_setup(args, preset, device, ResNetTrunk(module.encoder_q), amp)
     method = MoCoPretraining(module, data_parallel(module, device), lr, args.epochs, knn,
                              dict(arch=args.arch, cifar_stem=args.cifar_stem, mlp_hidden_dim=args.mlp_hidden_dim,
                                   moco_dim=args.moco_dim))
-    settings = TrainSettings.from_args(args, args.knn_every, description)
+    settings = TrainSettings.from_args(args, args.knn_every, description, notes)
     trainer = Trainer(method, optimizer, data.loader, settings, device, amp)
     return finish(trainer, trainer.fit())
 

@@ -3,7 +3,7 @@ import torch
 
 from augment.recipes import add_aps_view_args, aps_pair_from_args
 from data import add_data_args, apply_preset
-from data.pipeline import knn_loaders, training_data
+from data.pipeline import knn_setup, training_data
 from engine import Trainer, TrainSettings, finish
 from methods.aps import APSPretraining
 from models import APS, create_vit
@@ -12,7 +12,7 @@ from models.vit import add_vit_args, check_vit_flags, vit_overrides
 from samplers.aps import kept_per_view
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.knn import add_knn_args, knn_monitor
+from utils.knn import add_knn_args
 from utils.run import add_runtime_args, check_ordered, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
 from utils.flags import count, fraction, momentum, nonnegative, positive
@@ -81,11 +81,10 @@ def main(args):
     amp = amp_dtype(args.amp, device)
     what = f"{args.arch}/{args.patch_size} at {args.img_size} px, {len(data.loader)} batches x {args.nsampling} steps"
     description = describe_run(what + " per epoch", data, lr, device, amp)
-    knn = knn_monitor(module.encoder, *knn_loaders(args, preset, device), device, amp, args.knn_k,
-                      args.knn_t) if args.knn_every > 0 else None
+    knn, notes = knn_setup(args, preset, device, module.encoder, amp)
     method = APSPretraining(module, data_parallel(module, device), encoder.grid, args.sampling_ratio, args.nsampling,
                             args.power, lr, args.warmup_epochs, args.epochs, knn, model_config)
-    settings = TrainSettings.from_args(args, args.knn_every, description)
+    settings = TrainSettings.from_args(args, args.knn_every, description, notes)
     trainer = Trainer(method, optimizer, data.loader, settings, device, amp)
     return finish(trainer, trainer.fit())
 

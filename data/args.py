@@ -4,7 +4,7 @@ import os
 from data.datasets import PRESETS, get_preset
 from data.subsets import add_subset_args
 from utils.errors import UserError
-from utils.flags import count, folder, input_folder, output_folder
+from utils.flags import count, data_root, input_folder, output_folder
 
 DATA_PATHS = ("auto", "cpu", "device")
 
@@ -34,10 +34,12 @@ def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: 
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=dataset, choices=sorted(PRESETS),
                    help="dataset; 'digits' is embedded (scikit-learn's 8x8 digits upscaled to 32 px) and needs no "
-                        "files; 'imagefolder' reads <data-root>/train and <data-root>/val")
-    g.add_argument("--data-root", type=folder(), default=None,
+                        "files; 'imagefolder' reads <data-root>/train and <data-root>/val; 'folder' every image "
+                        "under <data-root> (no labels: pretraining); 'filelist' a list of image paths")
+    g.add_argument("--data-root", type=data_root(), default=None,
                    help="dataset folder (default ./dataset/<dataset>); CIFAR in torchvision's layout, "
-                        "MNIST/Fashion-MNIST as the idx files (*-ubyte or *-ubyte.gz)")
+                        "MNIST/Fashion-MNIST as the idx files (*-ubyte or *-ubyte.gz); folder: any folder of "
+                        "images; filelist: a list file, or a folder with train.txt and val.txt (docs/DATA.md)")
     g.add_argument("--download", action="store_true",
                    help="let torchvision download CIFAR/MNIST/Fashion-MNIST into --data-root if missing")
     g.add_argument("--img-size", type=count(), default=None,
@@ -48,6 +50,9 @@ def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: 
                    help="data-loading worker processes per GPU/process (default 4, or the CPU count if smaller)")
     g.add_argument("--output-dir", type=output_folder(), default=output_dir,
                    help="where checkpoints, log.txt, log.jsonl and tensorboard/ go; a checkpoint there is resumed")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="an image that cannot be read becomes a grey stand-in and its path goes to "
+                        "<output-dir>/bad_images.txt (default: the run stops with one line naming it)")
     g.add_argument("--data-path", default="auto", choices=DATA_PATHS,
                    help="device: augment batches on the training device (in-memory datasets live there as "
                         "uint8; image folders: workers read the JPEGs, the GPU decodes them); cpu: PIL "

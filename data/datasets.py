@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data.files import ImageReader, file_list, read_rgb, unlabelled_folder
 from utils.errors import UserError, describe
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -41,7 +42,12 @@ PRESETS = {
     "cifar100": Preset(32, 2, CIFAR_MEAN, CIFAR_STD, 100, "torchvision layout in --data-root", True),
     "imagefolder": Preset(224, 16, IMAGENET_MEAN, IMAGENET_STD, 0, "<data-root>/train/<class>/*.jpg and val/",
                           True),
+    "folder": Preset(224, 16, IMAGENET_MEAN, IMAGENET_STD, 0, "every image under <data-root>, any layout, no labels",
+                     True),
+    "filelist": Preset(224, 16, IMAGENET_MEAN, IMAGENET_STD, 0, "a list of image paths (and labels): <data-root> "
+                       "is the list, or a folder with train.txt and val.txt", True),
 }
+UNLABELLED_OK = ("folder", "filelist")   # datasets that may come without labels (pretraining only)
 
 
 def get_preset(name: str) -> Preset:
@@ -165,32 +171,39 @@ def build_cifar(name: str, root: str, train: bool, download: bool, transform=Non
 
 
 def read_image(path: str):
-    """ImageFolder's loader, with a one-line error naming an unreadable file."""
-    from PIL import UnidentifiedImageError
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UserError(f"cannot read image {path} ({describe(e)}); remove or replace the file") from None
+    """An image file as RGB (data.files.to_rgb: every PIL mode), with a one-line error naming an unreadable file."""
+    return read_rgb(path)
 
 
-def build_imagefolder(root: str, train: bool, transform=None):
+def build_imagefolder(root: str, train: bool, transform=None, reader: ImageReader = None):
     import torchvision.datasets as tvd
     split = os.path.join(root, "train" if train else "val")
     if not os.path.isdir(split):
         raise UserError(f"imagefolder: {split} is not a folder; --data-root must hold train/<class>/*.jpg and "
                         "val/<class>/*.jpg (the ImageNet layout)")
     try:
-        return tvd.ImageFolder(split, transform=transform, loader=read_image)
+        return tvd.ImageFolder(split, transform=transform, loader=reader or ImageReader())
     except FileNotFoundError as e:
         raise UserError(f"imagefolder: {split} holds no images in class sub-folders ({e}); "
                         "use the layout <split>/<class>/<image>.jpg") from e
 
 
-def build_dataset(name: str, root: str = None, train: bool = True, transform=None, download: bool = False):
-    """The train or test split of `name`, yielding (transform(PIL RGB image), label)."""
+def build_dataset(name: str, root: str = None, train: bool = True, transform=None, download: bool = False,
+                  cache_dir: str = None, bad_images: str = None):
+    """The train or test split of `name`, yielding (transform(PIL RGB image), label). cache_dir: where an unlabelled
+    folder's image list is cached (the output folder); bad_images: where the paths of unreadable files go, each
+    replaced by a stand-in (--skip-bad-images; None: an unreadable file stops the run)."""
     get_preset(name)
     root = root or default_root(name)
+    reader = ImageReader(bad_images)
+    if name == "folder":
+        if not train:
+            raise UserError(f"folder: {root} has no labels, so no test split; a classifier's evaluation needs a "
+                            "labelled set (imagefolder, or a filelist with labels), pretraining's kNN --knn-data "
+                            "(e.g. imagefolder:DIR) or --knn-every 0")
+        return unlabelled_folder(root, transform, cache_dir, reader)
+    if name == "filelist":
+        return file_list(root, train, transform, reader)
     if name == "digits":
         return ArrayDataset(*load_digits_arrays(train), transform=transform)
     if name in IDX_SUBDIRS:
@@ -202,10 +215,15 @@ def build_dataset(name: str, root: str = None, train: bool = True, transform=Non
         return ArrayDataset(*load_idx_arrays(name, root, train), transform=transform)
     if name in ("cifar10", "cifar100"):
         return build_cifar(name, root, train, download, transform)
-    return build_imagefolder(root, train, transform)
+    return build_imagefolder(root, train, transform, reader)
 
 
 def num_classes_of(dataset) -> int:
+    """The number of classes (0: an unlabelled set)."""
     if hasattr(dataset, "classes") and dataset.classes:
         return len(dataset.classes)
-    return int(max(dataset.targets)) + 1
+    return int(max(dataset.targets, default=-1)) + 1
+
+
+def is_labelled(dataset) -> bool:
+    return num_classes_of(dataset) > 0

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from data.files import STAND_IN_GREY, STAND_IN_SIZE, ImageReader
 from data.loader import GlobalBatchSampler
 from utils.errors import UserError, describe
 from utils.rng import BatchRandom
@@ -93,14 +94,45 @@ class TensorLoader(DeviceLoader):
 
 
 JPEG_MAGIC = (0xFF, 0xD8)
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers (not DHT, JPG, DAC)
+
+
+def jpeg_components(data: bytes) -> int:
+    """The number of colour components a JPEG's frame header declares (1 grey, 3 YCbCr, 4 CMYK/YCCK), 0 when no
+    frame header is found (not a JPEG, or a broken one)."""
+    if data[:2] != bytes(JPEG_MAGIC):
+        return 0
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return 0
+        marker = data[i + 1]
+        if marker == 0xFF:                                       # fill byte
+            i += 1
+            continue
+        if marker in SOF_MARKERS:
+            return data[i + 9]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:     # markers without a length
+            i += 2
+            continue
+        i += 2 + (data[i + 2] << 8 | data[i + 3])
+    return 0
+
+
+def pil_tensor(img) -> torch.Tensor:
+    """A PIL RGB image as uint8 [3, h, w]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 class EncodedImages(Dataset):
-    """An image folder's samples as (image, label, index): a JPEG's bytes (uint8 [L]) to decode on the
-    device, or, with decode=True or for other formats, the decoded RGB image (uint8 [3, h, w])."""
+    """An image folder's samples as (image, label, index): a grey or colour JPEG's bytes (uint8 [L]) to decode on
+    the device, or, with decode=True or for every other file (PNG, WebP, BMP, TIFF, CMYK JPEGs, ...), the image
+    decoded to RGB (uint8 [3, h, w]) the way the CPU path decodes it (data.files.to_rgb, through the folder's
+    reader, which also applies --skip-bad-images)."""
 
     def __init__(self, folder, decode: bool):
         self.samples, self.decode = folder.samples, decode
+        self.reader = getattr(folder, "loader", None) or ImageReader()
 
     def __len__(self):
         return len(self.samples)
@@ -109,11 +141,18 @@ class EncodedImages(Dataset):
         path, label = self.samples[i]
         try:
             with open(path, "rb") as f:   # (read_file's tensor cannot be sent back from a worker process)
-                data = torch.from_numpy(np.frombuffer(f.read(), dtype=np.uint8).copy())
-            if self.decode or tuple(data[:2].tolist()) != JPEG_MAGIC:
+                raw = f.read()
+        except OSError:
+            return pil_tensor(self.reader(path)), label, i          # stops with one line, or a stand-in
+        components = jpeg_components(raw)
+        if components not in (1, 3):
+            return pil_tensor(self.reader(path)), label, i
+        data = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy())
+        if self.decode:
+            try:
                 data = decode_image(data, mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError, ValueError) as e:
-            raise UserError(f"cannot read image {path} ({describe(e)}); remove or replace the file") from None
+            except (RuntimeError, ValueError):
+                return pil_tensor(self.reader(path)), label, i
         return data, label, i
 
 
@@ -164,8 +203,13 @@ class FolderDeviceLoader(DeviceLoader):
         return [to_device(img, self.device) for img in data]
 
     def _decode_one(self, data, i):
+        path = self.dataset.samples[i][0]
         try:
             return decode_image(data, mode=ImageReadMode.RGB)
         except RuntimeError as e:
-            raise UserError(f"cannot read image {self.dataset.samples[i][0]} ({describe(e)}); remove or replace "
-                            "the file") from None
+            reader = self.loader.dataset.reader
+            if reader.log is None:
+                raise UserError(f"cannot read image {path} ({describe(e)}); remove or replace the file, or pass "
+                                "--skip-bad-images") from None
+            reader.note(path)
+            return torch.full((3, STAND_IN_SIZE, STAND_IN_SIZE), STAND_IN_GREY, dtype=torch.uint8)

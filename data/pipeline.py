@@ -4,6 +4,7 @@
 loader workers (augment.pil) or batches on the training device (augment.batched, data.device_loaders).
 `eval_loader` and `knn_loaders` give the deterministic evaluation views (augment.recipes.eval_view).
 """
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,19 +14,28 @@ from torch.utils.data import DataLoader
 from augment.batched import batched_pipeline
 from augment.pil import pil_pipeline
 from augment.recipes import eval_view
-from data.datasets import build_dataset, num_classes_of
+from data.datasets import PRESETS, build_dataset, get_preset, num_classes_of
 from data.device_loaders import DeviceLoader, FolderDeviceLoader
 from data.loader import build_eval_loader, build_train_loader, holdout_split
-from data.subsets import SubsetRecord, chosen_subset, take, write_subset
+from data.files import BAD_IMAGES
+from data.subsets import SubsetRecord, chosen_subset, file_names, take, write_subset
 from utils.dist import get_world_size, is_main_process
 from utils.errors import UserError
+
+
+FILE_DATASETS = ("imagefolder", "folder", "filelist")   # read from files: the CPU path unless --data-path device
+
+
+def bad_images_log(args):
+    """Where --skip-bad-images notes unreadable files (None: without it, an unreadable file stops the run)."""
+    return os.path.join(args.output_dir, BAD_IMAGES) if getattr(args, "skip_bad_images", False) else None
 
 
 def use_device_path(args) -> bool:
     """Resolve --data-path: True for the on-device path (auto: the in-memory datasets)."""
     if args.data_path == "device":
         return True
-    return args.data_path == "auto" and args.dataset != "imagefolder"
+    return args.data_path == "auto" and args.dataset not in FILE_DATASETS
 
 
 @dataclass
@@ -64,9 +74,13 @@ def training_data(args, recipe, device: torch.device, holdout: float = 0.0, on_d
         if args.compile:
             augment.compile(args.compile)
     dataset = build_dataset(args.dataset, args.data_root, train=True, download=args.download,
-                            transform=None if on_device else pil_pipeline(recipe))
+                            transform=None if on_device else pil_pipeline(recipe), cache_dir=args.output_dir,
+                            bad_images=bad_images_log(args))
     num_classes, held = num_classes_of(dataset), None
-    subset = chosen_subset(args, dataset.targets) if few_labels else None
+    if few_labels and num_classes == 0:
+        raise UserError(f"--dataset {args.dataset} --data-root {args.data_root} has no labels, and this script trains "
+                        "a classifier; pass a labelled set (imagefolder, or a filelist with a label on each line)")
+    subset = chosen_subset(args, dataset.targets, file_names(dataset)) if few_labels else None
     if subset is not None and is_main_process():
         write_subset(subset, args.output_dir)
     keep = subset
@@ -89,23 +103,75 @@ def eval_loader(args, view, device: torch.device, batch: int, train: bool = Fals
     """A sharded, ordered loader of the test split (or the training split, or `indices` of it) through the
     deterministic `view` (PIL, in --num-workers workers)."""
     dataset = build_dataset(args.dataset, args.data_root, train=train, transform=pil_pipeline(view),
-                            download=args.download)
+                            download=args.download, cache_dir=args.output_dir, bad_images=bad_images_log(args))
     if indices is not None:
         dataset = take(dataset, indices)
     return build_eval_loader(dataset, batch, args.num_workers, device)
 
 
+def knn_source(args):
+    """(dataset, root) of the kNN monitor's labelled set: --knn-data NAME[:ROOT], else the training set itself;
+    None when the training set has no labels and --knn-data is not given (no kNN then)."""
+    spec = getattr(args, "knn_data", None)
+    if spec:
+        name, _, root = spec.partition(":")
+        return name, root or None
+    if args.dataset == "folder" or (args.dataset == "filelist" and not has_labels(args.data_root)):
+        return None
+    return args.dataset, args.data_root
+
+
+def has_labels(root) -> bool:
+    from data.files import list_paths, read_list
+    return read_list(list_paths(root)["train"])[0][1] is not None
+
+
 def knn_loaders(args, preset, device: torch.device):
-    """(memory-bank loader, query loader, classes) of the kNN monitor: the training split (or the few-label subset
-    its flags choose, written to <output-dir>/subset.txt) and the test split, through the evaluation view, batch
-    --batch-size / processes."""
-    view = eval_view(preset, args.img_size)
+    """(memory-bank loader, query loader, classes) of the kNN monitor, or None when there is no labelled set to
+    monitor with (knn_source). The bank is the labelled set's training split (or the few-label subset its flags
+    choose, written to <output-dir>/subset.txt), the queries its test split, through the evaluation view at the
+    training size and normalisation, batch --batch-size / processes."""
+    source = knn_source(args)
+    if source is None:
+        return None
+    name, root = source
+    flag = f"--knn-data {args.knn_data}" if getattr(args, "knn_data", None) else f"--dataset {name}"
+    view = eval_view(get_preset(name), args.img_size, mean=preset.mean, std=preset.std)
     batch = max(1, args.batch_size // get_world_size())
-    bank = build_dataset(args.dataset, args.data_root, train=True, transform=pil_pipeline(view), download=args.download)
+    build = lambda train: build_dataset(name, root, train=train, transform=pil_pipeline(view),  # noqa: E731
+                                        download=args.download, bad_images=bad_images_log(args))
+    bank = build(True)
     classes = num_classes_of(bank)
-    subset = chosen_subset(args, bank.targets)
+    if classes == 0:
+        raise UserError(f"{flag}: the kNN monitor needs labels and {root or name} has none; point --knn-data at a "
+                        "labelled set (imagefolder:DIR, filelist:DIR with labels, or a named dataset), or pass "
+                        "--knn-every 0")
+    subset = chosen_subset(args, bank.targets, file_names(bank))
     if subset is not None:
         bank = take(bank, subset)
         if is_main_process():
             write_subset(subset, args.output_dir)
-    return build_eval_loader(bank, batch, args.num_workers, device), eval_loader(args, view, device, batch), classes
+    test = build(False)
+    return build_eval_loader(bank, batch, args.num_workers, device), build_eval_loader(test, batch, args.num_workers,
+                                                                                       device), classes
+
+
+def knn_setup(args, preset, device: torch.device, backbone, amp):
+    """The pretraining scripts' kNN monitor: (evaluate(epoch) or None, notes for report.md). None with a note when
+    the training images have no labels and --knn-data names no labelled set."""
+    from utils.knn import knn_monitor
+    if args.knn_every <= 0:
+        return None, []
+    if args.knn_data:
+        name = args.knn_data.partition(":")[0]
+        if name not in PRESETS:
+            raise UserError(f"--knn-data {args.knn_data}: unknown dataset {name!r}; choose one of "
+                            f"{', '.join(sorted(PRESETS))}")
+    loaders = knn_loaders(args, preset, device)
+    if loaders is None:
+        return None, [NO_KNN_NOTE]
+    return knn_monitor(backbone, *loaders, device, amp, args.knn_k, args.knn_t), []
+
+
+NO_KNN_NOTE = ("no kNN was run: the training images have no labels; pass --knn-data (e.g. imagefolder:DIR) to "
+               "monitor with a labelled set")

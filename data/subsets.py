@@ -27,7 +27,8 @@ def add_subset_args(parser, what: str):
                    help=f"keep N images of each class as {what}")
     g.add_argument("--subset-seed", type=integer(low=0), default=0, help="seed of the subset's draw (not --seed)")
     g.add_argument("--subset-file", type=input_file(), default=None,
-                   help=f"{what} from a file of training-set indices, one per line (e.g. a run's {SUBSET_FILE})")
+                   help=f"{what} from a file of training-set indices (e.g. a run's {SUBSET_FILE}) or file names (SimCLR's "
+                        "ImageNet 1 %% / 10 %% lists), one per line")
     return g
 
 
@@ -53,17 +54,17 @@ def class_balanced_subset(targets, fraction: float = None, per_class: int = None
     return sorted(chosen)
 
 
-def read_subset_file(path: str, n: int) -> list:
-    """The indices in `path` (one per line), checked against a training set of n images."""
+def read_subset_file(path: str, n: int, names: list = None) -> list:
+    """The subset in `path`, checked against a training set of n images: one index per line, or one file name per
+    line (as SimCLR's 1 % / 10 % ImageNet subsets are), matched against `names` (the training set's file paths) by
+    base name, or by a longer tail of the path where base names repeat."""
     if not os.path.isfile(path):
-        raise UserError(f"--subset-file {path} does not exist; pass a file of indices, one per line")
+        raise UserError(f"--subset-file {path} does not exist; pass a file of indices or file names, one per line")
     with open(path) as f:
         lines = [line.strip() for line in f if line.strip()]
-    try:
-        indices = [int(line) for line in lines]
-    except ValueError:
-        bad = next(line for line in lines if not line.lstrip("-").isdigit())
-        raise UserError(f"--subset-file {path}: {bad!r} is not an index; write one integer per line") from None
+    if lines and not all(line.lstrip("-").isdigit() for line in lines):
+        return names_to_indices(path, lines, names)
+    indices = [int(line) for line in lines]
     unknown = [i for i in indices if not 0 <= i < n]
     if unknown or not indices:
         what = f"unknown indices ({unknown[0]} is not in 0..{n - 1})" if unknown else "no index"
@@ -73,12 +74,43 @@ def read_subset_file(path: str, n: int) -> list:
     return sorted(indices)
 
 
-def chosen_subset(args, targets) -> list:
-    """The few-label subset the flags ask for (indices into the training set), or None for all of it."""
+def names_to_indices(path: str, lines: list, names: list) -> list:
+    """Sorted training-set indices of the file names in `lines` (a name: a base name, or a path's tail)."""
+    if names is None:
+        raise UserError(f"--subset-file {path} lists file names, but this dataset's images have no files; write "
+                        "one index per line")
+    index = {}
+    for i, p in enumerate(names):
+        parts = os.path.normpath(p).split(os.sep)
+        for k in range(1, len(parts) + 1):
+            index.setdefault("/".join(parts[-k:]), []).append(i)
+    chosen = []
+    for n, line in enumerate(lines, start=1):
+        hits = index.get(os.path.normpath(line).replace(os.sep, "/").lstrip("./"), [])
+        if not hits:
+            raise UserError(f"--subset-file {path} line {n}: {line!r} is not a file of the training set; fix the name "
+                            "or use the list made for this dataset")
+        if len(hits) > 1:
+            raise UserError(f"--subset-file {path} line {n}: {line!r} names {len(hits)} training files; write more of "
+                            "its path (e.g. class/name.jpg)")
+        chosen.append(hits[0])
+    if len(set(chosen)) != len(chosen):
+        raise UserError(f"--subset-file {path} names an image twice; list each image once")
+    return sorted(chosen)
+
+
+def file_names(dataset) -> list:
+    """The training set's file paths (image folders, file lists), or None (in-memory datasets)."""
+    return [p for p, _ in dataset.samples] if hasattr(dataset, "samples") else None
+
+
+def chosen_subset(args, targets, names: list = None) -> list:
+    """The few-label subset the flags ask for (indices into the training set), or None for all of it. names: the
+    training set's file paths, for a --subset-file of file names."""
     if args.subset_file:
         if args.label_fraction is not None or args.labels_per_class is not None:
             raise UserError("--subset-file fixes the subset; leave out --label-fraction/--labels-per-class")
-        return read_subset_file(args.subset_file, len(targets))
+        return read_subset_file(args.subset_file, len(targets), names)
     if args.label_fraction is None and args.labels_per_class is None:
         return None
     return class_balanced_subset(targets, args.label_fraction, args.labels_per_class, args.subset_seed)

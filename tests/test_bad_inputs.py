@@ -55,6 +55,16 @@ def files(tmp_path_factory):
                 Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(folder / f"{i}.jpg")
     (d / "broken" / "train" / "a" / "0.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (d / "a_file").write_text("x")
+    (d / "no_images").mkdir()
+    (d / "no_images" / "notes.txt").write_text("not an image")
+    lists = d / "lists"
+    lists.mkdir()
+    (lists / "missing.txt").write_text("../broken/train/b/1.jpg\n../broken/train/b/nope.jpg\n")
+    (lists / "half.txt").write_text("../broken/train/b/1.jpg 0\n../broken/train/b/2.jpg\n")
+    (lists / "labelled").mkdir()
+    (lists / "labelled" / "train.txt").write_text("../../broken/train/b/1.jpg 0\n../../broken/train/b/2.jpg 1\n")
+    (lists / "labelled" / "val.txt").write_text("../../broken/val/b/1.jpg 0\n../../broken/val/b/2.jpg 7\n")
+    (lists / "unlabelled.txt").write_text("../broken/train/b/1.jpg\n../broken/train/b/2.jpg\n")
     return d
 
 
@@ -109,6 +119,24 @@ CASES = [
     ("moco-device-path-unreadable-image", main_moco, MOCO + ["--data-path", "device", "--batch-size", "8",
                                                              "--moco-k", "16", "F/broken"], "cannot read image"),
     ("lincls-resnet-arch-for-a-vit", main_lincls, LIN + ["--pretrained", "F/aps_p4.pth"], "holds a ViT"),
+    ("own-folder-without-images", main_pretrain, PRE + ["--dataset", "folder", "--data-root", "F/no_images"],
+     "no images under"),
+    ("own-folder-not-a-folder", main_moco, MOCO + ["--dataset", "folder", "--data-root", "F/a_file"],
+     "is not a folder"),
+    ("filelist-names-a-missing-file", main_pretrain, PRE + ["--dataset", "filelist", "--data-root",
+                                                           "F/lists/missing.txt"], "line 2 names"),
+    ("filelist-half-labelled", main_pretrain, PRE + ["--dataset", "filelist", "--data-root", "F/lists/half.txt"],
+     "line 2 has no label"),
+    ("filelist-val-label-not-in-train", main_finetune, FT + ["--dataset", "filelist", "--data-root", "F/lists/labelled",
+                                                            "--img-size", "32"], "has label '7'"),
+    ("unlabelled-set-for-a-classifier", main_finetune, FT + ["--dataset", "folder", "--data-root", "F/broken",
+                                                             "--img-size", "32", "--batch-size", "8"], "has no labels"),
+    ("knn-data-without-labels", main_pretrain, PRE + ["--dataset", "folder", "--data-root", "F/broken", "--img-size",
+                                                      "32", "--knn-every", "1", "--knn-data", "folder:F/broken",
+                                                      "--batch-size", "8"],
+     "the kNN monitor needs labels"),
+    ("knn-data-unknown-dataset", main_moco, MOCO + ["--dataset", "folder", "--data-root", "F/broken", "--knn-every",
+                                                    "1", "--knn-data", "imagenet:F/broken"], "unknown dataset"),
     ("lincls-pickle-payload", main_lincls, LIN + ["--pretrained", "F/payload.pth"], "pickled Python objects"),
     ("lincls-evaluate-a-non-probe", main_lincls, LIN + ["--evaluate", "--resume", "F/aps_p4.pth"],
      "not a main_lincls.py checkpoint"),

@@ -135,6 +135,19 @@ def test_torchrun_two_process_pretraining_equals_one_process(tmp_path, tiny_flag
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_torchrun_two_process_pretraining_on_an_unlabelled_folder_equals_one_process(tmp_path, tiny_flags,
+                                                                                     make_folder, run_both, path):
+    make_folder(tmp_path / "photos", classes=2, per_class=8)            # 32 JPEGs in nested folders, no labels used
+    two, got, ref = run_both(29523 if path == "cpu" else 29524, "main_pretrain.py", tmp_path, *tiny_flags,
+                             "--dataset", "folder", "--data-root", str(tmp_path / "photos"), "--img-size", "16",
+                             "--nepoch", "1", "--warmup-epochs", "0", "--batch-size", "16", "--nsampling", "2",
+                             "--num-workers", "0", "--device", "cpu", "--data-path", path)
+    assert "2 process(es)" in two.stdout and got["global_step"] == ref["global_step"] == 4
+    assert_same_weights(got["model"], ref["model"], ATOL, skip=("encoder.norm.bias", "projector.1.running_mean"))
+
+
+@pytest.mark.slow
 def test_torchrun_two_process_finetuning_equals_one_process(tmp_path, run_both):
     # mixup/cutmix pair samples within a process's batch, and drop path draws per rank: off here
     two, got, ref = run_both(29518, "main_finetune.py", tmp_path, "--dataset", "digits", "--arch", "vit-tiny",

@@ -106,7 +106,7 @@ def expected_in(domain: Domain, text: str, places) -> bool:
         if text == "":
             return False
         is_file, is_dir = os.path.isfile(text), os.path.isdir(text)
-        return {"input-file": is_file, "input-folder": is_dir, "folder": not is_file, "output-folder": not is_file,
+        return {"input-file": is_file, "input-folder": is_dir, "folder": not is_file, "data-root": True, "output-folder": not is_file,
                 "output-file": not is_dir and os.path.isdir(os.path.dirname(os.path.abspath(text)))}[domain.kind]
     return None                                                   # text: the domain's own check decides
 

@@ -175,6 +175,8 @@ class Path(Domain):
             return "" if os.path.isdir(value) else "does not exist"
         if self.kind == "folder":
             return "is a file, not a folder" if os.path.isfile(value) else ""
+        if self.kind == "data-root":                                   # the dataset reader says what is wrong
+            return ""
         if self.kind == "output-folder":
             if os.path.isfile(value):
                 return "is not writable: it is a file, not a folder"
@@ -188,6 +190,7 @@ class Path(Domain):
     def domain_text(self) -> str:
         return {"input-file": "an existing file" + (" or a registry name" if self.registry else ""),
                 "input-folder": "an existing folder", "folder": "a folder (existing, or to download into)",
+                "data-root": "a dataset's folder (existing, or to download into), or a list file (--dataset filelist)",
                 "output-folder": "a folder to write in (created if missing)",
                 "output-file": "a file to write, in an existing folder"}[self.kind]
 
@@ -215,6 +218,11 @@ def input_folder(empty: str = None) -> Path:
 def folder() -> Path:
     """A folder that need not exist yet (a dataset to download), but is not a file."""
     return Path("folder")
+
+
+def data_root() -> Path:
+    """A dataset's folder (which need not exist yet: a dataset to download), or a list file (--dataset filelist)."""
+    return Path("data-root")
 
 
 def output_folder() -> Path:

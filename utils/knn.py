@@ -7,7 +7,7 @@ from utils.dist import all_gather_uneven
 from utils.failpoints import failpoint
 from utils.runtime import autocast
 from utils.transfer import to_device
-from utils.flags import count, positive
+from utils.flags import count, positive, text
 
 
 @torch.no_grad()
@@ -74,7 +74,18 @@ def add_knn_args(parser):
                    help="weighted kNN top-1 on the test set every N epochs and at the end (0: never)")
     g.add_argument("--knn-k", type=count(), default=20, help="neighbours (capped at the train-set size)")
     g.add_argument("--knn-t", type=positive(), default=0.07, help="temperature of the exp(cos / T) vote weights")
+    g.add_argument("--knn-data", type=text("DATASET or DATASET:ROOT", check=knn_data_problem), default=None,
+                   metavar="DATASET[:ROOT]",
+                   help="the labelled set the kNN monitor uses (default: the training set, when it has labels), "
+                        "e.g. imagefolder:/data/imagenet-100, cifar10:./dataset/cifar10, digits")
     return g
+
+
+def knn_data_problem(value: str) -> str:
+    name, _, root = value.partition(":")
+    if not name or not all(c.isalnum() or c == "-" for c in name) or (":" in value and not root):
+        return "is not DATASET or DATASET:ROOT (e.g. imagefolder:/data/imagenet-100)"
+    return ""
 
 
 def knn_monitor(backbone, train_loader, test_loader, num_classes: int, device, amp=None, k: int = 20,

@@ -32,8 +32,9 @@ def fmt(value) -> str:
 
 
 def write_report(output_dir: str, description: str, flags: dict, model_config: dict, metrics: dict,
-                 start_metrics: dict, seconds: float, images_per_s: float, peak_memory_mib: float, epochs: str) -> str:
-    """Write <output_dir>/report.md (the command as run, then every flag's value); returns its path."""
+                 start_metrics: dict, seconds: float, images_per_s: float, peak_memory_mib: float, epochs: str,
+                 notes=()) -> str:
+    """Write <output_dir>/report.md (the command as run, then every flag's value, then `notes`); returns its path."""
     pictures = sorted(f for f in os.listdir(output_dir) if f.endswith(".png"))
     lines = ["# Run report", "", "```", command_line(), "```", "",
              f"- code: commit {git_commit()}",
@@ -43,7 +44,7 @@ def write_report(output_dir: str, description: str, flags: dict, model_config: d
              f"- epochs: {epochs}",
              f"- time: {seconds:.0f} s" + (f" ({seconds / 3600:.2f} h)" if seconds >= 3600 else "")
              + f" of training, {images_per_s:.1f} images/s",
-             f"- peak memory: {peak_memory_mib:.0f} MiB", "",
+             f"- peak memory: {peak_memory_mib:.0f} MiB", *[f"- note: {n}" for n in notes], "",
              "| metric | at the end |" + (" at the start |" if start_metrics else ""),
              "|---|---|" + ("---|" if start_metrics else "")]
     for k in sorted(metrics):
