@@ -6,7 +6,7 @@ reference's --dist-url/--multiprocessing-distributed/--world-size/--rank flags a
 import torch
 
 from augment.recipes import add_moco_view_args, moco_views_from_args
-from data import add_data_args, apply_preset
+from data import PRESETS, add_data_args, apply_preset
 from data.pipeline import knn_setup, training_data
 from engine import Trainer, TrainSettings, finish
 from methods.moco import MoCoPretraining
@@ -44,7 +44,7 @@ def get_args_parser():
     g.add_argument("--momentum", type=momentum(), default=0.9, help="SGD momentum")
     g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=nonnegative(), default=1e-4, help="weight decay")
     add_moco_view_args(p)
-    add_knn_args(p)
+    add_knn_args(p, sorted(PRESETS))
     add_runtime_args(p, reference_launcher=True)
     return p
 
@@ -83,7 +83,7 @@ def main(args):
         "split BN": bn_splits, "multicrop": args.enable_multicrop, "scalemix": args.enable_scalemix,
         "asym-aug": args.enable_asymm_aug, "asym-bn": args.enable_asym_bn and world > 1,
         "mean-enc": args.enable_mean_encoding})
-    knn, notes = knn_setup(args, preset, device, ResNetTrunk(module.encoder_q), amp)
+    knn, notes = knn_setup(args, preset, device, ResNetTrunk(module.encoder_q), amp, data)
     method = MoCoPretraining(module, data_parallel(module, device), lr, args.epochs, knn,
                              dict(arch=args.arch, cifar_stem=args.cifar_stem, mlp_hidden_dim=args.mlp_hidden_dim,
                                   moco_dim=args.moco_dim))

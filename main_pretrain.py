@@ -2,7 +2,7 @@
 import torch
 
 from augment.recipes import add_aps_view_args, aps_pair_from_args
-from data import add_data_args, apply_preset
+from data import PRESETS, add_data_args, apply_preset
 from data.pipeline import knn_setup, training_data
 from engine import Trainer, TrainSettings, finish
 from methods.aps import APSPretraining
@@ -41,7 +41,7 @@ def get_args_parser():
     g.add_argument("--weight-decay", type=nonnegative(), default=0.05, help="AdamW weight decay (on all parameters)")
     g.add_argument("--betas", type=momentum(), nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"), help="AdamW betas")
     add_aps_view_args(p)
-    add_knn_args(p)
+    add_knn_args(p, sorted(PRESETS))
     add_runtime_args(p)
     return p
 
@@ -81,7 +81,7 @@ def main(args):
     amp = amp_dtype(args.amp, device)
     what = f"{args.arch}/{args.patch_size} at {args.img_size} px, {len(data.loader)} batches x {args.nsampling} steps"
     description = describe_run(what + " per epoch", data, lr, device, amp)
-    knn, notes = knn_setup(args, preset, device, module.encoder, amp)
+    knn, notes = knn_setup(args, preset, device, module.encoder, amp, data)
     method = APSPretraining(module, data_parallel(module, device), encoder.grid, args.sampling_ratio, args.nsampling,
                             args.power, lr, args.warmup_epochs, args.epochs, knn, model_config)
     settings = TrainSettings.from_args(args, args.knn_every, description, notes)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data.files import ImageReader, file_list, read_rgb, unlabelled_folder
+from data.shards import shards
 from utils.errors import UserError, describe
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -46,8 +47,9 @@ PRESETS = {
                      True),
     "filelist": Preset(224, 16, IMAGENET_MEAN, IMAGENET_STD, 0, "a list of image paths (and labels): <data-root> "
                        "is the list, or a folder with train.txt and val.txt", True),
+    "shards": Preset(224, 16, IMAGENET_MEAN, IMAGENET_STD, 0, "tar shards made by tools.make_shards (an index.json; "
+                     "train/ and val/ for labelled sets)", True),
 }
-UNLABELLED_OK = ("folder", "filelist")   # datasets that may come without labels (pretraining only)
 
 
 def get_preset(name: str) -> Preset:
@@ -182,10 +184,28 @@ def build_imagefolder(root: str, train: bool, transform=None, reader: ImageReade
         raise UserError(f"imagefolder: {split} is not a folder; --data-root must hold train/<class>/*.jpg and "
                         "val/<class>/*.jpg (the ImageNet layout)")
     try:
-        return tvd.ImageFolder(split, transform=transform, loader=reader or ImageReader())
+        folder = tvd.ImageFolder(split, transform=transform, loader=reader or ImageReader())
     except FileNotFoundError as e:
         raise UserError(f"imagefolder: {split} holds no images in class sub-folders ({e}); "
                         "use the layout <split>/<class>/<image>.jpg") from e
+    if not train:
+        check_class_agreement(os.path.join(root, "train"), split, folder.classes)
+    return folder
+
+
+def check_class_agreement(train_dir: str, val_dir: str, val_classes: list):
+    """The splits' class folders must be the same: a class that one split lacks would shift every later class's
+    index in the other (ImageFolder numbers its own sorted sub-folders)."""
+    if not os.path.isdir(train_dir):
+        return
+    train_classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    if train_classes == list(val_classes):
+        return
+    extra, missing = sorted(set(val_classes) - set(train_classes)), sorted(set(train_classes) - set(val_classes))
+    parts = ([f"{val_dir} has {len(extra)} class(es) {train_dir} lacks ({', '.join(extra[:3])})"] if extra else []) + \
+            ([f"{val_dir} lacks {len(missing)} of its classes ({', '.join(missing[:3])})"] if missing else [])
+    raise UserError(f"imagefolder: {'; '.join(parts)}; the class indices would not match: give train/ and val/ the "
+                    "same class folders (python -m tools.check_data ROOT lists them)")
 
 
 def build_dataset(name: str, root: str = None, train: bool = True, transform=None, download: bool = False,
@@ -204,6 +224,8 @@ def build_dataset(name: str, root: str = None, train: bool = True, transform=Non
         return unlabelled_folder(root, transform, cache_dir, reader)
     if name == "filelist":
         return file_list(root, train, transform, reader)
+    if name == "shards":
+        return shards(root, train, transform, reader)
     if name == "digits":
         return ArrayDataset(*load_digits_arrays(train), transform=transform)
     if name in IDX_SUBDIRS:

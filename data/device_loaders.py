@@ -133,6 +133,7 @@ class EncodedImages(Dataset):
     def __init__(self, folder, decode: bool):
         self.samples, self.decode = folder.samples, decode
         self.reader = getattr(folder, "loader", None) or ImageReader()
+        self.read_bytes = getattr(folder, "read_bytes", None)        # shards: a member's bytes, by seeking
 
     def __len__(self):
         return len(self.samples)
@@ -140,19 +141,22 @@ class EncodedImages(Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            with open(path, "rb") as f:   # (read_file's tensor cannot be sent back from a worker process)
-                raw = f.read()
+            if self.read_bytes is not None:
+                raw = self.read_bytes(i)
+            else:
+                with open(path, "rb") as f:   # (read_file's tensor cannot be sent back from a worker process)
+                    raw = f.read()
         except OSError:
             return pil_tensor(self.reader(path)), label, i          # stops with one line, or a stand-in
         components = jpeg_components(raw)
         if components not in (1, 3):
-            return pil_tensor(self.reader(path)), label, i
+            return pil_tensor(self.reader(path, raw)), label, i
         data = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy())
         if self.decode:
             try:
                 data = decode_image(data, mode=ImageReadMode.RGB)
             except (RuntimeError, ValueError):
-                return pil_tensor(self.reader(path)), label, i
+                return pil_tensor(self.reader(path, raw)), label, i
         return data, label, i
 
 

@@ -11,6 +11,8 @@ the training list's labels; a label the validation list has and the training lis
 
 Every format and mode PIL reads becomes the same RGB image on both data paths (`to_rgb`).
 """
+import copy
+import io
 import os
 
 import numpy as np
@@ -37,11 +39,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def read_rgb(path: str) -> Image.Image:
-    """The image at `path` as RGB (to_rgb), or a one-line error naming the file."""
+def read_rgb(path: str, data: bytes = None) -> Image.Image:
+    """The image at `path` (or its bytes, `data`, read already) as RGB (to_rgb), or a one-line error naming it."""
     from PIL import UnidentifiedImageError
     try:
-        with open(path, "rb") as f:
+        with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
             img = Image.open(f)
             img.load()
             return to_rgb(img)
@@ -63,14 +65,18 @@ class ImageReader:
     def __init__(self, log: str = None):
         self.log = log
 
-    def __call__(self, path: str) -> Image.Image:
+    def __call__(self, path: str, data: bytes = None) -> Image.Image:
         try:
-            return read_rgb(path)
+            return read_rgb(path, data)
         except UserError:
             if self.log is None:
                 raise
             self.note(path)
             return Image.new("RGB", (STAND_IN_SIZE, STAND_IN_SIZE), (STAND_IN_GREY,) * 3)
+
+    def from_bytes(self, name: str, get_bytes) -> Image.Image:
+        """Like calling it, for an image whose bytes get_bytes() reads (a shard member, named `name`)."""
+        return self(name, get_bytes())
 
     def note(self, path: str):
         with open(self.log, "a") as f:              # one short write per line: appends from many processes stay whole
@@ -119,6 +125,13 @@ class FileImages:
     @property
     def labelled(self) -> bool:
         return bool(self.classes)
+
+    def subset(self, indices: list) -> "FileImages":
+        """This dataset restricted to `indices` (in that order)."""
+        part = copy.copy(self)
+        part.samples = [self.samples[i] for i in indices]
+        part.targets = [label for _, label in part.samples]
+        return part
 
     def __len__(self):
         return len(self.samples)

@@ -23,7 +23,7 @@ from utils.dist import get_world_size, is_main_process
 from utils.errors import UserError
 
 
-FILE_DATASETS = ("imagefolder", "folder", "filelist")   # read from files: the CPU path unless --data-path device
+FILE_DATASETS = ("imagefolder", "folder", "filelist", "shards")   # read from files: the CPU path unless --data-path device
 
 
 def bad_images_log(args):
@@ -109,29 +109,22 @@ def eval_loader(args, view, device: torch.device, batch: int, train: bool = Fals
     return build_eval_loader(dataset, batch, args.num_workers, device)
 
 
-def knn_source(args):
+def knn_source(args, labelled: bool = True):
     """(dataset, root) of the kNN monitor's labelled set: --knn-data NAME[:ROOT], else the training set itself;
-    None when the training set has no labels and --knn-data is not given (no kNN then)."""
+    None when the training set has no labels (labelled False) and --knn-data is not given (no kNN then)."""
     spec = getattr(args, "knn_data", None)
     if spec:
         name, _, root = spec.partition(":")
         return name, root or None
-    if args.dataset == "folder" or (args.dataset == "filelist" and not has_labels(args.data_root)):
-        return None
-    return args.dataset, args.data_root
+    return (args.dataset, args.data_root) if labelled else None
 
 
-def has_labels(root) -> bool:
-    from data.files import list_paths, read_list
-    return read_list(list_paths(root)["train"])[0][1] is not None
-
-
-def knn_loaders(args, preset, device: torch.device):
+def knn_loaders(args, preset, device: torch.device, labelled: bool = True):
     """(memory-bank loader, query loader, classes) of the kNN monitor, or None when there is no labelled set to
     monitor with (knn_source). The bank is the labelled set's training split (or the few-label subset its flags
     choose, written to <output-dir>/subset.txt), the queries its test split, through the evaluation view at the
     training size and normalisation, batch --batch-size / processes."""
-    source = knn_source(args)
+    source = knn_source(args, labelled)
     if source is None:
         return None
     name, root = source
@@ -156,9 +149,9 @@ def knn_loaders(args, preset, device: torch.device):
                                                                                        device), classes
 
 
-def knn_setup(args, preset, device: torch.device, backbone, amp):
+def knn_setup(args, preset, device: torch.device, backbone, amp, data: TrainData):
     """The pretraining scripts' kNN monitor: (evaluate(epoch) or None, notes for report.md). None with a note when
-    the training images have no labels and --knn-data names no labelled set."""
+    the training images (data) have no labels and --knn-data names no labelled set."""
     from utils.knn import knn_monitor
     if args.knn_every <= 0:
         return None, []
@@ -167,7 +160,7 @@ def knn_setup(args, preset, device: torch.device, backbone, amp):
         if name not in PRESETS:
             raise UserError(f"--knn-data {args.knn_data}: unknown dataset {name!r}; choose one of "
                             f"{', '.join(sorted(PRESETS))}")
-    loaders = knn_loaders(args, preset, device)
+    loaders = knn_loaders(args, preset, device, labelled=data.num_classes > 0)
     if loaders is None:
         return None, [NO_KNN_NOTE]
     return knn_monitor(backbone, *loaders, device, amp, args.knn_k, args.knn_t), []

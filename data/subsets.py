@@ -124,6 +124,8 @@ def write_subset(indices: list, output_dir: str):
 def take(dataset, indices: list):
     """`dataset` restricted to `indices`: an image folder stays an image folder (its samples cut), so that both
     data paths read it; other datasets become a torch Subset."""
+    if hasattr(dataset, "subset"):                      # data.files / data.shards datasets cut themselves
+        return dataset.subset(indices)
     if hasattr(dataset, "samples"):
         folder = copy.copy(dataset)
         folder.samples = [dataset.samples[i] for i in indices]

@@ -136,7 +136,7 @@ CASES = [
                                                       "--batch-size", "8"],
      "the kNN monitor needs labels"),
     ("knn-data-unknown-dataset", main_moco, MOCO + ["--dataset", "folder", "--data-root", "F/broken", "--knn-every",
-                                                    "1", "--knn-data", "imagenet:F/broken"], "unknown dataset"),
+                                                    "1", "--knn-data", "imagenet:F/broken"], "names no dataset we know"),
     ("lincls-pickle-payload", main_lincls, LIN + ["--pretrained", "F/payload.pth"], "pickled Python objects"),
     ("lincls-evaluate-a-non-probe", main_lincls, LIN + ["--evaluate", "--resume", "F/aps_p4.pth"],
      "not a main_lincls.py checkpoint"),

@@ -19,7 +19,7 @@ from utils.flags import Domain, Number, Path, Text
 
 SCRIPTS = ("main_pretrain", "main_finetune", "main_moco", "main_lincls")
 TOOLS = ("tools.bench", "tools.show_aps", "tools.show_attention", "tools.show_features", "tools.plot_runs",
-         "tools.same_runs", "tools.weights", "tools.gpu_report", "tools.gpu_checks")
+         "tools.same_runs", "tools.weights", "tools.gpu_report", "tools.gpu_checks", "tools.check_data", "tools.make_shards")
 SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._HelpAction,
             argparse._CountAction, argparse._VersionAction, argparse._SubParsersAction)
 PROBES = ("0", "-1", "nan", "inf", "-inf", "1e30", "", "0.5", "1", "abc")
@@ -48,6 +48,8 @@ def base_argv(module: str, sub: str, places) -> list:
             ("tools.same_runs", "run"): ["run", str(places / "runs")],
             ("tools.gpu_report", ""): ["--out", str(places / "report")],
             ("tools.gpu_checks", ""): ["--out", str(places / "checks")],
+            ("tools.check_data", ""): [folder],
+            ("tools.make_shards", ""): [folder, str(places / "shards")],
             ("tools.same_runs", "compare"): ["compare", folder, folder], ("tools.weights", "list"): ["list"],
             ("tools.weights", "download"): ["download", "asym-siam/baseline-r50-100ep"],
             ("tools.weights", "convert"): ["convert", f, str(places / "out.pth")],

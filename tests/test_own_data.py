@@ -1,5 +1,6 @@
 """Your own images: an unlabelled nested folder of mixed formats and modes pretrains APS and MoCo on both data
 paths; a file list of the same images trains bit for bit the same; file-name subsets; unreadable files."""
+import json
 import os
 
 import numpy as np
@@ -166,3 +167,129 @@ def test_skip_bad_images_logs_the_file_and_trains_on_a_stand_in(own_folder, tmp_
     metrics = run(main_pretrain, argv + ["--skip-bad-images"])
     assert np.isfinite(metrics["train_loss"])
     assert str(broken) in (tmp_path / "out" / "bad_images.txt").read_text()
+
+
+# ---------------------------------------------------------------- the data check
+def check(root, *flags):
+    from tools import check_data
+    return check_data.main(check_data.get_args_parser().parse_args([str(root), "--workers", "0", *flags]))
+
+
+def test_the_data_check_finds_nothing_in_a_clean_set(tmp_path, make_folder, own_folder):
+    make_folder(tmp_path / "clean", classes=3, per_class=3)
+    result = check(tmp_path / "clean")
+    assert result["layout"] == "imagefolder" and result["clean"], result["defects"]
+    assert result["stats"]["files"] == {"train": 9, "val": 9} and result["stats"]["classes"] == {"train": 3, "val": 3}
+    mixed = check(own_folder)
+    assert mixed["layout"] == "folder" and mixed["clean"], mixed["defects"]
+    s = mixed["stats"]
+    assert (s["grey"], s["cmyk"], s["alpha"], s["sixteen_bit"]) == (6, 2, 2, 2)   # grey: 2 + 2 L, 2 16-bit
+    assert s["width"]["median"] == 24 and s["height"]["max"] == 20
+
+
+def test_the_data_check_finds_each_planted_defect(tmp_path, make_folder, capsys):
+    import shutil
+    from PIL import Image
+    root = tmp_path / "data"
+    make_folder(root, classes=2, per_class=3)
+    (root / "train" / "class0" / "0.jpg").write_bytes(b"\xff\xd8 not a jpeg")                 # undecodable
+    (root / "train" / "class1" / "empty.jpg").write_bytes(b"")                              # empty
+    Image.new("RGB", (4, 40)).save(root / "train" / "class1" / "thin.png")                  # tiny
+    shutil.copy(root / "train" / "class1" / "1.jpg", root / "val" / "class0" / "copy.jpg")   # duplicate
+    (root / "val" / "class9").mkdir()                                                       # class disagreement
+    shutil.copy(root / "val" / "class0" / "1.jpg", root / "val" / "class9" / "x.jpg")
+    state = tmp_path / "state.jsonl"
+    result = check(root, "--state", str(state), "--out", str(tmp_path / "report.json"))
+    d = result["defects"]
+    assert d["undecodable"] == [str(root / "train" / "class0" / "0.jpg")]
+    assert d["empty"] == [str(root / "train" / "class1" / "empty.jpg")]
+    assert d["tiny"] == [str(root / "train" / "class1" / "thin.png")]
+    assert [str(root / "train" / "class1" / "1.jpg"), str(root / "val" / "class0" / "copy.jpg")] in d["duplicates"]
+    assert d["class_disagreement"] == {"only in val": ["class9"]} and not result["clean"]
+    assert "DEFECT undecodable: 1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["defects"] == d
+    lines = state.read_text().count("\n")                                   # resumable: nothing checked twice
+    assert check(root, "--state", str(state))["defects"] == d and state.read_text().count("\n") == lines
+
+
+def test_an_imagefolder_whose_splits_disagree_on_classes_stops_before_training(tmp_path, make_folder):
+    make_folder(tmp_path / "data", classes=3, per_class=2)
+    import shutil
+    shutil.rmtree(tmp_path / "data" / "val" / "class1")
+    with pytest.raises(UserError, match="lacks 1 of its classes \\(class1\\).*class indices would not match"):
+        build_dataset("imagefolder", str(tmp_path / "data"), train=False)
+
+
+# ---------------------------------------------------------------- shards
+def make_shards(src, out, *flags):
+    from tools import make_shards as tool
+    return tool.main(tool.get_args_parser().parse_args([str(src), str(out), *flags]))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_shards_train_bit_for_bit_like_their_folder_and_resume_mid_epoch_exactly(own_folder, tmp_path, monkeypatch,
+                                                                               path):
+    import signal
+    from tools.same_runs import compare_checkpoint
+    made = make_shards(own_folder, tmp_path / "shards", "--per-shard", "7")
+    assert made["train"]["samples"] == 20 and made["train"]["shards"] == 3
+    flags = PRE + ["--nepoch", "2", "--data-path", path, "--print-freq", "1"]
+    run(main_pretrain, flags + ["--dataset", "folder", "--data-root", str(own_folder), "--output-dir",
+                                str(tmp_path / "folder")])
+    sharded = flags + ["--dataset", "shards", "--data-root", str(tmp_path / "shards")]
+    run(main_pretrain, sharded + ["--output-dir", str(tmp_path / "sharded")])
+    reference = str(tmp_path / "sharded" / "checkpoint.pth")
+    assert compare_checkpoint(str(tmp_path / "folder" / "checkpoint.pth"), reference,
+                              ignore=("args", "metrics", "start_metrics")) == []
+    original, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):                          # the scheduler's SIGTERM, mid-way through epoch 2
+        calls["n"] += 1
+        if calls["n"] == 10:                                  # (8 steps an epoch: 2 batches x K = 4)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(SystemExit) as e:
+        run(main_pretrain, sharded + ["--output-dir", str(tmp_path / "preempted")])
+    assert e.value.code == 0 and load(tmp_path / "preempted" / "checkpoint.pth")["batches_done"] == 1
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    run(main_pretrain, sharded + ["--output-dir", str(tmp_path / "preempted")])
+    assert compare_checkpoint(str(tmp_path / "preempted" / "checkpoint.pth"), reference,
+                              ignore=("args", "metrics", "start_metrics", "rng", "batches_done")) == []
+
+
+def test_labelled_shards_keep_their_splits_classes_and_names(tmp_path, make_folder):
+    make_folder(tmp_path / "data", classes=3, per_class=3)
+    made = make_shards(tmp_path / "data", tmp_path / "shards", "--per-shard", "4")
+    assert made["train"]["classes"] == made["val"]["classes"] == 3
+    folder = build_dataset("imagefolder", str(tmp_path / "data"), train=False)
+    sharded = build_dataset("shards", str(tmp_path / "shards"), train=False)
+    assert sharded.classes == folder.classes and sharded.targets == folder.targets
+    assert [n for n, _ in sharded.samples] == [os.path.relpath(p, tmp_path / "data" / "val") for p, _ in folder.samples]
+    for i in (0, 8):
+        assert np.array_equal(np.asarray(sharded[i][0]), np.asarray(folder[i][0]))
+    part = sharded.subset([2, 7])
+    assert np.array_equal(np.asarray(part[1][0]), np.asarray(folder[7][0])) and part.targets == [0, 2]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other-index", "missing"])
+def test_a_damaged_shard_stops_with_one_line(own_folder, tmp_path, damage):
+    import shutil
+    make_shards(own_folder, tmp_path / "a", "--per-shard", "7")
+    shard = tmp_path / "a" / "shard-00001.tar"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:3000])
+    elif damage == "other-index":                              # the same sizes, other members: swap two shards
+        make_shards(own_folder, tmp_path / "b", "--per-shard", "10")
+        shutil.copy(tmp_path / "b" / "index.json", tmp_path / "a" / "index.json")
+    else:
+        shard.unlink()
+    expected = {"truncated": "truncated or replaced", "other-index": "", "missing": "is missing"}[damage]
+    with pytest.raises(UserError, match=f"shards: .*{expected}.*make the shards again|shards: .*{expected}"):
+        build_dataset("shards", str(tmp_path / "a"))

@@ -203,3 +203,10 @@ def test_gpu_report_runs_every_phase_at_small_shapes(tmp_path):
     gpu = check_targets([{**ratio, "arch": "vit-small", "batch": 512, "img_size": 32, "patch": 2}], gpu=True)
     check = next(c for c in gpu["checks"] if c["target"].startswith("APS ViT-S/2 epoch end to end"))
     assert check["measured"] == ratio["ours_over_reference"] and check["at_spec_shape"] is True
+
+
+def test_bench_times_a_jpeg_folder_against_its_shards():
+    from tools.bench_files import files_vs_shards
+    records = files_vs_shards(images=32, size=48, crop=32, batch=8, batches=2, workers=(0,))
+    assert [(r["source"], r["workers"]) for r in records] == [("folder", 0), ("shards", 0)]
+    assert all(r["img_per_s"] > 0 and r["bench"] == "files_vs_shards" for r in records)

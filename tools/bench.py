@@ -165,6 +165,10 @@ def get_args_parser():
     p.add_argument("--moco-jpeg", action="store_true",
                    help="also time MoCo from a (temporary, synthetic) folder of JPEGs: PIL in workers vs decoded on "
                         "the device")
+    p.add_argument("--files", action="store_true",
+                   help="also time the CPU-worker path on a synthetic JPEG folder against the same images as tar "
+                        "shards, with 1 and 2 workers (files_vs_shards records)")
+    p.add_argument("--files-images", type=count(), default=512, help="images in --files' synthetic folder")
     p.add_argument("--peak-tflops", type=positive(), default=None,
                    help="the device's dense bf16 peak, for MFU (default: known GPUs, e.g. 989 for H100/H200)")
     return p
@@ -199,6 +203,11 @@ def main(args):
             print(json.dumps(rec), flush=True)
     if not args.skip_pipeline:
         results += pipelines(args, device, amp, gpu, batch, peak, pipeline_archs)
+    if args.files:
+        from tools.bench_files import files_vs_shards
+        for rec in files_vs_shards(args.files_images, 160, 128, 64, max(2, args.files_images // 64 - 1)):
+            results.append(rec)
+            print(json.dumps(rec), flush=True)
     results.append(check_targets(results, gpu, torch.cuda.get_device_name(device) if gpu else "cpu"))
     print(json.dumps(results[-1]), flush=True)
     return results

@@ -68,23 +68,27 @@ def knn_evaluate(model, train_loader, test_loader, num_classes, device, amp=None
     return {"knn_top1": top1, "knn_top5": top5}
 
 
-def add_knn_args(parser):
+def add_knn_args(parser, datasets=()):
+    """The kNN monitor's flags; datasets: the names --knn-data accepts."""
     g = parser.add_argument_group("kNN monitor")
     g.add_argument("--knn-every", type=count(zero="never"), default=10,
                    help="weighted kNN top-1 on the test set every N epochs and at the end (0: never)")
     g.add_argument("--knn-k", type=count(), default=20, help="neighbours (capped at the train-set size)")
     g.add_argument("--knn-t", type=positive(), default=0.07, help="temperature of the exp(cos / T) vote weights")
-    g.add_argument("--knn-data", type=text("DATASET or DATASET:ROOT", check=knn_data_problem), default=None,
+    g.add_argument("--knn-data", type=text(f"DATASET or DATASET:ROOT, DATASET one of {', '.join(datasets)}",
+                                           check=lambda v: knn_data_problem(v, datasets)), default=None,
                    metavar="DATASET[:ROOT]",
                    help="the labelled set the kNN monitor uses (default: the training set, when it has labels), "
                         "e.g. imagefolder:/data/imagenet-100, cifar10:./dataset/cifar10, digits")
     return g
 
 
-def knn_data_problem(value: str) -> str:
+def knn_data_problem(value: str, datasets=()) -> str:
     name, _, root = value.partition(":")
-    if not name or not all(c.isalnum() or c == "-" for c in name) or (":" in value and not root):
+    if not name or (":" in value and not root):
         return "is not DATASET or DATASET:ROOT (e.g. imagefolder:/data/imagenet-100)"
+    if datasets and name not in datasets:
+        return f"names no dataset we know ({name!r}; one of {', '.join(datasets)})"
     return ""
 
 

@@ -1,0 +1,210 @@
+"""Check a dataset before a long run: every file opened and decoded, in parallel, with a progress line, resumable.
+
+    python -m tools.check_data ROOT                 # an ImageNet-style folder, any folder of images, or a file list
+    python -m tools.check_data ROOT --workers 16 --state check.jsonl   # a big set: rerun to continue where it stopped
+
+Reports: files that do not decode, empty and tiny images, grey / CMYK / alpha / 16-bit counts, duplicate files
+(same bytes), classes per split and the classes one split has and the other lacks, image size statistics. Writes
+the report as JSON (--out) and a summary on the terminal. Exit status 0: nothing wrong; 1: defects found (each
+named); 2: bad input.
+"""
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from multiprocessing import Pool
+
+from PIL import Image, UnidentifiedImageError
+
+from data.files import list_paths, read_list, scan_images
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.flags import count, data_root, output_file
+
+LAYOUTS = ("auto", "imagefolder", "folder", "filelist")
+GREY = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def detect_layout(root: str) -> str:
+    if os.path.isfile(root) or os.path.isfile(os.path.join(root, "train.txt")):
+        return "filelist"
+    splits = [os.path.join(root, s) for s in ("train", "val")]
+    if all(os.path.isdir(s) for s in splits) and any(
+            os.path.isdir(os.path.join(splits[0], d)) for d in os.listdir(splits[0])):
+        return "imagefolder"
+    return "folder"
+
+
+def gather(root: str, layout: str) -> dict:
+    """{split: [(path, class name or None)]} of the dataset at root."""
+    if layout == "filelist":
+        paths = list_paths(root)
+        return {split: read_list(p) for split, p in paths.items() if p}
+    if layout == "imagefolder":
+        out = {}
+        for split in ("train", "val"):
+            folder = os.path.join(root, split)
+            if not os.path.isdir(folder):
+                raise UserError(f"check_data: {folder} is not a folder; an ImageNet-style root holds train/ and val/")
+            out[split] = [(os.path.join(folder, n), n.split(os.sep)[0]) for n in scan_images(folder)
+                          if os.sep in n]
+        return out
+    if not os.path.isdir(root):
+        raise UserError(f"check_data: {root} does not exist; pass a folder of images or a list file")
+    return {"all": [(os.path.join(root, n), None) for n in scan_images(root)]}
+
+
+def inspect(path: str) -> dict:
+    """One file: bytes, hash, and what PIL decodes (mode, size) or why it cannot."""
+    record = {"path": path}
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        record.update(bytes=len(data), sha1=hashlib.sha1(data).hexdigest())
+        with Image.open(path) as img:
+            img.load()
+            record.update(mode=img.mode, width=img.width, height=img.height,
+                          transparency="transparency" in img.info)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        record["error"] = f"{type(e).__name__}: {e}"[:200]
+    return record
+
+
+def inspect_all(paths: list, workers: int, state: str = None) -> dict:
+    """{path: record}, in parallel; with `state`, records already there are reused and new ones appended."""
+    done = {}
+    if state and os.path.isfile(state):
+        with open(state) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue                                   # a line cut by a kill: checked again
+                done[r["path"]] = r
+    todo = [p for p in paths if p not in done]
+    sink = open(state, "a") if state else None
+    start, last = time.perf_counter(), 0.0
+    try:
+        with Pool(workers) if workers > 1 else _Inline() as pool:
+            for i, record in enumerate(pool.imap_unordered(inspect, todo, chunksize=64), start=1):
+                done[record["path"]] = record
+                if sink:
+                    sink.write(json.dumps(record) + "\n")
+                now = time.perf_counter()
+                if now - last > 2 or i == len(todo):
+                    last = now
+                    rate = i / max(now - start, 1e-9)
+                    print(f"\rchecked {len(done)}/{len(paths)} files ({rate:.0f}/s)", end="", file=sys.stderr)
+    finally:
+        if sink:
+            sink.close()
+    if todo:
+        print(file=sys.stderr)
+    return done
+
+
+class _Inline:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def imap_unordered(fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def percentiles(values: list) -> dict:
+    if not values:
+        return {}
+    v = sorted(values)
+    pick = lambda q: v[min(len(v) - 1, int(q * (len(v) - 1) + 0.5))]  # noqa: E731
+    return {"min": v[0], "p5": pick(0.05), "median": pick(0.5), "p95": pick(0.95), "max": v[-1]}
+
+
+def report(splits: dict, records: dict, min_size: int) -> dict:
+    """The findings: defects (each a list of paths or names) and the statistics."""
+    every = [p for items in splits.values() for p, _ in items]
+    recs = [records[p] for p in every]
+    good = [r for r in recs if "error" not in r]
+    by_hash = {}
+    for r in recs:
+        if r.get("bytes"):
+            by_hash.setdefault(r["sha1"], []).append(r["path"])
+    classes = {s: sorted({c for _, c in items if c is not None}) for s, items in splits.items()}
+    labelled = [s for s in classes if classes[s]]
+    disagree = {}
+    if len(labelled) == 2:
+        a, b = labelled
+        disagree = {f"only in {a}": sorted(set(classes[a]) - set(classes[b])),
+                    f"only in {b}": sorted(set(classes[b]) - set(classes[a]))}
+    defects = {
+        "undecodable": sorted(r["path"] for r in recs if "error" in r and r.get("bytes")),
+        "empty": sorted(r["path"] for r in recs if r.get("bytes") == 0),
+        "tiny": sorted(r["path"] for r in good if min(r["width"], r["height"]) < min_size),
+        "duplicates": sorted(sorted(paths) for paths in by_hash.values() if len(paths) > 1),
+        "class_disagreement": {k: v for k, v in disagree.items() if v},
+        "no_images": [s for s, items in splits.items() if not items],
+    }
+    modes = Counter(r["mode"] for r in good)
+    stats = {
+        "files": {s: len(items) for s, items in splits.items()},
+        "classes": {s: len(c) for s, c in classes.items()},
+        "modes": dict(modes),
+        "grey": sum(n for m, n in modes.items() if m in GREY),
+        "cmyk": modes.get("CMYK", 0),
+        "alpha": sum(1 for r in good if r["mode"] in ALPHA or (r["mode"] == "P" and r.get("transparency"))),
+        "sixteen_bit": sum(n for m, n in modes.items() if m.startswith("I;16") or m == "I"),
+        "width": percentiles([r["width"] for r in good]),
+        "height": percentiles([r["height"] for r in good]),
+    }
+    return {"defects": defects, "stats": stats, "clean": not any(defects.values())}
+
+
+def summary_lines(result: dict) -> list:
+    s, d = result["stats"], result["defects"]
+    lines = [f"files: {s['files']}, classes: {s['classes']}",
+             f"modes: {s['modes']} (grey {s['grey']}, CMYK {s['cmyk']}, alpha {s['alpha']}, 16-bit {s['sixteen_bit']})",
+             f"width: {s['width']}", f"height: {s['height']}"]
+    for name, found in d.items():
+        if found:
+            shown = found if isinstance(found, dict) else found[:5]
+            more = "" if isinstance(found, dict) or len(found) <= 5 else f" (and {len(found) - 5} more)"
+            lines.append(f"DEFECT {name}: {len(found)}: {shown}{more}")
+    lines.append("clean: nothing wrong found" if result["clean"] else "defects found (see above)")
+    return lines
+
+
+def get_args_parser():
+    p = ArgumentParser(description=__doc__.split("\n")[0], prog="python -m tools.check_data")
+    p.add_argument("root", type=data_root(), help="the dataset: an ImageNet-style folder, any folder, or a file list")
+    p.add_argument("--layout", default="auto", choices=LAYOUTS, help="how to read ROOT (auto: guessed from it)")
+    p.add_argument("--workers", type=count(zero="check in this process"), default=min(8, os.cpu_count() or 1),
+                   help="processes that open the files")
+    p.add_argument("--min-size", type=count(), default=16, help="an image with a side shorter than this is tiny")
+    p.add_argument("--out", type=output_file(), default=None, help="write the full report (JSON) here")
+    p.add_argument("--state", type=output_file(), default=None,
+                   help="keep each file's result here (JSON lines); a rerun skips the files already checked")
+    return p
+
+
+@exit_on_user_error
+def main(args) -> dict:
+    layout = detect_layout(args.root) if args.layout == "auto" else args.layout
+    splits = gather(args.root, layout)
+    paths = sorted({p for items in splits.values() for p, _ in items})
+    records = inspect_all(paths, args.workers, args.state)
+    result = {"root": os.path.abspath(args.root), "layout": layout, **report(splits, records, args.min_size)}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print("\n".join(summary_lines(result)))
+    return result
+
+
+if __name__ == "__main__":
+    result = main(get_args_parser().parse_args())
+    sys.exit(0 if result["clean"] else 1)
