@@ -293,3 +293,21 @@ def test_a_damaged_shard_stops_with_one_line(own_folder, tmp_path, damage):
     expected = {"truncated": "truncated or replaced", "other-index": "", "missing": "is missing"}[damage]
     with pytest.raises(UserError, match=f"shards: .*{expected}.*make the shards again|shards: .*{expected}"):
         build_dataset("shards", str(tmp_path / "a"))
+
+
+@pytest.mark.slow
+def test_a_labelled_file_list_fine_tunes_and_evaluates_on_its_val_list(own_folder, tmp_path):
+    import main_finetune
+    names = cached_scan(str(own_folder))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    lines = [f"{own_folder / n} {'odd' if i % 2 else 'even'}\n" for i, n in enumerate(names)]
+    (lists / "train.txt").write_text("".join(lines[:16]))
+    (lists / "val.txt").write_text("".join(lines[16:]))
+    metrics = run(main_finetune, ["--dataset", "filelist", "--data-root", str(lists), "--arch", "vit-tiny", "--depth",
+                                  "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4", "--img-size", "16",
+                                  "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1", "--num-workers", "0",
+                                  "--device", "cpu", "--output-dir", str(tmp_path / "ft")])
+    assert 0.0 <= metrics["test_acc1"] <= 100.0 and np.isfinite(metrics["train_loss"])
+    ckpt = load(tmp_path / "ft" / "checkpoint.pth")
+    assert ckpt["model"]["head.weight"].shape[0] == 2                  # the list's two classes
