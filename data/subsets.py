@@ -77,8 +77,9 @@ def read_subset_file(path: str, n: int, names: list = None) -> list:
 def names_to_indices(path: str, lines: list, names: list) -> list:
     """Sorted training-set indices of the file names in `lines` (a name: a base name, or a path's tail)."""
     if names is None:
-        raise UserError(f"--subset-file {path} lists file names, but this dataset's images have no files; write "
-                        "one index per line")
+        bad = next(line for line in lines if not line.lstrip("-").isdigit())
+        raise UserError(f"--subset-file {path}: {bad!r} is not an index; write one integer per line (file names "
+                        "work for datasets of files: imagefolder, folder, filelist, shards)")
     index = {}
     for i, p in enumerate(names):
         parts = os.path.normpath(p).split(os.sep)
