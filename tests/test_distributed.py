@@ -138,7 +138,7 @@ def test_torchrun_two_process_pretraining_equals_one_process(tmp_path, tiny_flag
 def test_torchrun_two_process_pretraining_on_an_unlabelled_folder_equals_one_process(tmp_path, tiny_flags,
                                                                                      make_folder, run_both):
     # the device path: workers read the files, the batch's JPEGs are decoded in one call (the CPU path's order and
-    # seeding are the imagefolder's, tested above)
+    # per-sample seeding do not depend on the dataset: fine-tuning below tests them)
     make_folder(tmp_path / "photos", classes=2, per_class=8)            # 32 JPEGs in nested folders, no labels used
     path = "device"
     two, got, ref = run_both(29523, "main_pretrain.py", tmp_path, *tiny_flags,
