@@ -26,6 +26,7 @@ from utils.failpoints import failpoint
 from utils.log import MeanMeter, Progress, RunLog, get_logger
 from utils.plots import CURVES, plot_curves
 from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
+from utils.recompute import enable_grad_checkpointing
 from utils.rng import BatchRandom
 from utils.report import write_report
 from utils.runtime import autocast, compile_in_place, make_grad_scaler, peak_memory_mib, seed_everything, to_device
@@ -149,6 +150,8 @@ class TrainSettings:
     save_every: int = 0
     skip_nonfinite: int = 0
     compile: Optional[str] = None
+    grad_checkpointing: bool = False            # recompute ViT blocks / ResNet stages in the backward pass
+    clip_grad: Optional[float] = None           # clip the gradients' global norm to this (None: no clipping)
     flags: dict = field(default_factory=dict)   # the run's flags, saved in every checkpoint
     description: str = ""                       # the opening line (utils.run.describe_run), logged and reported
     dry_run: bool = False                       # check the data and one forward pass, then stop
@@ -158,7 +161,9 @@ class TrainSettings:
     def from_args(cls, args, eval_every: int, description: str = "", notes=()) -> "TrainSettings":
         return cls(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                    resume=args.resume, print_freq=args.print_freq, eval_every=eval_every, save_every=args.save_every,
-                   skip_nonfinite=args.skip_nonfinite, compile=args.compile, flags=dict(vars(args)),
+                   skip_nonfinite=args.skip_nonfinite, compile=args.compile,
+                   grad_checkpointing=getattr(args, "grad_checkpointing", False),
+                   clip_grad=getattr(args, "clip_grad", None), flags=dict(vars(args)),
                    description=description, dry_run=args.dry_run, notes=tuple(notes))
 
 
@@ -180,6 +185,8 @@ class Trainer:
         self.logger = get_logger()
         self.last_metrics, self.start_metrics = {}, {}
         self.train_seconds, self.train_images = 0.0, 0      # this process's training time and images (for report.md)
+        if settings.grad_checkpointing:
+            enable_grad_checkpointing(method.module)
         compile_in_place(method.model, settings.compile)
 
     # ---------------------------------------------------------------- checkpoints
@@ -342,6 +349,8 @@ class Trainer:
                                             torch.full_like(first_bad, self.global_step), first_bad)
                     self.scaler.scale(loss).backward()
                     failpoint("step")
+                    if settings.clip_grad:
+                        stats = {**stats, "grad_norm": self.clip_gradients(settings.clip_grad)}
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     method.after_step(self.global_step)
@@ -367,6 +376,13 @@ class Trainer:
         self.train_seconds += elapsed
         self.train_images += (n_iter - skip) * settings.batch_size
         return out
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients' global norm to max_norm (unscaled first under fp16); the norm before clipping, as a
+        tensor (no host sync)."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int):
         """Stop (on every rank together) if any rank saw a non-finite loss since the start of the epoch."""
