@@ -8,7 +8,6 @@ import torch
 
 import main_finetune
 import main_moco
-import main_pretrain
 from models import create_vit
 from models.resnet import create_resnet
 from utils.recompute import enable_grad_checkpointing
@@ -61,9 +60,6 @@ def test_a_copy_of_a_checkpointed_model_computes_with_its_own_weights():
     assert not torch.equal(ema.eval()(x), vit.eval()(x))
 
 
-PRE = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4",
-       "--proj-hidden-dim", "32", "--proj-dim", "16", "--pred-hidden-dim", "32", "--batch-size", "128", "--nepoch", "1",
-       "--warmup-epochs", "1", "--num-workers", "0", "--knn-every", "0", "--device", "cpu"]
 FT = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4",
       "--batch-size", "128", "--epochs", "1", "--warmup-epochs", "1", "--num-workers", "0", "--device", "cpu",
       "--drop-path", "0.2"]                                  # drop path on: the recomputation draws the same masks
@@ -73,8 +69,7 @@ MOCO = ["-a", "resnet18", "--img-size", "16", "--batch-size", "32", "--moco-k", 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, flags", [(main_pretrain, PRE), (main_finetune, FT), (main_moco, MOCO)],
-                         ids=["aps", "finetune", "moco"])
+@pytest.mark.parametrize("script, flags", [(main_finetune, FT), (main_moco, MOCO)], ids=["finetune", "moco"])
 def test_a_run_with_grad_checkpointing_ends_with_the_same_weights(tmp_path, script, flags):
     from tools.same_runs import compare_checkpoint
     run = lambda argv: script.main(script.get_args_parser().parse_args(argv))  # noqa: E731
