@@ -29,7 +29,8 @@ from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
 from utils.recompute import enable_grad_checkpointing
 from utils.rng import BatchRandom
 from utils.report import write_report
-from utils.runtime import autocast, compile_in_place, make_grad_scaler, peak_memory_mib, seed_everything, to_device
+from utils.runtime import autocast, compile_in_place, make_grad_scaler, peak_memory_mib, seed_everything
+from utils.transfer import tree_to_device
 from utils.schedule import set_lr
 
 
@@ -185,6 +186,7 @@ class Trainer:
         self.logger = get_logger()
         self.last_metrics, self.start_metrics = {}, {}
         self.train_seconds, self.train_images = 0.0, 0      # this process's training time and images (for report.md)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]   # what --clip-grad clips
         if settings.grad_checkpointing:
             enable_grad_checkpointing(method.module)
         compile_in_place(method.model, settings.compile)
@@ -334,7 +336,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         for it, batch in enumerate(self.guarded(self.batches(skip)), start=skip):
             self.rng.reseed(settings.seed, epoch, it, STEP_STREAM)
-            steps = method.training_steps(to_device(batch, self.device), self.rng)
+            steps = method.training_steps(tree_to_device(batch, self.device), self.rng)
             for t in range(steps_per_batch):
                 lr = method.lr_at(epoch + (it * steps_per_batch + t) / (n_iter * steps_per_batch))
                 set_lr(self.optimizer, lr)
@@ -381,8 +383,7 @@ class Trainer:
         """Clip the gradients' global norm to max_norm (unscaled first under fp16); the norm before clipping, as a
         tensor (no host sync)."""
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm)     # (those without a gradient are skipped)
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int):
         """Stop (on every rank together) if any rank saw a non-finite loss since the start of the epoch."""
@@ -420,7 +421,7 @@ class Trainer:
         batch = next(iter(self.loader))
         self.rng.reseed(self.settings.seed, 0, 0, STEP_STREAM)
         with torch.no_grad(), autocast(self.device, self.amp):
-            loss, _ = next(self.method.training_steps(to_device(batch, self.device), self.rng))
+            loss, _ = next(self.method.training_steps(tree_to_device(batch, self.device), self.rng))
         self.logger.info(f"dry run: the flags, the data and the model's shapes check out (first loss "
                          f"{float(loss):.4g}); nothing trained, nothing saved")
         return {"dry_run_loss": float(loss)}

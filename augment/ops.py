@@ -110,8 +110,8 @@ def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.
 
 def channel_constant(values, like: torch.Tensor) -> torch.Tensor:
     """values as [1, C, 1, 1] on like's device and dtype, made once per device and dtype (no copy per call)."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+    if torch.compiler.is_compiling():             # (the cache is not traceable) fills on the device, no host copy
+        return torch.stack([torch.full((), v, dtype=like.dtype, device=like.device) for v in values]).view(1, -1, 1, 1)
     return _constant(tuple(values), like.device, like.dtype).view(1, -1, 1, 1)
 
 

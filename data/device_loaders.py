@@ -44,7 +44,8 @@ def uint8_images(dataset):
 
 
 class DeviceLoader:
-    """Yields (augment(uint8 batch, rng), labels) for this rank's part of each global batch, on `device`.
+    """Yields (augment(uint8 batch, rng), labels) for this rank's part of each global batch, on `device` (the
+    batch as it is when augment is None).
 
     augment(images, rng) draws its random numbers from rng (a BatchRandom reseeded per global batch:
     `reseed(i)` for global batch i of the current epoch)."""
@@ -69,7 +70,8 @@ class DeviceLoader:
         order = to_device(sampler.rank_order(), self.device)
         for i in range(sampler.take_start(), len(self)):       # skipped batches are not augmented at all
             idx = order[i]
-            yield self.augment(self.images[idx], self.reseed(i)), self.labels[idx]
+            images = self.images[idx]
+            yield (images if self.augment is None else self.augment(images, self.reseed(i))), self.labels[idx]
 
     def reseed(self, i: int) -> BatchRandom:
         return self.rng.reseed(self.seed, self.batch_sampler.epoch, i, AUGMENT_STREAM)
@@ -82,15 +84,8 @@ class TensorLoader(DeviceLoader):
 
     def __init__(self, dataset, global_batch: int, seed: int, device: torch.device, rank: int = None,
                  world: int = None):
-        self._setup(dataset, len(dataset), global_batch, seed, device, None, rank, world)
+        self._setup(dataset, len(dataset), global_batch, seed, device, None, rank, world)    # augment None
         self.images, self.labels = (to_device(t, device) for t in dataset.tensors)
-
-    def __iter__(self):
-        sampler = self.batch_sampler
-        order = to_device(sampler.rank_order(), self.device)
-        for i in range(sampler.take_start(), len(self)):
-            idx = order[i]
-            yield self.images[idx], self.labels[idx]
 
 
 JPEG_MAGIC = (0xFF, 0xD8)

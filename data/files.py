@@ -58,9 +58,9 @@ STAND_IN_GREY = 128
 
 
 class ImageReader:
-    """reader(path) -> RGB image (read_rgb). log: None (an unreadable file stops the run with one line naming it)
-    or the file (<output-dir>/bad_images.txt, --skip-bad-images) to which an unreadable file's path is appended;
-    the sample then becomes a mid-grey stand-in, the same whatever process or worker reads it."""
+    """reader(path[, its bytes]) -> RGB image (read_rgb). log: None (an unreadable file stops the run with one line
+    naming it) or the file (<output-dir>/bad_images.txt, --skip-bad-images) to which an unreadable file's path is
+    appended; the sample then becomes a mid-grey stand-in, the same whatever process or worker reads it."""
 
     def __init__(self, log: str = None):
         self.log = log
@@ -73,10 +73,6 @@ class ImageReader:
                 raise
             self.note(path)
             return Image.new("RGB", (STAND_IN_SIZE, STAND_IN_SIZE), (STAND_IN_GREY,) * 3)
-
-    def from_bytes(self, name: str, get_bytes) -> Image.Image:
-        """Like calling it, for an image whose bytes get_bytes() reads (a shard member, named `name`)."""
-        return self(name, get_bytes())
 
     def note(self, path: str):
         with open(self.log, "a") as f:              # one short write per line: appends from many processes stay whole
@@ -216,8 +212,8 @@ def file_list(root: str, train: bool, transform=None, reader: ImageReader = None
     entries = read_list(path)
     if entries[0][1] is None:
         return FileImages([(p, NO_LABEL) for p, _ in entries], [], transform, path, reader)
-    classes = class_names([label for _, label in read_list(paths["train"])]) if not train else \
-        class_names([label for _, label in entries])
+    train_entries = entries if train else read_list(paths["train"])
+    classes = class_names([label for _, label in train_entries])
     index = {c: i for i, c in enumerate(classes)}
     normal = (lambda s: str(int(s))) if all(c.lstrip("-").isdigit() for c in classes) else (lambda s: s)
     unknown = next((label for _, label in entries if normal(label) not in index), None) if not train else None

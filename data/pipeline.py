@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from augment.batched import batched_pipeline
 from augment.pil import pil_pipeline
 from augment.recipes import eval_view
-from data.datasets import PRESETS, build_dataset, get_preset, num_classes_of
+from data.datasets import build_dataset, get_preset, num_classes_of
 from data.device_loaders import DeviceLoader, FolderDeviceLoader
 from data.loader import build_eval_loader, build_train_loader, holdout_split
 from data.files import BAD_IMAGES
@@ -23,7 +23,7 @@ from utils.dist import get_world_size, is_main_process
 from utils.errors import UserError
 
 
-FILE_DATASETS = ("imagefolder", "folder", "filelist", "shards")   # read from files: the CPU path unless --data-path device
+FILE_DATASETS = ("imagefolder", "folder", "filelist", "shards")   # from files: the CPU path unless --data-path device
 
 
 def bad_images_log(args):
@@ -155,11 +155,6 @@ def knn_setup(args, preset, device: torch.device, backbone, amp, data: TrainData
     from utils.knn import knn_monitor
     if args.knn_every <= 0:
         return None, []
-    if args.knn_data:
-        name = args.knn_data.partition(":")[0]
-        if name not in PRESETS:
-            raise UserError(f"--knn-data {args.knn_data}: unknown dataset {name!r}; choose one of "
-                            f"{', '.join(sorted(PRESETS))}")
     loaders = knn_loaders(args, preset, device, labelled=data.num_classes > 0)
     if loaders is None:
         return None, [NO_KNN_NOTE]

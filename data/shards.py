@@ -112,7 +112,7 @@ class ShardImages(FileImages):
 
     def __getitem__(self, i):
         name, label = self.samples[i]
-        img = self.loader.from_bytes(f"{self.folder}/{name}", lambda: self.read_bytes(i))
+        img = self.loader(f"{self.folder}/{name}", self.read_bytes(i))
         return (self.transform(img) if self.transform is not None else img), label
 
 

@@ -27,8 +27,8 @@ def add_subset_args(parser, what: str):
                    help=f"keep N images of each class as {what}")
     g.add_argument("--subset-seed", type=integer(low=0), default=0, help="seed of the subset's draw (not --seed)")
     g.add_argument("--subset-file", type=input_file(), default=None,
-                   help=f"{what} from a file of training-set indices (e.g. a run's {SUBSET_FILE}) or file names (SimCLR's "
-                        "ImageNet 1 %% / 10 %% lists), one per line")
+                   help=f"{what} from a file of training-set indices (e.g. a run's {SUBSET_FILE}) or file names "
+                        "(SimCLR's ImageNet 1 %% / 10 %% lists), one per line")
     return g
 
 

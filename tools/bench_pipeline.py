@@ -22,7 +22,8 @@ from models import APS, create_vit
 from models.aps import aps_training_steps
 from models.moco import build_moco, moco_inputs
 from samplers.aps import kept_per_view
-from utils.runtime import autocast, compile_in_place, fused, make_grad_scaler, to_device
+from utils.runtime import autocast, compile_in_place, fused, make_grad_scaler
+from utils.transfer import tree_to_device as to_device
 
 # dense bf16 tensor-core peaks (TFLOP/s) of the accelerators we know; --peak-tflops for others
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,

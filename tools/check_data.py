@@ -8,6 +8,7 @@ Reports: files that do not decode, empty and tiny images, grey / CMYK / alpha / 
 the report as JSON (--out) and a summary on the terminal. Exit status 0: nothing wrong; 1: defects found (each
 named); 2: bad input.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -87,8 +88,9 @@ def inspect_all(paths: list, workers: int, state: str = None) -> dict:
     sink = open(state, "a") if state else None
     start, last = time.perf_counter(), 0.0
     try:
-        with Pool(workers) if workers > 1 else _Inline() as pool:
-            for i, record in enumerate(pool.imap_unordered(inspect, todo, chunksize=64), start=1):
+        with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+            results = pool.imap_unordered(inspect, todo, chunksize=64) if pool else map(inspect, todo)
+            for i, record in enumerate(results, start=1):
                 done[record["path"]] = record
                 if sink:
                     sink.write(json.dumps(record) + "\n")
@@ -103,18 +105,6 @@ def inspect_all(paths: list, workers: int, state: str = None) -> dict:
     if todo:
         print(file=sys.stderr)
     return done
-
-
-class _Inline:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @staticmethod
-    def imap_unordered(fn, items, chunksize=1):
-        return map(fn, items)
 
 
 def percentiles(values: list) -> dict:

@@ -197,7 +197,8 @@ def per_batch(make_batch_fn, batches: int = 3) -> dict:
         for b in range(1, batches + 1):
             fn(b)
     return {"host_syncs": len(guard.syncs) / batches, "device_draws": len(guard.device_draws) / batches,
-            "kernels": round(k.ops / batches), "host_ops": round(k.host_ops / batches), "where": sorted(set(s.split(" at ")[-1] for s in guard.syncs))}
+            "kernels": round(k.ops / batches), "host_ops": round(k.host_ops / batches),
+            "where": sorted(set(s.split(" at ")[-1] for s in guard.syncs))}
 
 
 def pipelines() -> dict:

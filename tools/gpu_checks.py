@@ -127,7 +127,7 @@ def same_views():
     same_params = True
     for name, recipe in recipes.items():
         outs = [batched_pipeline(recipe)(imgs.to(d), BatchRandom("cpu", 0, 1).reseed(1)) for d in ("cpu", "cuda")]
-        flat = [{k: v for k, v in (o.items() if isinstance(o, dict) else [("view", o)])} for o in outs]
+        flat = [dict(o) if isinstance(o, dict) else {"view": o} for o in outs]
         for key in flat[0]:
             a, b = flat[0][key], flat[1][key].cpu()
             if key.startswith(("box", "flip")):
@@ -219,7 +219,8 @@ def deterministic(tmp: str):
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], prog="python -m tools.gpu_checks")
-    p.add_argument("--out", type=output_folder(), required=True, help="where the runs go; checks.jsonl is written there")
+    p.add_argument("--out", type=output_folder(), required=True,
+                   help="where the runs go; checks.jsonl is written there")
     p.add_argument("--skip-compile", action="store_true", help="leave out the --compile runs (minutes of compiling)")
     p.add_argument("--small", action="store_true",
                    help="no GPU needed: only the pretraining epoch in bf16 on the CPU (checks this tool itself)")

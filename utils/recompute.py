@@ -1,5 +1,6 @@
-"""Activation checkpointing (--grad-checkpointing; the engine applies it to the method's module): a ViT's blocks and a ResNet's stages keep only their inputs in
-the forward pass and run again during the backward pass. Less memory, more compute, the same numbers:
+"""Activation checkpointing (--grad-checkpointing; the engine applies it to the method's module): a ViT's blocks
+and a ResNet's stages keep only their inputs in the forward pass and run again during the backward pass. Less
+memory, more compute, the same numbers:
 
 - the random numbers of a recomputed block (dropout, drop path) are the forward's own (torch.utils.checkpoint
   restores the RNG state before recomputing);
@@ -37,7 +38,7 @@ class Checkpointed:
         plain = super().forward
         if not (self.training and torch.is_grad_enabled()):
             return plain(*args, **kwargs)
-        if any(True for _ in self.buffers()):
+        if self.recompute_buffers:
             kwargs["context_fn"] = lambda: (contextlib.nullcontext(), buffers_kept(self))
         return checkpoint(plain, *args, use_reentrant=False, **kwargs)
 
@@ -52,6 +53,7 @@ def checkpointed(module: nn.Module) -> nn.Module:
         if cls not in _CLASSES:
             _CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (Checkpointed, cls), {})
         module.__class__ = _CLASSES[cls]
+    module.recompute_buffers = any(True for _ in module.buffers())          # batch norms to restore after a recompute
     return module
 
 

@@ -7,7 +7,6 @@ import random
 import numpy as np
 import torch
 
-from utils.transfer import tree_to_device
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -91,10 +90,6 @@ def make_grad_scaler(device: torch.device, dtype):
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-def to_device(batch, device):
-    """Every tensor of a (nested dict / list / tuple) batch moved to `device` without a host sync
-    (utils.transfer: from pinned memory, non-blocking)."""
-    return tree_to_device(batch, device)
 
 
 def peak_memory_mib(device: torch.device) -> float:
