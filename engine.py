@@ -115,6 +115,12 @@ class Method:
         """The learning rate at a fractional epoch (before any per-group lr_scale)."""
         raise NotImplementedError
 
+    def split_backbone(self, chunks: int):
+        """--accum-steps: make the backbone run on `chunks` parts of each batch (utils.recompute.split_batch), the
+        heads and the loss on the whole of it, so that the gradient stays the whole batch's; raise UserError when
+        this method cannot do that exactly."""
+        raise UserError(f"{self.name} cannot accumulate gradients (--accum-steps); leave the flag out")
+
     def after_step(self, step: int):
         """Called after every optimizer step (e.g. an EMA update)."""
 
@@ -153,6 +159,7 @@ class TrainSettings:
     compile: Optional[str] = None
     grad_checkpointing: bool = False            # recompute ViT blocks / ResNet stages in the backward pass
     clip_grad: Optional[float] = None           # clip the gradients' global norm to this (None: no clipping)
+    accum_steps: int = 1                        # run the backbone in this many chunks of each batch (exact)
     flags: dict = field(default_factory=dict)   # the run's flags, saved in every checkpoint
     description: str = ""                       # the opening line (utils.run.describe_run), logged and reported
     dry_run: bool = False                       # check the data and one forward pass, then stop
@@ -164,7 +171,8 @@ class TrainSettings:
                    resume=args.resume, print_freq=args.print_freq, eval_every=eval_every, save_every=args.save_every,
                    skip_nonfinite=args.skip_nonfinite, compile=args.compile,
                    grad_checkpointing=getattr(args, "grad_checkpointing", False),
-                   clip_grad=getattr(args, "clip_grad", None), flags=dict(vars(args)),
+                   clip_grad=getattr(args, "clip_grad", None), accum_steps=getattr(args, "accum_steps", 1),
+                   flags=dict(vars(args)),
                    description=description, dry_run=args.dry_run, notes=tuple(notes))
 
 
@@ -189,7 +197,20 @@ class Trainer:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]   # what --clip-grad clips
         if settings.grad_checkpointing:
             enable_grad_checkpointing(method.module)
+        if settings.accum_steps > 1:
+            self.split_backbone(settings.accum_steps)
         compile_in_place(method.model, settings.compile)
+
+    def split_backbone(self, chunks: int):
+        """--accum-steps: the method's backbone runs in `chunks` parts of each process's batch."""
+        per = self.settings.batch_size // get_world_size()
+        if chunks > per:
+            raise UserError(f"--accum-steps {chunks} is more than the {per} images each process gets from --batch-size "
+                            f"{self.settings.batch_size}; use at most {per}")
+        self.method.split_backbone(chunks)
+        self.logger.info(f"--accum-steps {chunks}: the backbone runs on each process's batch of {per} in {chunks} "
+                         f"chunks of about {-(-per // chunks)}, the heads and the loss on the whole batch (the same "
+                         "gradient)")
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, epoch: int, batches_done: int = 0) -> dict:

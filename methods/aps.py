@@ -2,6 +2,7 @@
 steps, one per sampling round, under the schedule f(e) = min((e + 1) / warmup, (1 + cos(pi e / E)) / 2)."""
 from engine import Method
 from models.aps import aps_training_steps
+from utils.recompute import split_batch
 from utils.schedule import aps_factor
 
 
@@ -20,6 +21,9 @@ class APSPretraining(Method):
 
     def training_steps(self, batch, rng):
         return aps_training_steps(self.model, batch[0], self.grid, self.ratio, self.steps_per_batch, self.power, rng)
+
+    def split_backbone(self, chunks: int):
+        split_batch(self.module.encoder, chunks, ("forward_kept",))     # no batch norm: any chunks are exact
 
     def lr_at(self, epoch: float) -> float:
         return self.lr * aps_factor(epoch, self.warmup_epochs, self.epochs)

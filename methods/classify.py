@@ -10,6 +10,7 @@ from utils.accuracy import evaluate_classifier
 from utils.checkpoint import find_resume_path, load_strict, load_training_checkpoint
 from utils.errors import UserError
 from utils.log import get_logger
+from utils.recompute import split_batch
 from utils.runtime import no_autocast
 
 
@@ -43,6 +44,11 @@ class Classification(Method):
 
     def lr_at(self, epoch: float) -> float:
         return self.schedule(epoch)
+
+    def split_backbone(self, chunks: int):
+        """The classifier in chunks (a ViT mixes no samples; mixup and cutmix are drawn on the whole batch before
+        it runs); the loss on the whole batch."""
+        split_batch(self.module, chunks)
 
     def after_step(self, step: int):
         if self.ema is not None:
@@ -83,6 +89,10 @@ class LinearProbing(Classification):
 
     def after_epoch(self, epoch: int):
         self.guard.check()
+
+    def split_backbone(self, chunks: int):
+        """The frozen backbone (no gradient, eval mode) in chunks, the head (and its BN) on the whole batch."""
+        split_batch(self.module.backbone, chunks)
 
 
 def saved_source(args, flag: str, what: str) -> str:

@@ -2,6 +2,9 @@
 encoder under SGD with a cosine schedule per epoch."""
 from engine import Method
 from models.moco import moco_inputs, shuffle_permutation
+from utils.dist import get_world_size
+from utils.errors import UserError
+from utils.recompute import split_batch
 from utils.schedule import cosine_per_epoch
 
 
@@ -20,6 +23,20 @@ class MoCoPretraining(Method):
     def training_steps(self, batch, rng):
         query, keys, minis = moco_inputs(batch[0], rng)
         yield self.model(query, keys, minis, perm=shuffle_permutation(keys, rng))
+
+    def split_backbone(self, chunks: int):
+        """The query encoder in chunks of whole BN splits (each BN then sees what it sees without); the key encoder
+        (no gradient), shuffle-BN, the loss and the queue on the whole batch."""
+        splits = self.module.splits
+        if get_world_size() > 1:
+            raise UserError(f"--accum-steps {chunks}: with {get_world_size()} processes each one's batch norm "
+                            "normalises its whole batch, which chunks cannot reproduce; run one process with "
+                            f"--bn-splits (a multiple of {chunks}), or leave --accum-steps out")
+        if splits % chunks:
+            raise UserError(f"--accum-steps {chunks} does not divide --bn-splits {splits}: MoCo's batch norms "
+                            f"normalise each split, so a chunk must hold whole splits; use --bn-splits "
+                            f"{chunks * max(1, splits // chunks)} or an --accum-steps that divides {splits}")
+        split_batch(self.module.encoder_q, chunks)
 
     def lr_at(self, epoch: float) -> float:
         return cosine_per_epoch(epoch, self.epochs, self.lr)

@@ -125,8 +125,9 @@ ATOL = 1e-4
 def test_torchrun_two_process_pretraining_equals_one_process(tmp_path, tiny_flags, run_both):
     two, got, ref = run_both(29517, "main_pretrain.py", tmp_path, *tiny_flags, "--dataset", "digits", "--nepoch",
                              "1", "--warmup-epochs", "0", "--batch-size", "1024", "--nsampling", "2",
-                             "--num-workers", "0", "--knn-every", "1", "--device", "cpu")
+                             "--num-workers", "0", "--knn-every", "1", "--device", "cpu", "--accum-steps", "2")
     assert "2 process(es)" in two.stdout and "final kNN top-1" in two.stdout
+    assert "batch of 512 in 2 chunks of about 256" in two.stdout          # --accum-steps 2 on both sides
     assert got["epoch"] == 1 and got["global_step"] == ref["global_step"] == 2
     # all-gathered contrastive targets, SyncBN in the heads, device views and patch sampling per global batch.
     # The encoder's last LayerNorm bias only shifts the projector's input, which its BN removes: its gradient
@@ -151,13 +152,14 @@ def test_torchrun_two_process_pretraining_on_an_unlabelled_folder_equals_one_pro
 
 @pytest.mark.slow
 def test_torchrun_two_process_finetuning_equals_one_process(tmp_path, run_both):
-    # mixup/cutmix pair samples within a process's batch, and drop path draws per rank: off here
+    # mixup/cutmix pair samples within a process's batch, and drop path draws per rank: off here. Both run with
+    # --accum-steps 4 (DDP's one gradient reduction per step, over chunks recomputed in the backward pass)
     two, got, ref = run_both(29518, "main_finetune.py", tmp_path, "--dataset", "digits", "--arch", "vit-tiny",
                              "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "8",
                              "--batch-size", "512", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0",
                              "--device", "cpu", "--model-ema", "--val-split", "0.1", "--mixup", "0", "--cutmix", "0",
-                             "--drop-path", "0", "--data-path", "cpu")
-    assert "final-epoch test top-1" in two.stdout
+                             "--drop-path", "0", "--data-path", "cpu", "--accum-steps", "4")
+    assert "final-epoch test top-1" in two.stdout and "--accum-steps 4" in two.stdout
     assert got["epoch"] == 1 and got["global_step"] == 2 and "ema" in got["extra"]
     assert got["metrics"]["val_acc1"] == ref["metrics"]["val_acc1"]
     assert_same_weights(got["model"], ref["model"], ATOL)               # RandAugment + erasing per sample

@@ -1,16 +1,21 @@
-"""Memory savers that change no number: activation checkpointing (--grad-checkpointing) gives the same gradients,
+"""Memory savers that change no number: activation checkpointing (--grad-checkpointing) and exact accumulation
+(--accum-steps: the backbone in chunks, the heads and the loss on the whole batch) give the same gradients,
 batch-norm statistics and weights as without; and --clip-grad clips the global norm as the formula says."""
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import main_finetune
 import main_moco
-from models import create_vit
+import main_pretrain
+from models import APS, create_vit
+from models.moco import build_moco, shuffle_permutation
 from models.resnet import create_resnet
-from utils.recompute import enable_grad_checkpointing
+from utils.recompute import enable_grad_checkpointing, split_batch
+from utils.rng import BatchRandom
 
 
 def grads_and_buffers(model, loss_fn):
@@ -111,3 +116,183 @@ def test_a_clipped_run_logs_the_pre_clip_norm(tmp_path, make_trainer):
     trainer.fit()
     record = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1]
     assert record["train_grad_norm"] > 1.0                       # what it was before clipping
+
+
+# ---------------------------------------------------------------- exact accumulation (--accum-steps)
+def close(a: torch.Tensor, b: torch.Tensor, rel: float, scale: float = 0.0) -> bool:
+    """|a - b| <= rel max(|a|, scale / 100) in norm. scale (the whole gradient's norm) sets a floor for tensors
+    whose value is zero in theory: a bias whose shift the next normalisation removes gets a gradient of pure
+    round-off."""
+    return (a.double() - b.double()).norm().item() <= rel * max(a.double().norm().item(), scale / 100) + 1e-12
+
+
+def test_split_batch_gives_the_whole_batchs_gradients_in_float64():
+    torch.manual_seed(0)
+    vit = create_vit("vit-tiny", img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2,
+                     num_classes=5).double()
+    chunked = split_batch(copy.deepcopy(vit), 3, ("forward", "forward_kept"))        # 8 images: 3 + 3 + 2
+    x, idx = torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.rand(8, 16).argsort(1)[:, :6]
+    loss = lambda m: m(x).square().sum() + m.forward_kept(x, idx).square().sum()      # noqa: E731
+    plain, split = grads_and_buffers(vit, loss)[0], grads_and_buffers(chunked, loss)[0]
+    assert all(close(a, b, 1e-10) for a, b in zip(plain, split))
+    assert chunked.state_dict().keys() == vit.state_dict().keys()
+
+
+@pytest.mark.parametrize("chunks", [2, 4])
+def test_split_batch_keeps_split_batch_norm_batches_and_statistics(chunks):
+    torch.manual_seed(0)
+    resnet = create_resnet("resnet18", cifar_stem=True, bn_splits=4).double()
+    chunked = split_batch(copy.deepcopy(resnet), chunks)
+    x = torch.randn(16, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (g1, b1), (g2, b2) = (grads_and_buffers(m, lambda m: m(x).square().sum()) for m in (resnet, chunked))
+    assert all(close(a, b, 1e-10) for a, b in zip(g1, g2))
+    assert all(close(a, b, 1e-10) for a, b in zip(b1, b2))       # one running-statistics update, as one batch
+    assert all(m.num_splits == 4 for m in chunked.modules() if hasattr(m, "num_splits"))
+
+
+def test_split_batch_refuses_chunks_that_cut_a_batch_norm_split():
+    with pytest.raises(ValueError, match="whole batch-norm splits"):
+        split_batch(create_resnet("resnet18", cifar_stem=True, bn_splits=4), 3)
+
+
+def test_split_batch_replays_the_drop_path_masks_in_the_recomputation():
+    torch.manual_seed(0)
+    vit = create_vit("vit-tiny", img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2, drop_path_rate=0.5,
+                     num_classes=5).double()
+    chunked = split_batch(copy.deepcopy(vit), 2)
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    # the reference: the two halves through plain autograd, one after the other (no recomputation)
+    by_hand = grads_and_buffers(vit, lambda m: torch.cat([m(c) for c in x.chunk(2)]).square().sum())[0]
+    split = grads_and_buffers(chunked, lambda m: m(x).square().sum())[0]
+    assert all(close(a, b, 1e-10) for a, b in zip(by_hand, split))
+
+
+def step_gradients(module, step):
+    """The gradients of one step(module) -> loss, and the module's buffers after it."""
+    module.train()
+    module.zero_grad(set_to_none=True)
+    step(module).backward()
+    return [p.grad for p in module.parameters() if p.grad is not None], [b.clone() for b in module.buffers()]
+
+
+def assert_same_step(make, step, chunk_counts, split):
+    """For each chunk count, a fresh make() split by split(module, n) gives step()'s gradients within 1e-5 relative
+    and its buffers (BN statistics, MoCo's queue) within 1e-5 relative or 1e-6 (fp32)."""
+    plain_g, plain_b = step_gradients(make(), step)
+    scale = torch.stack([g.norm() for g in plain_g]).norm().item()
+    for n in chunk_counts:
+        module = make()
+        split(module, n)
+        grads, buffers = step_gradients(module, step)
+        assert len(grads) == len(plain_g)
+        assert all(close(a, b, 1e-5, scale) for a, b in zip(plain_g, grads)), n
+        assert all(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6) for a, b in zip(plain_b, buffers)), n
+
+
+def test_an_aps_step_accumulated_equals_the_whole_batch():
+    from methods.aps import APSPretraining
+
+    def make():
+        torch.manual_seed(0)
+        return APS(create_vit("vit-tiny", img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2), 32, 16, 32)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(16, 3, 16, 16, generator=g), torch.randn(16, 3, 16, 16, generator=g)
+    i1, i2 = (torch.rand(16, 16, generator=g).argsort(1)[:, :8] for _ in range(2))
+    split = lambda m, n: APSPretraining(m, m, 4, 0.5, 1, 1.0, 1e-3, 0, 1).split_backbone(n)  # noqa: E731
+    assert_same_step(make, lambda m: m(x1, x2, i1, i2)[0], (2, 4), split)
+    assert_same_step(make, lambda m: m(x1, x2, i1, i2)[0], (4,),               # with --grad-checkpointing too
+                     lambda m, n: split(m, n) or enable_grad_checkpointing(m))
+
+
+def test_a_moco_step_with_every_switch_accumulated_equals_the_whole_batch():
+    from augment.mix import scalemix
+    from methods.moco import MoCoPretraining
+
+    def make():
+        torch.manual_seed(0)
+        return build_moco("resnet18", True, bn_splits=4, hidden_dim=32, dim=8, queue_size=64)
+    g = torch.Generator().manual_seed(2)
+    query, mix = torch.randn(16, 3, 16, 16, generator=g), torch.randn(16, 3, 16, 16, generator=g)
+    keys, minis = torch.randn(2, 16, 3, 16, 16, generator=g), torch.randn(2, 16, 3, 8, 8, generator=g)
+
+    def step(m):                                   # ScaleMix, MeanEnc (2 keys), MultiCrop (2 minis), shuffle-BN
+        rng = BatchRandom(torch.device("cpu")).reseed(3, 0, 0)
+        q = scalemix(query, mix, rng)[0]
+        return m(q, keys, minis, perm=shuffle_permutation(keys, rng))[0]
+    split = lambda m, n: MoCoPretraining(m, m, 0.1, 1).split_backbone(n)    # noqa: E731
+    assert_same_step(make, step, (2, 4), split)
+    assert_same_step(make, step, (2,), lambda m, n: split(m, n) or enable_grad_checkpointing(m))
+
+
+def test_a_fine_tuning_step_with_mixup_and_cutmix_accumulated_equals_the_whole_batch():
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    from methods.classify import FineTuning
+
+    def make():
+        torch.manual_seed(0)
+        # (drop path draws its masks block by block, so chunks draw others: tested for replay above)
+        return create_vit("vit-tiny", img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2, num_classes=4)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1, num_classes=4)
+    images, labels = torch.randn(16, 3, 16, 16), torch.arange(16) % 4
+
+    def method(m):
+        return FineTuning(m, m, SoftTargetCrossEntropy(), None, {}, torch.device("cpu"), None, mixup)
+
+    def step(m):
+        np.random.seed(4)                           # mixup/cutmix draw on the whole batch, before the chunks
+        return next(method(m).training_steps((images.clone(), labels), None))[0]
+    assert_same_step(make, step, (2, 4), lambda m, n: method(m).split_backbone(n))
+
+
+def test_a_linear_probe_step_accumulated_equals_the_whole_batch():
+    from methods.classify import LinearProbing
+    from models.linear import BackboneGuard, LinearProbe
+
+    def make():
+        torch.manual_seed(0)
+        backbone = create_resnet("resnet18", cifar_stem=True)
+        return LinearProbe(backbone, torch.nn.Linear(512, 4), head_bn=True)
+    images, labels = torch.randn(16, 3, 16, 16), torch.arange(16) % 4
+    loss = torch.nn.CrossEntropyLoss()
+    assert_same_step(make, lambda m: loss(m(images), labels), (2, 4), lambda m, n: LinearProbing(
+        m, m, loss, None, {}, torch.device("cpu"), None, guard=BackboneGuard(m.backbone)).split_backbone(n))
+
+
+PRE = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4",
+       "--proj-hidden-dim", "32", "--proj-dim", "16", "--pred-hidden-dim", "32", "--dataset", "digits",
+       "--warmup-epochs", "0", "--batch-size", "1024", "--nsampling", "2", "--nepoch", "2", "--num-workers", "0", "--knn-every", "0",
+       "--device", "cpu"]
+
+
+def weights_close(a: dict, b: dict, atol: float, skip=()):
+    compared = [k for k, v in a.items() if v.is_floating_point() and not any(s in k for s in skip)]
+    far = [k for k in compared if (a[k] - b[k]).abs().max().item() > atol]
+    assert len(compared) > 4 and not far, far
+
+
+@pytest.mark.slow
+def test_accumulated_runs_end_as_the_whole_batch_run_and_resume_exactly(tmp_path):
+    import shutil
+
+    from tools.same_runs import differences
+
+    def run(name, *extra):
+        args = main_pretrain.get_args_parser().parse_args(PRE + list(extra) + ["--output-dir", str(tmp_path / name)])
+        main_pretrain.main(args)
+    load = lambda name, file="checkpoint.pth": torch.load(tmp_path / name / file, weights_only=True)  # noqa: E731
+    run("whole", "--save-every", "1")
+    run("accumulated", "--save-every", "1", "--accum-steps", "4")
+    whole, accumulated = load("whole", "checkpoint-0001.pth"), load("accumulated", "checkpoint-0001.pth")
+    assert accumulated["global_step"] == whole["global_step"] == 2                # 1 batch x 2 rounds
+    # two AdamW steps: round-off only (the BN-removed bias and what tracks it, as in tests/test_distributed.py;
+    # longer runs drift as far apart as two whole-batch runs on 1 and 2 threads do)
+    weights_close(whole["model"], accumulated["model"], 1e-4, skip=("encoder.norm.bias", "projector.1.running_mean"))
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "accumulated" / "checkpoint-0001.pth", tmp_path / "resumed" / "checkpoint.pth")
+    run("resumed", "--accum-steps", "4")
+    resumed, straight = load("resumed"), load("accumulated")
+    assert resumed["global_step"] == straight["global_step"] == 4
+    assert differences(resumed["model"], straight["model"]) == []
+    assert differences(resumed["optimizer"], straight["optimizer"]) == []

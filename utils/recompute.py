@@ -1,4 +1,6 @@
-"""Activation checkpointing (--grad-checkpointing; the engine applies it to the method's module): a ViT's blocks
+"""Memory savers that change no number, both built on recomputation in the backward pass.
+
+Activation checkpointing (--grad-checkpointing; the engine applies it to the method's module): a ViT's blocks
 and a ResNet's stages keep only their inputs in the forward pass and run again during the backward pass. Less
 memory, more compute, the same numbers:
 
@@ -9,8 +11,16 @@ memory, more compute, the same numbers:
 
 The modules keep their attributes (their class gains a checkpointing forward): state-dict keys, and so checkpoints,
 stay the same.
+
+Exact accumulation (--accum-steps N; each method says which module is its backbone, `split_batch`): the backbone
+runs over the batch in N consecutive chunks, each keeping only its input and output; the heads and the loss see
+the whole batch's features, as without; in the backward pass each chunk runs again and takes its share of the
+features' gradient (the gradient-caching idea). So a contrastive loss keeps every negative, and the gradient is
+the whole batch's, to float round-off. A chunk's batch norms see whole BN splits (`num_splits` is divided by N
+while a chunk runs) and the running statistics come out as one update over the batch.
 """
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
@@ -29,6 +39,33 @@ def buffers_kept(module: nn.Module):
                 b.copy_(value)
 
 
+def split_norms(module: nn.Module) -> list:
+    """The split batch norms in `module` (modules with num_splits: models.norm.SplitBatchNorm)."""
+    return [m for m in module.modules() if hasattr(m, "num_splits")]
+
+
+@contextlib.contextmanager
+def splits_set(splits: list):
+    """Each split batch norm of `splits` [(module, num_splits)] split that many ways for the duration."""
+    now = [m.num_splits for m, _ in splits]
+    for m, n in splits:
+        m.num_splits = n
+    try:
+        yield
+    finally:
+        for (m, _), n in zip(splits, now):
+            m.num_splits = n
+
+
+@contextlib.contextmanager
+def as_in_forward(module: nn.Module, splits: list):
+    """What a recomputation runs under: the split batch norms `splits` [(module, num_splits in the forward pass)]
+    split as they were then (a chunk of --accum-steps holds fewer splits, and a block inside a chunk may be
+    recomputed after the chunk's own recomputation has ended); `module`'s buffers put back afterwards."""
+    with splits_set(splits), buffers_kept(module):
+        yield
+
+
 class Checkpointed:
     """Mixed into a module's own class (checkpointed()): its forward runs under checkpointing when it trains with
     gradients, as before otherwise. A copy (EMA, MoCo's key encoder) is a module of the same class, so it
@@ -39,7 +76,8 @@ class Checkpointed:
         if not (self.training and torch.is_grad_enabled()):
             return plain(*args, **kwargs)
         if self.recompute_buffers:
-            kwargs["context_fn"] = lambda: (contextlib.nullcontext(), buffers_kept(self))
+            splits = [(m, m.num_splits) for m in self.split_norms]
+            kwargs["context_fn"] = lambda: (contextlib.nullcontext(), as_in_forward(self, splits))
         return checkpoint(plain, *args, use_reentrant=False, **kwargs)
 
 
@@ -54,6 +92,7 @@ def checkpointed(module: nn.Module) -> nn.Module:
             _CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (Checkpointed, cls), {})
         module.__class__ = _CLASSES[cls]
     module.recompute_buffers = any(True for _ in module.buffers())          # batch norms to restore after a recompute
+    module.split_norms = split_norms(module)
     return module
 
 
@@ -70,3 +109,54 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
             done += 1
     return done
 
+
+
+def _in_chunks(method):
+    """method(self, *tensors, **kw) run on self.batch_chunks consecutive parts of the tensors' batch (dim 0),
+    the outputs concatenated; under autograd each part keeps only its input and output."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        n = self.batch_chunks
+        if n <= 1:
+            return method(self, *args, **kwargs)
+        plain = functools.partial(method, self, **kwargs)
+        splits = [(m, m.num_splits // n) for m in self.split_norms]         # a chunk holds 1/n of the splits
+        buffers = list(self.buffers()) if self.training else []     # (frozen or evaluating: nothing updates them)
+        start = [b.detach().clone() for b in buffers]
+        recompute = lambda: (contextlib.nullcontext(), as_in_forward(self, splits))  # noqa: E731
+        ends, outs = [], []
+        for part in zip(*(a.chunk(n) for a in args)):
+            with torch.no_grad():
+                for b, value in zip(buffers, start):               # every chunk updates the same statistics
+                    b.copy_(value)
+            with splits_set(splits):
+                if torch.is_grad_enabled():
+                    outs.append(checkpoint(plain, *part, use_reentrant=False, context_fn=recompute))
+                else:
+                    outs.append(plain(*part))
+            ends.append([b.detach().clone() for b in buffers])
+        with torch.no_grad():
+            for i, b in enumerate(buffers):                          # one update over the whole batch
+                values = [end[i] for end in ends]
+                b.copy_(torch.stack(values).mean(0) if b.is_floating_point() else values[0])
+        return torch.cat(outs)
+    return run
+
+
+_SPLIT = {}
+
+
+def split_batch(module: nn.Module, chunks: int, methods: tuple = ("forward",)) -> nn.Module:
+    """Make `module`'s `methods` (which take batched tensors and return one) run on `chunks` consecutive parts of
+    the batch, each recomputed in the backward pass (its class becomes a subclass; state-dict keys stay).
+    Exact when nothing in the module mixes samples, except split batch norms whose splits `chunks` divides."""
+    bad = [m.num_splits for m in split_norms(module) if m.num_splits % chunks]
+    if bad:
+        raise ValueError(f"{chunks} chunks do not hold whole batch-norm splits ({bad[0]})")
+    cls = type(module)
+    key = (cls, tuple(methods))
+    if key not in _SPLIT:
+        _SPLIT[key] = type(f"BatchSplit{cls.__name__}", (cls,), {m: _in_chunks(getattr(cls, m)) for m in methods})
+    module.__class__ = _SPLIT[key]
+    module.batch_chunks, module.split_norms = chunks, split_norms(module)
+    return module

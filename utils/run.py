@@ -32,6 +32,10 @@ def add_runtime_args(parser, reference_launcher: bool = False, resume_names=None
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="activation checkpointing of the ViT blocks and ResNet stages: less memory, about a third "
                         "more compute, the same numbers (no effect on the linear probe's frozen backbone)")
+    g.add_argument("--accum-steps", type=count(), default=1, metavar="N",
+                   help="run the backbone over each batch in N chunks, the heads and the loss on the whole batch: "
+                        "the whole batch's gradient (every negative kept, BN splits whole) with about 1/N of the "
+                        "activation memory, at the cost of a second backbone forward; docs/RUNNING.md")
     g.add_argument("--clip-grad", type=positive(), default=None, metavar="NORM",
                    help="clip the gradients' global norm to NORM before each optimizer step (after unscaling under "
                         "fp16); the pre-clip norm is logged as grad_norm (default: no clipping)")
