@@ -1,4 +1,4 @@
-"""Fine-tune an APS ViT for classification, or train one from scratch (SPEC part B)."""
+"""Fine-tune an APS ViT for classification, or train one from scratch (docs/REFERENCE.md#fine-tuning)."""
 from functools import partial
 
 import torch

@@ -1,4 +1,5 @@
-"""Linear classification on a frozen backbone (SPEC part D): MoCo ResNets, APS ViTs, or a random init.
+"""Linear classification on a frozen backbone (docs/REFERENCE.md#linear-probe): MoCo ResNets, APS ViTs, or a random
+init.
 
 The backbone stays in eval mode and gets no gradient; only a new linear layer (N(0, 0.01), bias 0) trains,
 with SGD or LARS (--lars), cosine per epoch. Launch many processes with torchrun; the reference's launcher

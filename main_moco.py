@@ -1,4 +1,4 @@
-"""MoCo v2 pretraining of a ResNet with the Asym-Siam asymmetries (SPEC part C).
+"""MoCo v2 pretraining of a ResNet with the Asym-Siam asymmetries (docs/REFERENCE.md#moco).
 
 The baseline and all five switches: MultiCrop, ScaleMix, AsymAug, AsymBN and MeanEnc. Launch many processes with torchrun; the
 reference's --dist-url/--multiprocessing-distributed/--world-size/--rank flags are accepted and ignored.

@@ -1,4 +1,4 @@
-"""APS pretraining of a ViT: asymmetric patch sampling + contrastive loss (SPEC part A)."""
+"""APS pretraining of a ViT: asymmetric patch sampling + contrastive loss (docs/REFERENCE.md#aps-pretraining)."""
 import torch
 
 from augment.recipes import add_aps_view_args, aps_pair_from_args

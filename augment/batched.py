@@ -167,7 +167,7 @@ class BatchedSingle(_Pipeline):
 
 
 class BatchedPair(_Pipeline):
-    """SPEC A1 on the device: uint8 images -> the PIL pair's dict (view1/2, box1/2, flip1/2)."""
+    """APS's views (docs/REFERENCE.md#aps-views) on the device: uint8 images -> the PIL pair's dict (view1/2, box1/2, flip1/2)."""
 
     def __init__(self, recipe: Pair):
         super().__init__()
@@ -182,8 +182,9 @@ class BatchedPair(_Pipeline):
 
 
 class BatchedMoCo(_Pipeline):
-    """SPEC C1/C2 on the device: {"query", "keys" [N, V, ...], "query_mix"?, "mini_queries" [N, M, ...]?}, the
-    PIL realisation's groups. The blur is a true Gaussian (the PIL realisation uses PIL's box approximation)."""
+    """MoCo's views (docs/REFERENCE.md#moco-switches) on the device: {"query", "keys" [N, V, ...], "query_mix"?, "mini_queries" [N, M,
+    ...]?}, the PIL realisation's groups. The blur is a true Gaussian (the PIL realisation uses PIL's box
+    approximation)."""
 
     def __init__(self, recipe: MoCoViews):
         super().__init__()

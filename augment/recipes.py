@@ -74,14 +74,16 @@ class View:
 
 @dataclass(frozen=True)
 class Pair:
-    """Two independent views of each image by the same View, each with its crop box and flip (APS, SPEC A1)."""
+    """Two independent views of each image by the same View, each with its crop box and flip (APS,
+    docs/REFERENCE.md#aps-views)."""
     view: View
 
 
 @dataclass(frozen=True)
 class MoCoViews:
-    """MoCo's named groups (SPEC C1/C2): a query view, num_key_views key views (MeanEnc when > 1), num_minis
-    mini query crops (MultiCrop) and, with scalemix, a second query view to paste a box of (ScaleMix)."""
+    """MoCo's named groups (docs/REFERENCE.md#moco-switches): a query view, num_key_views key views (MeanEnc when
+    > 1), num_minis mini query crops (MultiCrop) and, with scalemix, a second query view to paste a box of (ScaleMix).
+    """
     query: View
     key: View
     num_key_views: int = 1
@@ -96,20 +98,22 @@ def view_fields() -> tuple:
 
 
 # ------------------------------------------------------------------ the papers' recipes
-COLOR_JITTER = (0.4, 0.4, 0.4, 0.1)                  # SPEC A1 and C1
+# the papers' recipes as docs/REFERENCE.md states them (#aps-views, #moco-baseline, #moco-switches, #fine-tuning,
+# #linear-probe)
+COLOR_JITTER = (0.4, 0.4, 0.4, 0.1)                  # APS and MoCo v2
 
-# SPEC A1: crop 0.15-1 + flip (both reported), jitter p 0.8, grayscale p 0.2, normalise; no blur, no solarize
+# APS: crop 0.15-1 + flip (both reported), jitter p 0.8, grayscale p 0.2, normalise; no blur, no solarize
 APS_VIEW = View(scale=(0.15, 1.0), jitter=COLOR_JITTER, jitter_p=0.8, gray_p=0.2, boxed=True)
-# SPEC C1: crop 0.2-1, jitter p 0.8, grayscale p 0.2, blur sigma 0.1-2 p 0.5, flip, normalise
+# MoCo v2: crop 0.2-1, jitter p 0.8, grayscale p 0.2, blur sigma 0.1-2 p 0.5, flip, normalise
 MOCO_V2_VIEW = View(scale=(0.2, 1.0), jitter=COLOR_JITTER, jitter_p=0.8, gray_p=0.2, blur_p=0.5, flip_late=True)
-ASYM_QUERY_POLICY = "rand-m10-n2-mstd0.5"            # SPEC C2 AsymAug: the stronger query adds it after the flip
-WEAK_KEY_VIEW = View()                               # SPEC C2 AsymAug: the weaker key, crop 0.08-1 + flip only
-MINI_CROPS, MINI_CROP_SCALE, MINI_SIZE_AT_224 = 6, (0.05, 0.14), 96   # SPEC C2 MultiCrop
-# SPEC B (32 px sets): RandomCrop(size, padding 4), flip, RandAugment, normalise, random erasing p 0.25 (pixel)
+ASYM_QUERY_POLICY = "rand-m10-n2-mstd0.5"            # AsymAug: the stronger query adds it after the flip
+WEAK_KEY_VIEW = View()                               # AsymAug: the weaker key, crop 0.08-1 + flip only
+MINI_CROPS, MINI_CROP_SCALE, MINI_SIZE_AT_224 = 6, (0.05, 0.14), 96   # MultiCrop
+# fine-tuning (32 px sets): RandomCrop(size, padding 4), flip, RandAugment, normalise, random erasing p 0.25 (pixel)
 FINETUNE_VIEW = View(crop="padded", padding=4, randaugment="rand-m9-mstd0.5-inc1", erase_p=0.25)
-# SPEC B (224 px folders): RandomResizedCrop(size) with bicubic resampling in place of the padded crop
+# fine-tuning (224 px folders): RandomResizedCrop(size) with bicubic resampling in place of the padded crop
 FINETUNE_FOLDER_CROP = dict(crop="resized", interpolation="bicubic")
-LINCLS_VIEW = View()                                 # SPEC D: RandomResizedCrop(size, 0.08-1) + flip
+LINCLS_VIEW = View()                                 # linear probe: RandomResizedCrop(size, 0.08-1) + flip
 
 
 def imagenet_style(preset) -> bool:
@@ -118,16 +122,18 @@ def imagenet_style(preset) -> bool:
 
 
 def aps_pair(preset, size: int, **knobs) -> Pair:
-    """SPEC A1's two views at `size`, normalised with the dataset's statistics; knobs override APS_VIEW."""
+    """APS's two views (docs/REFERENCE.md#aps-views) at `size`, normalised with the dataset's statistics; knobs override
+    APS_VIEW."""
     return Pair(replace(APS_VIEW, size=size, mean=preset.mean, std=preset.std, **knobs))
 
 
 def moco_views(preset, size: int, blur_p: float = MOCO_V2_VIEW.blur_p, num_key_views: int = 1, num_minis: int = 0,
                mini_size: int = MINI_SIZE_AT_224, mini_scale=MINI_CROP_SCALE, asym_aug: bool = False,
                scalemix: bool = False) -> MoCoViews:
-    """SPEC C1's views with the C2 switches: MultiCrop (num_minis > 0) adds small query crops and moves the large
-    crops' scale to (max mini scale, 1) on both sides, as the reference does; MeanEnc (num_key_views > 1) adds key
-    views; AsymAug makes the query stronger (RandAugment after the flip) and the key weaker (crop + flip)."""
+    """MoCo v2's views with the switches (docs/REFERENCE.md#moco-switches): MultiCrop (num_minis > 0) adds small query
+    crops and moves the large crops' scale to (max mini scale, 1) on both sides, as the reference does; MeanEnc
+    (num_key_views > 1) adds key views; AsymAug makes the query stronger (RandAugment after the flip) and the key weaker
+    (crop + flip)."""
     scale = (mini_scale[1], 1.0) if num_minis else MOCO_V2_VIEW.scale
     large = replace(MOCO_V2_VIEW, size=size, mean=preset.mean, std=preset.std, scale=scale, blur_p=blur_p)
     query, key = large, large
@@ -139,15 +145,15 @@ def moco_views(preset, size: int, blur_p: float = MOCO_V2_VIEW.blur_p, num_key_v
 
 
 def finetune_view(preset, size: int, **knobs) -> View:
-    """SPEC B's training view. CIFAR and folders are normalised with ImageNet statistics as the reference does
-    (preset.finetune_stats); the small grey datasets keep their own."""
+    """Fine-tuning's training view (docs/REFERENCE.md#fine-tuning-recipe). CIFAR and folders are normalised with
+    ImageNet statistics as the reference does (preset.finetune_stats); the small grey datasets keep their own."""
     mean, std = preset.finetune_stats
     base = replace(FINETUNE_VIEW, **FINETUNE_FOLDER_CROP) if imagenet_style(preset) else FINETUNE_VIEW
     return replace(base, size=size, mean=mean, std=std, **knobs)
 
 
 def lincls_view(preset, size: int) -> View:
-    """SPEC D's training view, with the pretraining normalisation."""
+    """The linear probe's training view (docs/REFERENCE.md#linear-probe), with the pretraining normalisation."""
     return replace(LINCLS_VIEW, size=size, mean=preset.mean, std=preset.std)
 
 
@@ -161,7 +167,7 @@ def eval_view(preset, size: int, mean=None, std=None) -> View:
 
 # ------------------------------------------------------------------ the recipes' flags
 def add_aps_view_args(parser):
-    """The APS view flags (SPEC A1), defaults from APS_VIEW."""
+    """The APS view flags (docs/REFERENCE.md#aps-views), defaults from APS_VIEW."""
     v = APS_VIEW
     g = parser.add_argument_group("augmentation (each view)")
     g.add_argument("--crop-scale", type=fraction(high_closed=True), nargs=2, default=v.scale, metavar=("MIN", "MAX"),
@@ -213,7 +219,7 @@ def moco_views_from_args(args, preset) -> MoCoViews:
 
 
 def add_finetune_view_args(parser):
-    """SPEC B's augmentation flags, defaults from FINETUNE_VIEW."""
+    """Fine-tuning's augmentation flags (docs/REFERENCE.md#fine-tuning-recipe), defaults from FINETUNE_VIEW."""
     v = FINETUNE_VIEW
     g = parser.add_argument_group("augmentation and regularisation")
     g.add_argument("--aa", type=text("a RandAugment policy rand-m<M>[-n<N>][-mstd<S>][-inc<0|1>], or none",

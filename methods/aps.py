@@ -1,5 +1,6 @@
-"""APS pretraining as a Trainer method (SPEC A): each loaded batch of view pairs gives `steps_per_batch` optimizer
-steps, one per sampling round, under the schedule f(e) = min((e + 1) / warmup, (1 + cos(pi e / E)) / 2)."""
+"""APS pretraining as a Trainer method (docs/REFERENCE.md#aps-pretraining): each loaded batch of view pairs gives
+`steps_per_batch` optimizer steps, one per sampling round, under the schedule f(e) = min((e + 1) / warmup, (1 + cos(pi e
+/ E)) / 2)."""
 from engine import Method
 from models.aps import aps_training_steps
 from utils.recompute import split_batch

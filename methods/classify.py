@@ -1,6 +1,6 @@
-"""Supervised classification as Trainer methods: fine-tuning (SPEC B: mixup/cutmix, an optional EMA that is what
-gets evaluated, held-out selection) and the linear probe (SPEC D: a frozen backbone, checked after the first
-epoch); and the evaluation of a saved classifier (--eval / --evaluate)."""
+"""Supervised classification as Trainer methods: fine-tuning (docs/REFERENCE.md#fine-tuning: mixup/cutmix, an optional
+EMA that is what gets evaluated, held-out selection) and the linear probe (docs/REFERENCE.md#linear-probe: a frozen
+backbone, checked after the first epoch); and the evaluation of a saved classifier (--eval / --evaluate)."""
 import torch
 
 from engine import Method

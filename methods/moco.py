@@ -1,5 +1,5 @@
-"""MoCo v2 (with any Asym-Siam switches) as a Trainer method (SPEC C): one optimizer step per batch, the query
-encoder under SGD with a cosine schedule per epoch."""
+"""MoCo v2 (with any Asym-Siam switches) as a Trainer method (docs/REFERENCE.md#moco): one optimizer step per batch, the
+query encoder under SGD with a cosine schedule per epoch."""
 from engine import Method
 from models.moco import moco_inputs, shuffle_permutation
 from utils.dist import get_world_size

@@ -1,4 +1,5 @@
-"""APS: one ViT encoder, a projector and a predictor, trained with a symmetric contrastive loss (SPEC A3-A4)."""
+"""APS: one ViT encoder, a projector and a predictor, trained with a symmetric contrastive loss
+(docs/REFERENCE.md#aps-model)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,7 +56,8 @@ class APS(nn.Module):
 
 
 def aps_training_steps(model, batch: dict, grid: int, ratio: float, steps_per_batch: int, power: float, rng=None):
-    """One loaded batch of view pairs -> `steps_per_batch` optimizer steps, one per sampling round (SPEC A5).
+    """One loaded batch of view pairs -> `steps_per_batch` optimizer steps, one per sampling round
+    (docs/REFERENCE.md#aps-optimisation).
 
     batch: view1/view2 [B, 3, H, W], box1/box2 [B, 4], flip1/flip2 [B], on the training device.
     Yields (loss, stats) for round t; the caller steps the optimizer before asking for round t + 1.

@@ -3,7 +3,7 @@ import torch.nn as nn
 
 
 def mlp_bn_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN(affine=False), all linears without bias (SPEC A3).
+    """Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN(affine=False), all linears without bias (docs/REFERENCE.md#aps-model).
 
     Indices 0, 1, 3, 4, 6, 7 hold parameters, as in the reference's state dicts.
     """

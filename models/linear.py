@@ -1,4 +1,4 @@
-"""Linear probe (SPEC D): a frozen backbone, always in eval mode, and a trainable linear head.
+"""Linear probe (docs/REFERENCE.md#linear-probe): a frozen backbone, always in eval mode, and a trainable linear head.
 
 The backbone comes from any checkpoint `models.load_backbone` reads (MoCo ResNets: the pooled feature;
 APS ViTs: the cls feature), or is randomly initialised (the chance-level baseline).

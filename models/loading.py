@@ -2,13 +2,15 @@
 
 Formats (detected from the keys, see FORMATS):
   ours-aps      a main_pretrain.py checkpoint: {"model": {encoder.*, projector.*, predictor.*}, "model_config", ...}
-  reference-aps the APS authors' pretraining file (SPEC A6): base_encoder.* + predictor.*, pos_embedding (L, 1, D)
+  reference-aps the APS authors' pretraining file (docs/REFERENCE.md#aps-checkpoint): base_encoder.* + predictor.*,
+                pos_embedding (L, 1, D)
                 (a state dict, or a whole pickled ViTEncoderPredHead / ViTEncoderProjHead read by models.pickled)
   reference-aps-classifier  the APS authors' fine-tuned file: a whole pickled module.model.Vit (cls_token,
                 pos_embedding, patchify, transformer.<i>, layer_norm, fc = Linear(D, classes)), read by models.pickled
   timm-vit      a plain ViT state dict with timm keys (cls_token, pos_embed, patch_embed.proj.*, blocks.*, norm.*)
   ours-moco     a main_moco.py checkpoint: {"model": {encoder_q.*, encoder_k.*, queue, queue_ptr}, ...}
-  reference-moco the Asym-Siam authors' file (SPEC C4): {"arch", "state_dict": {module.encoder_q.*, ...}}
+  reference-moco the Asym-Siam authors' file (docs/REFERENCE.md#moco-checkpoint): {"arch", "state_dict":
+                {module.encoder_q.*, ...}}
 ViT formats give an APS ViT (cls feature); MoCo formats give a torchvision ResNet with fc = Identity.
 Only `torch.load(weights_only=True)` is ever used (whole-module pickles through models.pickled's allowlist of
 inert stand-ins): nothing in a file can run code.
@@ -37,9 +39,10 @@ def split_prefix(state: dict, prefix: str):
 
 
 def convert_reference_vit(state: dict, where: str = "reference APS", prefix: str = ""):
-    """The reference's Vit (SPEC A6 without the base_encoder. prefix, or a fine-tuned module.model.Vit) -> (timm
-    ViT state dict, its head keys fc.* as they were). cls_token, pos_embedding (L, 1, D) -> (1, L, D), patchify,
-    transformer.<i>.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, layer_norm. Pure function."""
+    """The reference's Vit (docs/REFERENCE.md#aps-checkpoint without the base_encoder. prefix, or a fine-tuned
+    module.model.Vit) -> (timm ViT state dict, its head keys fc.* as they were). cls_token, pos_embedding (L, 1, D) ->
+    (1, L, D), patchify, transformer.<i>.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, layer_norm. Pure
+    function."""
     backbone, head, unknown = {}, {}, []
     for name, value in state.items():
         m = re.fullmatch(r"transformer\.(\d+)\.(.+)", name)
@@ -67,7 +70,8 @@ def convert_reference_vit(state: dict, where: str = "reference APS", prefix: str
 
 
 def convert_reference_aps(state: dict):
-    """Reference APS pretraining state dict (SPEC A6) -> (timm ViT state dict, dropped head keys). Pure function."""
+    """Reference APS pretraining state dict (docs/REFERENCE.md#aps-checkpoint) -> (timm ViT state dict, dropped head
+    keys). Pure function."""
     encoder = {k[len("base_encoder."):]: v for k, v in state.items() if k.startswith("base_encoder.")}
     others = [k for k in state if not k.startswith(("base_encoder.", "predictor."))]
     if others:
@@ -127,7 +131,8 @@ def _reference_classifier(ckpt):
 
 def keys_of(ckpt: dict) -> dict:
     """The state dict of a loaded file: a module tree's (models.pickled; the reference's pretraining projector
-    head, ViTEncoderProjHead, under its SPEC A6 prefix base_encoder.), else the file's own keys."""
+    head, ViTEncoderProjHead, under its prefix base_encoder., docs/REFERENCE.md#aps-checkpoint), else the file's own
+    keys."""
     if TREE not in ckpt:
         return ckpt
     if ckpt[TREE].endswith(".ViTEncoderProjHead"):
@@ -218,7 +223,7 @@ def open_weights(source):
 
 def tree_hints(ckpt: dict, name: str) -> dict:
     """What a module tree recorded that a state dict does not hold, as create_vit arguments: num_heads, and the
-    norms' epsilons where they differ from SPEC's 1e-5 (the blocks' must agree with one another)."""
+    norms' epsilons where they differ from the reference's 1e-5 (the blocks' must agree with one another)."""
     if TREE not in ckpt:
         return {}
     hints = {"num_heads": ckpt["num_heads"]} if ckpt.get("num_heads") else {}

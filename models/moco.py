@@ -1,4 +1,4 @@
-"""MoCo v2 with a momentum key encoder and a queue of negatives (SPEC C1), one direction:
+"""MoCo v2 with a momentum key encoder and a queue of negatives (docs/REFERENCE.md#moco-baseline), one direction:
 query = source, key = target. Views arrive by name (query, keys, mini_queries), never as slices.
 """
 import copy
@@ -149,9 +149,9 @@ def check_queue(queue_size: int, global_batch: int):
 def build_moco(arch: str = "resnet50", cifar_stem: bool = False, bn_splits: int = 1, hidden_dim: int = 2048,
                dim: int = 128, queue_size: int = 65536, momentum: float = 0.999, temperature: float = 0.2,
                device: torch.device = torch.device("cpu")) -> MoCo:
-    """MoCo v2 on a torchvision ResNet (SPEC C1), on `device`: the projector in place of fc, split BN in the trunk
-    and the projector when bn_splits > 1, channels_last on CUDA (NHWC convolutions; the inputs follow the
-    weights' layout). What main_moco.py trains and the benchmark times."""
+    """MoCo v2 on a torchvision ResNet (docs/REFERENCE.md#moco-baseline), on `device`: the projector in place of fc,
+    split BN in the trunk and the projector when bn_splits > 1, channels_last on CUDA (NHWC convolutions; the inputs
+    follow the weights' layout). What main_moco.py trains and the benchmark times."""
     encoder = create_resnet(arch, cifar_stem, bn_splits)
     encoder.fc = moco_projector(encoder.feature_dim, hidden_dim, dim, bn_splits)
     module = MoCo(encoder, dim, queue_size, momentum, temperature).to(device)

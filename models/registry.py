@@ -1,7 +1,7 @@
 """The released weights, as data: one row per file (name, arch, file, checksum, reported accuracy), and the
 verified local copy of a registry name (downloaded into the cache on first use, see utils.download).
 
-    asym-siam/<variant>-r50-100ep   the six Asym-Siam ResNet-50s (SPEC E), md5 prefix checked
+    asym-siam/<variant>-r50-100ep   the six Asym-Siam ResNet-50s (docs/REFERENCE.md#released-weights), md5 checked
     aps:<folder>/<file>             a file of the hub repo visresearch/APS, sha256 (or git blob id) checked
 
 The cache is $ASYM_SSL_WEIGHTS, else $TORCH_HOME/hub/checkpoints/asym-ssl (torch.hub's folder);
@@ -31,7 +31,7 @@ class Weight:
     size: int = None   # bytes, when known
 
 
-_C3 = "ImageNet linear top-1 (paper, SPEC C3)"
+_C3 = "ImageNet linear top-1 (paper, docs/REFERENCE.md#results)"
 REGISTRY = {w.name: w for w in (
     Weight("asym-siam/baseline-r50-100ep", "resnet50", "checkpoint_baseline_100ep.pth", "e82ede", f"65.8 {_C3}"),
     Weight("asym-siam/multicrop-r50-100ep", "resnet50", "checkpoint_multicrop_100ep.pth", "892916", f"69.9 {_C3}"),

@@ -1,4 +1,5 @@
-"""torchvision ResNets for MoCo: optional CIFAR stem, the MoCo v2 projector in place of fc (SPEC C1)."""
+"""torchvision ResNets for MoCo: optional CIFAR stem, the MoCo v2 projector in place of fc
+(docs/REFERENCE.md#moco-baseline)."""
 from functools import partial
 
 import torch.nn as nn

@@ -1,4 +1,4 @@
-"""The APS Vision Transformer (SPEC A3), a timm VisionTransformer with a forward on kept patches.
+"""The APS Vision Transformer (docs/REFERENCE.md#aps-model), a timm VisionTransformer with a forward on kept patches.
 
 Layout: conv patch embedding, learned positional embedding for the L patches only (the cls token
 gets none: timm's `no_embed_class=True`), pre-norm blocks with qkv without bias, LayerNorm eps 1e-5,
@@ -28,7 +28,7 @@ class APSViT(VisionTransformer):
     """forward(x) -> cls feature [B, D]; forward_kept(x, idx) runs the blocks on cls + the kept patches."""
 
     def __init__(self, norm_eps: float = 1e-5, final_norm_eps: float = None, **kwargs):
-        """norm_eps: the blocks' LayerNorm epsilon (SPEC: 1e-5); final_norm_eps: the final norm's (default the
+        """norm_eps: the blocks' LayerNorm epsilon (the reference: 1e-5); final_norm_eps: the final norm's (default the
         same). Other values only to reproduce a file built otherwise (a module tree records them)."""
         cfg = dict(depth=12, mlp_ratio=4.0, qkv_bias=False, class_token=True, no_embed_class=True,
                    global_pool="token", num_classes=0, norm_layer=partial(nn.LayerNorm, eps=norm_eps),
@@ -147,8 +147,9 @@ def create_vit(arch: str = "vit-small", img_size: int = 32, patch_size: int = 2,
 
 
 def param_groups(module: APSViT, weight_decay: float, layer_decay: float = None):
-    """Fine-tuning's AdamW groups (SPEC B): no decay on ndim <= 1 tensors (norms, biases) and on pos_embed /
-    cls_token; with layer decay, each group carries timm's `lr_scale` (layer_decay ** (depth + 1 - layer))."""
+    """Fine-tuning's AdamW groups (docs/REFERENCE.md#fine-tuning): no decay on ndim <= 1 tensors (norms, biases) and on
+    pos_embed / cls_token; with layer decay, each group carries timm's `lr_scale` (layer_decay ** (depth + 1 - layer)).
+    """
     no_decay = module.no_weight_decay()
     if layer_decay:
         return param_groups_layer_decay(module, weight_decay, no_decay, layer_decay=layer_decay)

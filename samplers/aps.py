@@ -1,4 +1,4 @@
-"""Asymmetric patch sampling (SPEC A2), batched on the training device.
+"""Asymmetric patch sampling (docs/REFERENCE.md#aps-sampling), batched on the training device.
 
 View 1 keeps K disjoint random subsets of n cells (sparse sampling; K = steps_per_batch, the flag --nsampling:
 each subset feeds one optimizer step). For each subset, view 2 keeps n

@@ -17,7 +17,7 @@ if ROOT not in sys.path:
 
 torch.set_num_threads(2)
 
-# the tiny model every test trains: depth 2, width 32 (SPEC layout otherwise)
+# the tiny model every test trains: depth 2, width 32 (the reference's layout otherwise, docs/REFERENCE.md#aps-model)
 TINY = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4",
         "--proj-hidden-dim", "32", "--proj-dim", "16", "--pred-hidden-dim", "32"]
 
@@ -82,7 +82,8 @@ def tiny_aps():
 
 @pytest.fixture
 def reference_state():
-    """reference_state(aps_model): its state dict in the reference's key layout, written out by hand from SPEC A6."""
+    """reference_state(aps_model): its state dict in the reference's key layout, written out by hand from
+    docs/REFERENCE.md#aps-checkpoint."""
     def convert(model) -> dict:
         enc = model.encoder
         sd = {
@@ -111,7 +112,7 @@ def reference_state():
 @pytest.fixture
 def moco_checkpoints():
     """moco_checkpoints(folder): a tiny ResNet-18 MoCo model saved in our format (ours.pth) and in the
-    reference's (ref.pth, SPEC C4); returns the model."""
+    reference's (ref.pth, docs/REFERENCE.md#moco-checkpoint); returns the model."""
     from models.moco import MoCo
     from models.resnet import create_resnet, moco_projector
 

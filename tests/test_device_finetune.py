@@ -1,5 +1,5 @@
-"""SPEC B's fine-tuning view on the device: random crop with padding, flip, RandAugment, normalise, random
-erasing, each against torchvision's functional op per sample; and the script on the device path."""
+"""The fine-tuning view (docs/REFERENCE.md#fine-tuning-recipe) on the device: random crop with padding, flip,
+RandAugment, normalise, random erasing, each against torchvision's functional op per sample; and the script on the device path."""
 import math
 
 import pytest

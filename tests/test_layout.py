@@ -1,7 +1,8 @@
-"""The code's layout, kept by tests: the import floors, no import cycles, thin entry scripts, and each SPEC
+"""The code's layout, kept by tests: the import floors, no import cycles, thin entry scripts, and each reference
 constant of a recipe stated once. Every import counts, those inside functions included (an ast walk)."""
 import ast
 import os
+import re
 
 import pytest
 
@@ -109,8 +110,9 @@ def test_entry_scripts_are_flags_and_main(script):
     assert {"get_args_parser", "main"} <= defs <= {"get_args_parser", "main", "validate"}, defs
 
 
-# each recipe constant of SPEC, as a literal: stated once in the code (docstrings, comments and help text aside)
-SPEC_CONSTANTS = [(0.4, 0.4, 0.4, 0.1), (0.15, 1.0), "rand-m9-mstd0.5-inc1", "rand-m10-n2-mstd0.5"]
+# each recipe constant of the reference (docs/REFERENCE.md), as a literal: stated once in the code (docstrings, comments
+# and help text aside)
+RECIPE_CONSTANTS = [(0.4, 0.4, 0.4, 0.1), (0.15, 1.0), "rand-m9-mstd0.5-inc1", "rand-m10-n2-mstd0.5"]
 
 
 def literal_places(value) -> list:
@@ -136,8 +138,8 @@ def literal_places(value) -> list:
     return places
 
 
-@pytest.mark.parametrize("value", SPEC_CONSTANTS, ids=str)
-def test_each_spec_recipe_constant_is_stated_once(value):
+@pytest.mark.parametrize("value", RECIPE_CONSTANTS, ids=str)
+def test_each_reference_recipe_constant_is_stated_once(value):
     places = literal_places(value)
     assert len(places) == 1, f"{value!r} is written at {places}; state it once (augment/recipes.py) and refer to it"
 
@@ -147,3 +149,40 @@ def test_every_script_takes_both_spellings_of_the_epoch_count(script):
     import importlib
     parser = importlib.import_module(script.removesuffix(".py")).get_args_parser()
     assert parser.parse_args(["--nepoch", "3"]).epochs == 3 == parser.parse_args(["--epochs", "3"]).epochs
+
+
+def text_files() -> list:
+    """Every text file a clone holds: code, docs, CI (the virtual environment and outputs left out)."""
+    out = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in (".venv", ".git", "__pycache__", "output")]
+        out += [os.path.relpath(os.path.join(folder, f), ROOT) for f in files
+                if f.endswith((".py", ".md", ".txt", ".cfg", ".toml", ".yaml", ".sh")) or f == "run"]
+    return sorted(out)
+
+
+def markdown_anchors(path: str) -> set:
+    """The anchors GitHub gives a Markdown file's headings (lower case, punctuation dropped, spaces to hyphens)."""
+    anchors = set()
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#"):
+                title = line.lstrip("#").strip().lower()
+                anchors.add(re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title)))
+    return anchors
+
+
+def test_the_repo_stands_alone_and_every_citation_of_the_reference_resolves():
+    anchors = markdown_anchors("docs/REFERENCE.md")
+    assert {"aps-sampling", "moco-switches", "linear-probe", "bugs-we-fix", "results"} <= anchors
+    cited, outside = 0, []
+    for path in text_files():
+        with open(os.path.join(ROOT, path), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        outside += [f"{path}: {m.group(0)!r}" for m in re.finditer(r"\bSPEC\b[ ._]?[A-E]?\d?|\.\./shared|shared/S[P]EC|"
+                                                                  r"[Ii]ssue #?\d+", text)]
+        for m in re.finditer(r"REFERENCE\.md#([\w-]+)", text):
+            cited += 1
+            assert m.group(1) in anchors, f"{path} cites REFERENCE.md#{m.group(1)}, which is no heading there"
+    assert not outside, outside                # pointers to files or trackers a clone does not have
+    assert cited > 40

@@ -1,4 +1,5 @@
-"""Linear probe (SPEC D): LARS against a hand-computed update, loading, frozen backbone, accuracy, --evaluate."""
+"""Linear probe (docs/REFERENCE.md#linear-probe): LARS against a hand-computed update, loading, frozen backbone,
+accuracy, --evaluate."""
 import math
 
 import pytest

@@ -1,4 +1,5 @@
-"""load_backbone: our checkpoints, the reference APS format (SPEC A6), strict checks, hostile files."""
+"""load_backbone: our checkpoints, the reference APS format (docs/REFERENCE.md#aps-checkpoint), strict checks, hostile
+files."""
 import os
 import pickle
 

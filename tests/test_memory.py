@@ -296,3 +296,15 @@ def test_accumulated_runs_end_as_the_whole_batch_run_and_resume_exactly(tmp_path
     assert resumed["global_step"] == straight["global_step"] == 4
     assert differences(resumed["model"], straight["model"]) == []
     assert differences(resumed["optimizer"], straight["optimizer"]) == []
+
+
+@pytest.mark.slow
+def test_the_memory_table_runs_each_configuration_in_its_own_process_and_accumulation_saves(monkeypatch):
+    from tools import bench_memory
+    monkeypatch.setattr(bench_memory, "STEPS", [("aps-vit-tiny", "vit-tiny", 16, 1024)])    # /8 on the CPU: 128
+    monkeypatch.setattr(bench_memory, "SAVINGS", [("none", False, 1), ("accum-4", False, 4)])
+    plain, accumulated = bench_memory.memory_table(torch.device("cpu"), "off", 8, 1)
+    assert (plain["saving"], accumulated["saving"]) == ("none", "accum-4")
+    assert plain["batch"] == accumulated["batch"] == 128 and plain["memory_ratio"] == 1.0
+    assert accumulated["step_mib"] < 0.7 * plain["step_mib"], (plain, accumulated)   # activations / 4, + the rest
+    assert accumulated["memory_ratio"] == pytest.approx(accumulated["step_mib"] / plain["step_mib"], abs=1e-3)

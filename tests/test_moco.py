@@ -1,4 +1,5 @@
-"""MoCo core (SPEC C1/C2): loss, momentum update, queue, split BN, MultiCrop and MeanEnc composition."""
+"""MoCo core (docs/REFERENCE.md#moco-switches): loss, momentum update, queue, split BN, MultiCrop and MeanEnc
+composition."""
 import math
 
 import numpy as np
@@ -252,7 +253,7 @@ def test_load_backbone_reads_our_and_the_reference_moco_checkpoints(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     expected = ResNetTrunk(moco.encoder_q).eval()(x)
     ref = {"epoch": 100, "arch": "resnet18", "optimizer": {},
-           "state_dict": {f"module.{k}": v for k, v in moco.state_dict().items()}}  # SPEC C4
+           "state_dict": {f"module.{k}": v for k, v in moco.state_dict().items()}}  # docs/REFERENCE.md#moco-checkpoint
     torch.save(ref, tmp_path / "ref.pth")
     torch.save({"model": moco.state_dict(), "args": {}, "epoch": 1, "optimizer": {}}, tmp_path / "ours.pth")
     for name in ("ref.pth", "ours.pth"):

@@ -91,7 +91,8 @@ def server(monkeypatch, tmp_path):
 
 
 def tiny_moco_reference(path):
-    """A ResNet-18 MoCo checkpoint in the reference layout (SPEC C4); returns its query encoder."""
+    """A ResNet-18 MoCo checkpoint in the reference layout (docs/REFERENCE.md#moco-checkpoint); returns its query
+    encoder."""
     from models.moco import MoCo
     from models.resnet import moco_projector
     torch.manual_seed(5)

@@ -169,6 +169,16 @@ def get_args_parser():
                    help="also time the CPU-worker path on a synthetic JPEG folder against the same images as tar "
                         "shards, with 1 and 2 workers (files_vs_shards records)")
     p.add_argument("--files-images", type=count(), default=512, help="images in --files' synthetic folder")
+    p.add_argument("--memory", action="store_true",
+                   help="the memory table: APS ViT-S/2 and ViT-B/2 at batch 512, MoCo ResNet-50 at 224 px and batch 256 "
+                        "(smaller on the CPU), each with no saving, --grad-checkpointing, --accum-steps 2/4/8 and both "
+                        "(tools/bench_memory.py)")
+    p.add_argument("--memory-scale", type=count(), default=8,
+                   help="CPU only: divide the memory table's batches (and MoCo's image size) by this")
+    p.add_argument("--memory-steps", type=count(), default=None, help="timed steps per memory configuration "
+                   "(default 5 on GPU, 2 on CPU)")
+    p.add_argument("--memory-only", type=one_of(("aps-vit-small", "aps-vit-base", "moco-resnet50"), "step"),
+                   default=None, help="comma-separated steps of the memory table to run (default: all)")
     p.add_argument("--peak-tflops", type=positive(), default=None,
                    help="the device's dense bf16 peak, for MFU (default: known GPUs, e.g. 989 for H100/H200)")
     return p
@@ -203,6 +213,10 @@ def main(args):
             print(json.dumps(rec), flush=True)
     if not args.skip_pipeline:
         results += pipelines(args, device, amp, gpu, batch, peak, pipeline_archs)
+    if args.memory:
+        from tools.bench_memory import memory_table
+        results += memory_table(device, args.amp, args.memory_scale, args.memory_steps or (5 if gpu else 2),
+                                args.memory_only.split(",") if args.memory_only else None)
     if args.files:
         from tools.bench_files import files_vs_shards
         for rec in files_vs_shards(args.files_images, 160, 128, 64, max(2, args.files_images // 64 - 1)):

@@ -234,9 +234,9 @@ def reference_step_loss(model, x1, x2, idx1, idx2):
 
 
 def aps_reference_pipeline(arch, batch, img_size, patch, ratio, steps_per_batch, device, batches, warmup, workers):
-    """Image pairs/s of whole APS batches as the reference's code makes them (SPEC A): PIL views and a per-pair
-    numpy sampler in CPU workers, two encoder calls per step, eager, fp16 autocast with a grad scaler,
-    steps_per_batch optimizer steps per batch. The baseline our end-to-end pipeline is compared with."""
+    """Image pairs/s of whole APS batches as the reference's code makes them (docs/REFERENCE.md#aps-pretraining): PIL
+    views and a per-pair numpy sampler in CPU workers, two encoder calls per step, eager, fp16 autocast with a grad
+    scaler, steps_per_batch optimizer steps per batch. The baseline our end-to-end pipeline is compared with."""
     grid = img_size // patch
     kept = kept_per_view(grid * grid, ratio, steps_per_batch)
     fp16 = torch.float16

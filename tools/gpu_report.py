@@ -10,7 +10,8 @@ one starts): correctness (tools.gpu_checks: each script's short epoch in bf16, f
 torch.cuda's sync debug mode, the same views and patches on the GPU as on the CPU, GPU-decoded JPEGs against
 CPU-decoded ones, --deterministic runs, 2 processes against 1); the CUDA-marked tests; the APS step eager with
 the profiler's split; the data paths end to end (ours on both paths, the reference's pipeline imitated, MoCo
-ResNet-50 at 224 px both ways); the APS step compiled. summary.json says pass/fail per correctness check apart
+ResNet-50 at 224 px both ways); the memory table (tools.bench --memory: each saving's peak memory and step
+time); the APS step compiled. summary.json says pass/fail per correctness check apart
 from the speed targets (each phase's `targets` line). A line a phase prints that is not JSON is kept aside
 (its .log file), never in the way of the summary.
 """
@@ -27,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU = {"eager": ["--archs", "vit-small", "--batch-size", "512", "--skip-pipeline", "--profile", "3"],
        "compiled": ["--archs", "vit-small", "--batch-size", "512", "--skip-pipeline", "--compile", "--profile", "3"],
        "pipelines": ["--skip-model", "--pipeline-archs", "vit-small", "--reference", "--moco-arch", "resnet50",
-                     "--moco-batch", "256", "--moco-img-size", "224"]}
+                     "--moco-batch", "256", "--moco-img-size", "224"],
+       "memory": ["--skip-model", "--skip-pipeline", "--memory", "--memory-steps", "3"]}
 SMALL = {"eager": ["--device", "cpu", "--archs", "vit-tiny", "--batch-size", "4", "--steps", "1", "--warmup", "0",
                    "--img-size", "16", "--patch-size", "4", "--sampler-batch", "16", "--loop-pairs", "4",
                    "--skip-pipeline", "--profile", "1"],
@@ -35,8 +37,9 @@ SMALL = {"eager": ["--device", "cpu", "--archs", "vit-tiny", "--batch-size", "4"
          "pipelines": ["--device", "cpu", "--skip-model", "--batch-size", "4", "--img-size", "16", "--patch-size",
                        "4", "--sampler-batch", "16", "--loop-pairs", "4", "--pipeline-archs", "vit-tiny",
                        "--pipeline-batches", "1", "--workers", "1", "--reference", "--moco-arch", "resnet18",
-                       "--moco-batch", "4", "--moco-img-size", "32"]}
-LIMITS = {"correctness": 200, "tests": 70, "eager": 80, "pipelines": 110, "compiled": 150}
+                       "--moco-batch", "4", "--moco-img-size", "32"],
+         "memory": None}                                          # ViT-B and ResNet-50 steps: tests/test_memory.py
+LIMITS = {"correctness": 200, "tests": 70, "eager": 80, "pipelines": 110, "memory": 200, "compiled": 150}
 
 
 def versions() -> dict:
@@ -158,7 +161,7 @@ def main(args):
     phases.append(run_cuda_tests(args.out, min(LIMITS["tests"], left())) if left() >= 20 else
                   {"phase": "tests", "skipped": "no time left"})
     print(json.dumps(phases[-1]), flush=True)
-    for name in ("eager", "pipelines", "compiled"):
+    for name in ("eager", "pipelines", "memory", "compiled"):
         argv = shapes[name]
         if argv is None or left() < 20:
             phases.append({"phase": name, "skipped": "left out at small shapes" if argv is None else "no time left"})

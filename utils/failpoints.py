@@ -11,14 +11,14 @@ it reaches `failpoint(name)`. Unset, a failpoint costs one dictionary lookup.
 import os
 import signal
 
-SPEC = os.environ.get("ASYM_FAILPOINT", "")
+WANTED = os.environ.get("ASYM_FAILPOINT", "")
 _hits = {}
 
 
 def failpoint(name: str):
-    if not SPEC:
+    if not WANTED:
         return
-    want, _, k = SPEC.partition("@")
+    want, _, k = WANTED.partition("@")
     if want != name:
         return
     _hits[name] = _hits.get(name, 0) + 1

@@ -1,7 +1,7 @@
 """LARS: SGD with momentum whose step for each weight matrix is rescaled by a layer-wise trust ratio.
 
-The linear-probe variant of SPEC D (the LARC form, without clipping). For a parameter w with gradient g,
-weight decay wd, trust coefficient c and lr:
+The linear-probe variant of docs/REFERENCE.md#linear-probe (the LARC form, without clipping). For a parameter w with
+gradient g, weight decay wd, trust coefficient c and lr:
 
     if w.ndim > 1 and |w| > 0 and |g| > 0:   d = c |w| / (|g| + wd |w| + eps) * (g + wd w)
     else:                                   d = g + wd w          (biases, norms: no adaptation)

@@ -3,7 +3,7 @@ import math
 
 
 def aps_factor(epoch: float, warmup_epochs: float, epochs: float) -> float:
-    """APS (SPEC A5): f(e) = min((e + 1) / warmup, (1 + cos(pi * e / E)) / 2)."""
+    """APS (docs/REFERENCE.md#aps-optimisation): f(e) = min((e + 1) / warmup, (1 + cos(pi * e / E)) / 2)."""
     warm = (epoch + 1) / warmup_epochs if warmup_epochs > 0 else float("inf")
     return min(warm, 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)))
 
