@@ -3,7 +3,9 @@ non-finite detection without host syncs, progress lines, TensorBoard/JSON logs, 
 checkpoints and exact resume.
 
 A script hands the Trainer a `Method` (what it trains: the model, the steps of one loaded batch, the lr schedule,
-the evaluation and the hooks) and `TrainSettings` (the runtime flags). `Method.training_steps(batch, rng)`
+the evaluation and the hooks), `TrainSettings` (the runtime flags, and what the script says about its own flags:
+which ones a resumed run must share, which one sets the lr) and a `Reporter` (what the run leaves for people:
+utils.report.RunReporter draws curves.png and writes report.md). `Method.training_steps(batch, rng)`
 yields (loss, stats) once per optimizer step (APS: one per sampling round; the other methods: one per batch).
 rng is a utils.rng.BatchRandom reseeded per global batch from (seed, epoch, batch): per-sample randomness drawn
 from it (APS's patch sampling, ScaleMix, shuffle-BN's permutation) is the same for any number of processes.
@@ -21,42 +23,15 @@ import torch
 
 from utils.checkpoint import LATEST, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
 from utils.dist import all_reduce_min, cleanup, get_rank, get_world_size, is_dist, is_main_process
-from utils.errors import UserError, describe
+from utils.errors import UserError
 from utils.failpoints import failpoint
 from utils.log import MeanMeter, Progress, RunLog, get_logger
-from utils.plots import CURVES, plot_curves
 from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
 from utils.recompute import enable_grad_checkpointing
 from utils.rng import BatchRandom
-from utils.report import write_report
 from utils.runtime import autocast, compile_in_place, make_grad_scaler, peak_memory_mib, seed_everything
 from utils.transfer import tree_to_device
 from utils.schedule import set_lr
-
-
-def finish(trainer: "Trainer", metrics: dict) -> dict:
-    """Log the method's closing line and where the checkpoint is, draw curves.png, write report.md (rank 0), leave
-    the process group; return metrics."""
-    if trainer.settings.dry_run:
-        cleanup()
-        return metrics
-    line = trainer.method.summary(metrics, trainer.best, trainer.start_metrics)
-    if line:
-        trainer.logger.info(line)
-    out = trainer.settings.output_dir
-    trainer.logger.info(f"checkpoint: {os.path.join(out, LATEST)}")
-    trainer.draw_curves()
-    if is_main_process():
-        report = write_report(out, trainer.settings.description, trainer.settings.flags, trainer.method.model_config,
-                              metrics,
-                              trainer.start_metrics, trainer.train_seconds,
-                              trainer.train_images / max(trainer.train_seconds, 1e-9) * get_world_size(),
-                              peak_memory_mib(trainer.device),
-                              f"{trainer.settings.epochs}" + (f" (resumed after epoch {trainer.start_epoch})"
-                                                               if trainer.start_epoch else ""), trainer.settings.notes)
-        trainer.logger.info(f"report: {report}")
-    cleanup()
-    return metrics
 
 
 def all_rng_states() -> list:
@@ -76,7 +51,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 NO_STEP = 2**62  # "no non-finite loss seen"
 STEP_STREAM = 2  # key part that keeps the training step's BatchRandom stream apart from others
 BEST = "checkpoint-best.pth"
-RUN_IDENTITY = ("dataset", "arch", "patch_size", "img_size")  # what auto-resume must find unchanged
 
 
 class NonFiniteLoss(UserError):
@@ -87,7 +61,7 @@ class Method:
     """What a training method gives the Trainer; a new method is one small subclass (methods/).
 
     module: the unwrapped model (what is saved); model: what is called (DDP-wrapped, or the module itself).
-    steps_per_batch: optimizer steps per loaded batch (APS: its sampling rounds, --nsampling). extra_state:
+    steps_per_batch: optimizer steps per loaded batch (APS: its sampling rounds). extra_state:
     objects with state_dict()/load_state_dict() saved alongside the model (an EMA, ...). model_config: how to
     build the model again (saved in every checkpoint). select_metric: an evaluate() key whose best value writes
     checkpoint-best.pth.
@@ -96,8 +70,6 @@ class Method:
     select_metric = None
     evaluate_at_start = False   # also evaluate before the first epoch (the kNN monitor's baseline, "epoch 0")
     name = "this method"        # in messages
-    lr_flag = "--base-lr"       # the flag a non-finite loss's advice names
-    known_ranges = {}           # flag dest -> (low, high) the method is known to train in (names a diverging flag)
 
     def __init__(self, module: torch.nn.Module, model: torch.nn.Module = None, model_config: dict = None,
                  extra_state: dict = None):
@@ -134,13 +106,18 @@ class Method:
     def summary(self, metrics: dict, best=None, start: dict = None) -> str:
         """The run's closing line from its last metrics and those before the first epoch ('' when there is nothing
         to report)."""
-        if "knn_top1" in metrics:
-            line = f"final kNN top-1 {metrics['knn_top1']:.2f}% (top-5 {metrics['knn_top5']:.2f}%)"
-            if start and "knn_top1" in start:
-                line += f"; kNN top-1 at start {start['knn_top1']:.2f} %, at the end {metrics['knn_top1']:.2f} %"
-            return line
-        if "test_acc1" in metrics:
-            return f"final test top-1 {metrics['test_acc1']:.2f}% (top-5 {metrics['test_acc5']:.2f}%)"
+        return ""
+
+
+class Reporter:
+    """What the Trainer tells about a run besides its checkpoints (utils.report.RunReporter: curves.png and
+    report.md); this one writes nothing."""
+
+    def checkpoint_written(self):
+        """After every epoch's checkpoint."""
+
+    def finished(self, **run) -> str:
+        """After the last epoch; `run`: utils.report.write_report's arguments after output_dir."""
         return ""
 
 
@@ -164,24 +141,30 @@ class TrainSettings:
     description: str = ""                       # the opening line (utils.run.describe_run), logged and reported
     dry_run: bool = False                       # check the data and one forward pass, then stop
     notes: tuple = ()                           # lines for report.md (e.g. why no kNN was run)
+    identity: tuple = ()                        # flags (dests) a checkpoint found by auto-resume must share
+    lr_flag: str = "--lr"                       # the flag a non-finite loss's advice names
+    known_ranges: dict = field(default_factory=dict)  # flag dest -> (low, high) the method is known to train in
 
     @classmethod
-    def from_args(cls, args, eval_every: int, description: str = "", notes=()) -> "TrainSettings":
+    def from_args(cls, args, eval_every: int, description: str = "", notes=(), identity=(), lr_flag: str = "--lr",
+                  known_ranges: dict = None) -> "TrainSettings":
         return cls(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                    resume=args.resume, print_freq=args.print_freq, eval_every=eval_every, save_every=args.save_every,
                    skip_nonfinite=args.skip_nonfinite, compile=args.compile,
                    grad_checkpointing=getattr(args, "grad_checkpointing", False),
                    clip_grad=getattr(args, "clip_grad", None), accum_steps=getattr(args, "accum_steps", 1),
                    flags=dict(vars(args)),
-                   description=description, dry_run=args.dry_run, notes=tuple(notes))
+                   description=description, dry_run=args.dry_run, notes=tuple(notes), identity=tuple(identity),
+                   lr_flag=lr_flag, known_ranges=dict(known_ranges or {}))
 
 
 class Trainer:
     """Runs epochs [start, settings.epochs) of `method` over `loader`, evaluating and checkpointing as it goes."""
 
     def __init__(self, method: Method, optimizer: torch.optim.Optimizer, loader, settings: TrainSettings,
-                 device: torch.device, amp: Optional[torch.dtype]):
+                 device: torch.device, amp: Optional[torch.dtype], reporter: Reporter = None):
         self.method, self.optimizer, self.loader, self.settings = method, optimizer, loader, settings
+        self.reporter = reporter or Reporter()
         self.device, self.amp = device, amp
         self.scaler = make_grad_scaler(device, amp)
         self.best = None
@@ -239,16 +222,27 @@ class Trainer:
         every = self.settings.save_every
         if every and epoch % every == 0:
             save_checkpoint(state, os.path.join(self.settings.output_dir, f"checkpoint-{epoch:04d}.pth"))
-        self.draw_curves()
+        self.reporter.checkpoint_written()
 
-    def draw_curves(self):
-        """curves.png from log.jsonl (rank 0); a picture that cannot be drawn is a warning, never a stop."""
-        if not is_main_process():
-            return
-        try:
-            plot_curves(self.settings.output_dir)
-        except Exception as e:  # matplotlib can fail in many ways (fonts, a full disk): the run goes on
-            self.logger.warning(f"could not draw {os.path.join(self.settings.output_dir, CURVES)} ({describe(e)})")
+    def finish(self, metrics: dict) -> dict:
+        """Log the method's closing line and where the checkpoint is, tell the reporter (curves.png, report.md), leave
+        the process group; return metrics."""
+        settings = self.settings
+        if settings.dry_run:
+            cleanup()
+            return metrics
+        line = self.method.summary(metrics, self.best, self.start_metrics)
+        if line:
+            self.logger.info(line)
+        self.logger.info(f"checkpoint: {os.path.join(settings.output_dir, LATEST)}")
+        resumed = f" (resumed after epoch {self.start_epoch})" if self.start_epoch else ""
+        self.reporter.finished(
+            description=settings.description, flags=settings.flags, model_config=self.method.model_config,
+            metrics=metrics, start_metrics=self.start_metrics, seconds=self.train_seconds,
+            images_per_s=self.train_images / max(self.train_seconds, 1e-9) * get_world_size(),
+            peak_memory_mib=peak_memory_mib(self.device), epochs=f"{settings.epochs}{resumed}", notes=settings.notes)
+        cleanup()
+        return metrics
 
     def resume(self):
         path = find_resume_path(self.settings.resume, self.settings.output_dir)
@@ -257,7 +251,7 @@ class Trainer:
         ckpt = load_training_checkpoint(path)
         if not self.settings.resume:  # auto-resume: refuse a checkpoint left there by a different run
             saved, now = ckpt["args"], self.settings.flags
-            diff = [f"--{k.replace('_', '-')} {saved[k]} vs {now[k]}" for k in RUN_IDENTITY
+            diff = [f"--{k.replace('_', '-')} {saved[k]} vs {now[k]}" for k in self.settings.identity
                     if k in saved and k in now and saved[k] != now[k]]
             if diff:
                 raise UserError(f"{path} belongs to a different run ({', '.join(diff)}); use another --output-dir "
@@ -418,15 +412,16 @@ class Trainer:
     def nonfinite_advice(self, step: int) -> str:
         """What to change: in the first steps, a flag outside the range the method is known to train in (the
         likely cause), else the lr or the precision."""
-        flags, method = self.settings.flags, self.method
+        settings, method = self.settings, self.method
+        flags = settings.flags
         if step <= 1:
-            off = [(d, flags[d], lo, hi) for d, (lo, hi) in method.known_ranges.items()
+            off = [(d, flags[d], lo, hi) for d, (lo, hi) in settings.known_ranges.items()
                    if d in flags and isinstance(flags[d], (int, float)) and not lo <= flags[d] <= hi]
             if off:
                 d, value, lo, hi = off[0]
                 return (f"--{d.replace('_', '-')} {value:g} is outside the range {method.name} is known to train in "
                         f"({lo:g} to {hi:g}): use a value in it")
-        return f"lower {method.lr_flag} or use --amp bf16/off"
+        return f"lower {settings.lr_flag} or use --amp bf16/off"
 
     def fit(self) -> dict:
         self.stop.install()

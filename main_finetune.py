@@ -10,13 +10,14 @@ from augment.recipes import add_finetune_view_args, eval_view, finetune_view_fro
 from data import add_data_args, apply_preset, per_rank_batch_size
 from data.datasets import num_classes_of
 from data.pipeline import eval_loader, training_data
-from engine import Trainer, TrainSettings, finish
+from engine import Trainer, TrainSettings
 from methods.classify import FineTuning, evaluate_saved, finetuned_classifier, saved_source
 from models.loading import build_classifier
 from models.vit import add_vit_args, check_vit_flags, param_groups, vit_overrides
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.run import add_runtime_args, check_per_process, describe_run, start_run
+from utils.report import RunReporter
+from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
 from utils.schedule import warmup_cosine
 from models.registry import is_registry_name
@@ -116,9 +117,9 @@ def main(args):
     method = FineTuning(module, data_parallel(module, device), criterion, schedule, eval_loaders, device, amp, mixup,
                         ema, model_config=model_config, select_metric="val_acc1" if data.held_out is not None else None,
                         records=data.records)
-    settings = TrainSettings.from_args(args, args.eval_every, description)
-    trainer = Trainer(method, optimizer, data.loader, settings, device, amp)
-    return finish(trainer, trainer.fit())
+    settings = TrainSettings.from_args(args, args.eval_every, description, identity=VIT_IDENTITY, lr_flag="--base-lr")
+    trainer = Trainer(method, optimizer, data.loader, settings, device, amp, RunReporter(args.output_dir))
+    return trainer.finish(trainer.fit())
 
 
 if __name__ == "__main__":

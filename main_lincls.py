@@ -13,7 +13,7 @@ from augment.recipes import eval_view, lincls_view
 from data import add_data_args, apply_preset, build_eval_loader, per_rank_batch_size
 from data.device_loaders import TensorLoader
 from data.pipeline import eval_loader, training_data
-from engine import Trainer, TrainSettings, finish
+from engine import Trainer, TrainSettings
 from methods.classify import LinearProbing, evaluate_saved, saved_checkpoint
 from models.linear import PROBE_ARCHS, BackboneGuard, LinearProbe, backbone_and_fc, backbone_img_size, build_probe
 from models.norm import convert_sync_batchnorm
@@ -21,7 +21,8 @@ from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import feature_dataset
 from utils.lars import LARS
-from utils.run import add_runtime_args, check_per_process, describe_run, start_run
+from utils.report import RunReporter
+from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
 from utils.schedule import cosine_per_epoch
 from models.registry import is_registry_name
@@ -109,9 +110,9 @@ def main(args):
                            partial(cosine_per_epoch, epochs=args.epochs, base=lr), {"test": test_loader}, device, amp,
                            evaluated=trained, guard=BackboneGuard(probe.backbone), records=data.records,
                            model_config=dict(backbone=backbone_cfg, num_classes=data.num_classes, head_bn=args.head_bn))
-    settings = TrainSettings.from_args(args, args.eval_every, description)
-    trainer = Trainer(method, optimizer, loader, settings, device, amp)
-    return finish(trainer, trainer.fit())
+    settings = TrainSettings.from_args(args, args.eval_every, description, identity=VIT_IDENTITY)
+    trainer = Trainer(method, optimizer, loader, settings, device, amp, RunReporter(args.output_dir))
+    return trainer.finish(trainer.fit())
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ import torch
 from augment.recipes import add_moco_view_args, moco_views_from_args
 from data import PRESETS, add_data_args, apply_preset
 from data.pipeline import knn_setup, training_data
-from engine import Trainer, TrainSettings, finish
+from engine import Trainer, TrainSettings
 from methods.moco import MoCoPretraining
 from models.moco import build_moco, check_queue, synchronise_key_projector
 from models.resnet import RESNETS, ResNetTrunk
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args
+from utils.report import RunReporter
 from utils.run import add_runtime_args, check_ordered, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
 from utils.flags import count, momentum, nonnegative, positive
@@ -87,9 +88,11 @@ def main(args):
     method = MoCoPretraining(module, data_parallel(module, device), lr, args.epochs, knn,
                              dict(arch=args.arch, cifar_stem=args.cifar_stem, mlp_hidden_dim=args.mlp_hidden_dim,
                                   moco_dim=args.moco_dim))
-    settings = TrainSettings.from_args(args, args.knn_every, description, notes)
-    trainer = Trainer(method, optimizer, data.loader, settings, device, amp)
-    return finish(trainer, trainer.fit())
+    settings = TrainSettings.from_args(args, args.knn_every, description, notes,
+                                       identity=("dataset", "arch", "img_size"),
+                                       known_ranges={"moco_t": (0.01, 1.0)})     # MoCo's 0.07-0.2, with room
+    trainer = Trainer(method, optimizer, data.loader, settings, device, amp, RunReporter(args.output_dir))
+    return trainer.finish(trainer.fit())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import torch
 from augment.recipes import add_aps_view_args, aps_pair_from_args
 from data import PRESETS, add_data_args, apply_preset
 from data.pipeline import knn_setup, training_data
-from engine import Trainer, TrainSettings, finish
+from engine import Trainer, TrainSettings
 from methods.aps import APSPretraining
 from models import APS, create_vit
 from models.norm import convert_sync_batchnorm
@@ -13,7 +13,8 @@ from samplers.aps import kept_per_view
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.knn import add_knn_args
-from utils.run import add_runtime_args, check_ordered, check_per_process, describe_run, start_run
+from utils.report import RunReporter
+from utils.run import VIT_IDENTITY, add_runtime_args, check_ordered, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything
 from utils.flags import count, fraction, momentum, nonnegative, positive
 
@@ -84,9 +85,10 @@ def main(args):
     knn, notes = knn_setup(args, preset, device, module.encoder, amp, data)
     method = APSPretraining(module, data_parallel(module, device), encoder.grid, args.sampling_ratio, args.nsampling,
                             args.power, lr, args.warmup_epochs, args.epochs, knn, model_config)
-    settings = TrainSettings.from_args(args, args.knn_every, description, notes)
-    trainer = Trainer(method, optimizer, data.loader, settings, device, amp)
-    return finish(trainer, trainer.fit())
+    settings = TrainSettings.from_args(args, args.knn_every, description, notes, identity=VIT_IDENTITY,
+                                       lr_flag="--base-lr", known_ranges={"temperature": (0.01, 1.0)})  # T ~ 0.05-0.5
+    trainer = Trainer(method, optimizer, data.loader, settings, device, amp, RunReporter(args.output_dir))
+    return trainer.finish(trainer.fit())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 from engine import Method
 from models.aps import aps_training_steps
 from utils.recompute import split_batch
+from utils.knn import knn_summary
 from utils.schedule import aps_factor
 
 
@@ -12,7 +13,6 @@ class APSPretraining(Method):
 
     name = "APS"
     evaluate_at_start = True                                # the kNN baseline of the random (or loaded) weights
-    known_ranges = {"temperature": (0.01, 1.0)}             # contrastive methods train at T around 0.05-0.5
 
     def __init__(self, module, model, grid: int, ratio: float, steps_per_batch: int, power: float, lr: float,
                  warmup_epochs: float, epochs: int, knn=None, model_config: dict = None):
@@ -31,3 +31,6 @@ class APSPretraining(Method):
 
     def evaluate(self, epoch: int):
         return None if self.knn is None else self.knn(epoch)
+
+    def summary(self, metrics: dict, best=None, start: dict = None) -> str:
+        return knn_summary(metrics, start)

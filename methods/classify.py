@@ -45,6 +45,11 @@ class Classification(Method):
     def lr_at(self, epoch: float) -> float:
         return self.schedule(epoch)
 
+    def summary(self, metrics: dict, best=None, start: dict = None) -> str:
+        if "test_acc1" not in metrics:
+            return ""
+        return f"final test top-1 {metrics['test_acc1']:.2f}% (top-5 {metrics['test_acc5']:.2f}%)"
+
     def split_backbone(self, chunks: int):
         """The classifier in chunks (a ViT mixes no samples; mixup and cutmix are drawn on the whole batch before
         it runs); the loss on the whole batch."""
@@ -77,7 +82,6 @@ class LinearProbing(Classification):
     the first optimizer step and checks after the first epoch that training left it alone."""
 
     name = "the linear probe"
-    lr_flag = "--lr"
 
     def __init__(self, *args, guard, **kwargs):
         super().__init__(*args, **kwargs)

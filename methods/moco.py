@@ -4,6 +4,7 @@ from engine import Method
 from models.moco import moco_inputs, shuffle_permutation
 from utils.dist import get_world_size
 from utils.errors import UserError
+from utils.knn import knn_summary
 from utils.recompute import split_batch
 from utils.schedule import cosine_per_epoch
 
@@ -13,8 +14,6 @@ class MoCoPretraining(Method):
 
     name = "MoCo"
     evaluate_at_start = True                                # the kNN baseline of the random (or loaded) weights
-    lr_flag = "--lr"
-    known_ranges = {"moco_t": (0.01, 1.0)}                  # MoCo's 0.07-0.2, with room
 
     def __init__(self, module, model, lr: float, epochs: int, knn=None, model_config: dict = None):
         super().__init__(module, model, model_config)
@@ -43,3 +42,6 @@ class MoCoPretraining(Method):
 
     def evaluate(self, epoch: int):
         return None if self.knn is None else self.knn(epoch)
+
+    def summary(self, metrics: dict, best=None, start: dict = None) -> str:
+        return knn_summary(metrics, start)

@@ -98,3 +98,13 @@ def knn_monitor(backbone, train_loader, test_loader, num_classes: int, device, a
     test_loader's the queries (deterministic views, sharded: each rank embeds its part, the features are
     gathered)."""
     return lambda epoch: knn_evaluate(backbone, train_loader, test_loader, num_classes, device, amp, k, temperature)
+
+
+def knn_summary(metrics: dict, start: dict = None) -> str:
+    """A pretraining run's closing line from its last kNN metrics (and those before its first epoch); '' without."""
+    if "knn_top1" not in metrics:
+        return ""
+    line = f"final kNN top-1 {metrics['knn_top1']:.2f}% (top-5 {metrics['knn_top5']:.2f}%)"
+    if start and "knn_top1" in start:
+        line += f"; kNN top-1 at start {start['knn_top1']:.2f} %, at the end {metrics['knn_top1']:.2f} %"
+    return line

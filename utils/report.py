@@ -1,9 +1,15 @@
 """report.md: what a run was and what it gave, as plain Markdown a user can paste into an issue (the command, the
-code's commit, the data and model, the final metrics, the time, images/s, peak memory, the pictures)."""
+code's commit, the data and model, the final metrics, the time, images/s, peak memory, the pictures); and the
+RunReporter that the training loop calls to draw curves.png and write report.md."""
 import os
 import shlex
 import subprocess
 import sys
+
+from utils.dist import is_main_process
+from utils.errors import describe
+from utils.log import get_logger
+from utils.plots import CURVES, plot_curves
 
 REPORT = "report.md"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,3 +63,30 @@ def write_report(output_dir: str, description: str, flags: dict, model_config: d
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+class RunReporter:
+    """An engine.Reporter: curves.png (from log.jsonl) after every checkpoint and at the end, report.md at the end;
+    rank 0 only. A picture that cannot be drawn is a warning, never a stop."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir, self.logger = output_dir, get_logger()
+
+    def draw_curves(self):
+        if not is_main_process():
+            return
+        try:
+            plot_curves(self.output_dir)
+        except Exception as e:  # matplotlib can fail in many ways (fonts, a full disk): the run goes on
+            self.logger.warning(f"could not draw {os.path.join(self.output_dir, CURVES)} ({describe(e)})")
+
+    def checkpoint_written(self):
+        self.draw_curves()
+
+    def finished(self, **run) -> str:
+        self.draw_curves()
+        if not is_main_process():
+            return ""
+        path = write_report(self.output_dir, **run)
+        self.logger.info(f"report: {path}")
+        return path

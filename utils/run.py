@@ -11,6 +11,10 @@ from utils.runtime import AMP_CHOICES, add_compile_arg
 from utils.flags import count, device_name, input_file, integer, positive
 
 
+# what auto-resume must find unchanged in a checkpoint it finds (the ViT scripts; MoCo has no patch size)
+VIT_IDENTITY = ("dataset", "arch", "patch_size", "img_size")
+
+
 def add_runtime_args(parser, reference_launcher: bool = False, resume_names=None):
     """The runtime flags of every script; reference_launcher: also accept (and ignore) the reference scripts'
     launcher flags (torchrun is the launcher); resume_names(name) -> True for registry names --resume takes."""
