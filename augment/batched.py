@@ -16,7 +16,7 @@ from augment.ops import (apply_where, color_jitter, crop_boxes, crop_resize_list
                          grayscale, jitter_params, mean_fill, normalize, per_sample, random_erasing, resized_crop_flip,
                          solarize, to_float)
 from augment.randaugment import DeviceRandAugment
-from augment.recipes import MoCoViews, Pair, View
+from augment.recipes import MoCoViews, Pair, View, realise, realises
 from utils.rng import BatchRandom
 from utils.transfer import tree_to_device
 
@@ -155,6 +155,7 @@ class _Pipeline:
         return self
 
 
+@realises(View, "batched")
 class BatchedSingle(_Pipeline):
     """One view per image: uint8 images -> normalised float views [N, 3, S, S] (with boxes and flips if boxed)."""
 
@@ -166,6 +167,7 @@ class BatchedSingle(_Pipeline):
         return self.view(to_float(images), rng)
 
 
+@realises(Pair, "batched")
 class BatchedPair(_Pipeline):
     """APS's views (docs/REFERENCE.md#aps-views) on the device: uint8 images -> the PIL pair's dict (view1/2, box1/2, flip1/2)."""
 
@@ -181,6 +183,7 @@ class BatchedPair(_Pipeline):
         return {"view1": v1, "box1": b1, "flip1": f1, "view2": v2, "box2": b2, "flip2": f2}
 
 
+@realises(MoCoViews, "batched")
 class BatchedMoCo(_Pipeline):
     """MoCo's views (docs/REFERENCE.md#moco-switches) on the device: {"query", "keys" [N, V, ...], "query_mix"?, "mini_queries" [N, M,
     ...]?}, the PIL realisation's groups. The blur is a true Gaussian (the PIL realisation uses PIL's box
@@ -206,4 +209,4 @@ class BatchedMoCo(_Pipeline):
 
 def batched_pipeline(recipe):
     """The batched realisation of a recipe: a View, a Pair or MoCoViews."""
-    return {View: BatchedSingle, Pair: BatchedPair, MoCoViews: BatchedMoCo}[type(recipe)](recipe)
+    return realise(recipe, "batched")

@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode
 
 from augment.ops import mean_fill
 from augment.randaugment import TRANSLATE_PCT
-from augment.recipes import RESIZE_FRACTION, MoCoViews, Pair, View
+from augment.recipes import RESIZE_FRACTION, MoCoViews, Pair, View, realise, realises
 
 INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -51,6 +51,7 @@ def rand_augment(policy: str, mean):
                                                               img_mean=tuple(mean_fill(mean)))))
 
 
+@realises(View, "pil")
 class PILView:
     """One View on a PIL image -> tensor [3, S, S]; a boxed view returns (tensor, box [4] = (top, left, h, w) in
     source pixels, flipped: bool tensor)."""
@@ -113,6 +114,7 @@ class PILView:
         return (x, box, torch.tensor(flipped)) if v.boxed else x
 
 
+@realises(Pair, "pil")
 class PILPair:
     """Two independent views of one image, as a dict: view1/view2 tensors, box1/box2, flip1/flip2."""
 
@@ -125,6 +127,7 @@ class PILPair:
         return {"view1": x1, "box1": b1, "flip1": f1, "view2": x2, "box2": b2, "flip2": f2}
 
 
+@realises(MoCoViews, "pil")
 class PILMoCo:
     """One image -> {"query": [3, S, S], "keys": [V, 3, S, S]}, plus "query_mix": [3, S, S] (a second query
     view, for ScaleMix) and "mini_queries": [M, 3, s, s] (MultiCrop) when the recipe asks for them."""
@@ -133,12 +136,12 @@ class PILMoCo:
         self.recipe = recipe
         views = {}                                       # one realisation per distinct View
 
-        def realise(view):
+        def view_of(view):
             if view not in views:
                 views[view] = PILView(view)
             return views[view]
-        self.query, self.key = realise(recipe.query), realise(recipe.key)
-        self.mini = realise(recipe.mini) if recipe.num_minis else None
+        self.query, self.key = view_of(recipe.query), view_of(recipe.key)
+        self.mini = view_of(recipe.mini) if recipe.num_minis else None
 
     def __call__(self, img):
         r = self.recipe
@@ -152,4 +155,4 @@ class PILMoCo:
 
 def pil_pipeline(recipe):
     """The PIL realisation of a recipe: a View, a Pair or MoCoViews."""
-    return {View: PILView, Pair: PILPair, MoCoViews: PILMoCo}[type(recipe)](recipe)
+    return realise(recipe, "pil")

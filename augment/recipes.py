@@ -6,7 +6,9 @@ the normalisation. A recipe is a View (one view per image), a `Pair` (APS: two i
 their crop boxes and flips) or `MoCoViews` (query, key views and mini crops, with the Asym-Siam switches).
 
 Two realisations read the same description: augment/pil.py (PIL transforms in loader workers, the reference's
-way) and augment/batched.py (batches on the training device). The paper's values live in the named views
+way) and augment/batched.py (batches on the training device). Each realisation class registers itself for the
+recipe type it realises (`@realises(Pair, "pil")`), and `realise(recipe, "pil")` finds it: a new recipe type is a
+dataclass here and one class in each realisation, with no dispatch table to edit. The paper's values live in the named views
 below and in the recipe functions; the command-line flags of a recipe take their defaults from here too, so a
 recipe change is a one-line edit.
 """
@@ -19,6 +21,7 @@ from utils.errors import UserError
 from utils.flags import count, fraction, nonnegative, positive, probability, text
 
 CROPS = ("resized", "padded", "resize", "center")
+_REALISERS = {}                 # (recipe type, realisation) -> the class that makes its views
 INTERPOLATIONS = ("bilinear", "bicubic")
 RESIZE_FRACTION = 0.875  # 'center': the short side is resized to size / 0.875, then the centre is cropped
 
@@ -90,6 +93,22 @@ class MoCoViews:
     mini: Optional[View] = None
     num_minis: int = 0
     scalemix: bool = False
+
+
+def realises(recipe_type: type, how: str):
+    """Class decorator: the class realises recipes of `recipe_type` the `how` way ('pil', 'batched')."""
+    def register(cls):
+        _REALISERS[(recipe_type, how)] = cls
+        return cls
+    return register
+
+
+def realise(recipe, how: str):
+    """The `how` realisation of `recipe` (its module must have been imported: augment.pil, augment.batched)."""
+    cls = _REALISERS.get((type(recipe), how))
+    if cls is None:
+        raise TypeError(f"no {how} realisation of a {type(recipe).__name__} recipe")
+    return cls(recipe)
 
 
 def view_fields() -> tuple:

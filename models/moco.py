@@ -1,13 +1,12 @@
 """MoCo v2 with a momentum key encoder and a queue of negatives (docs/REFERENCE.md#moco-baseline), one direction:
 query = source, key = target. Views arrive by name (query, keys, mini_queries), never as slices.
 """
-import copy
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from augment.mix import scalemix
+from models.heads import momentum_copy, momentum_update
 from models.norm import SplitBatchNorm, convert_sync_batchnorm
 from models.resnet import create_resnet, moco_projector
 from utils.dist import all_gather, broadcast, get_rank, get_world_size, rank_group
@@ -62,20 +61,15 @@ class MoCo(nn.Module):
                  temperature: float = 0.2):
         super().__init__()
         self.encoder_q = encoder
-        self.encoder_k = copy.deepcopy(encoder)
-        for p in self.encoder_k.parameters():
-            p.requires_grad_(False)
+        self.encoder_k = momentum_copy(encoder)
         self.momentum, self.temperature, self.queue_size = momentum, temperature, queue_size
         self.splits = max((m.num_splits for m in encoder.modules() if isinstance(m, SplitBatchNorm)), default=1)
         self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
-    @torch.no_grad()
     def momentum_update(self):
-        """k <- m k + (1 - m) q for every parameter (BN buffers are not averaged), in two multi-tensor kernels."""
-        keys = list(self.encoder_k.parameters())
-        torch._foreach_mul_(keys, self.momentum)
-        torch._foreach_add_(keys, [p.detach() for p in self.encoder_q.parameters()], alpha=1.0 - self.momentum)
+        """k <- m k + (1 - m) q for every parameter (BN buffers are not averaged)."""
+        momentum_update(self.encoder_k, self.encoder_q, self.momentum)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor):

@@ -5,6 +5,7 @@ from functools import partial
 import torch.nn as nn
 import torchvision.models as tvm
 
+from models.heads import mlp
 from models.norm import SplitBatchNorm
 from utils.errors import UserError
 
@@ -14,9 +15,8 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 def moco_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, bn_splits: int = 1) -> nn.Sequential:
     """Linear-BN-ReLU-Linear-ReLU-Linear (BN after the first layer only); keys fc.0, fc.1, fc.3, fc.5.
     bn_splits > 1: split BN, as in the trunk."""
-    bn = SplitBatchNorm(hidden_dim, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm1d(hidden_dim)
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), bn, nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+    norm = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm1d
+    return mlp([in_dim, hidden_dim, hidden_dim, out_dim], norm=norm, norm_after={0})
 
 
 def create_resnet(arch: str = "resnet50", cifar_stem: bool = False, bn_splits: int = 1, num_classes: int = 0):

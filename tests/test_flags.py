@@ -17,7 +17,8 @@ import pytest
 
 from utils.flags import Domain, Number, Path, Text
 
-SCRIPTS = ("main_pretrain", "main_finetune", "main_moco", "main_lincls")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = tuple(sorted(f[:-3] for f in os.listdir(ROOT) if f.startswith("main_") and f.endswith(".py")))
 TOOLS = ("tools.bench", "tools.show_aps", "tools.show_attention", "tools.show_features", "tools.plot_runs",
          "tools.same_runs", "tools.weights", "tools.gpu_report", "tools.gpu_checks", "tools.check_data", "tools.make_shards")
 SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._HelpAction,
@@ -187,6 +188,8 @@ def in_domain_edges(domain: Number) -> list:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_in_domain_edges_pass_the_check_and_a_dry_run_never_tracebacks(script, tmp_path, capsys):
     module = importlib.import_module(script)
+    if script not in TINY:
+        pytest.fail(f"a new script: add {script}'s tiny model flags to TINY in this file")
     parser, actions = flags_of(script)
     for _, a in actions:
         POSITIONALS[id(a)] = [b for _, b in actions if not b.option_strings]
