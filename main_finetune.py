@@ -21,7 +21,7 @@ from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process, describ
 from utils.runtime import amp_dtype, fused, seed_everything
 from utils.schedule import warmup_cosine
 from models.registry import is_registry_name
-from utils.flags import count, fraction, input_file, momentum, nonnegative, positive, probability
+from utils.flags import count, fraction, input_file, momentum, nonnegative, positive, probability, rate
 
 BASE_LR = {"vit-tiny": 2e-3, "vit-small": 1e-3, "vit-base": 5e-4}  # per 512 images
 
@@ -33,7 +33,7 @@ def get_args_parser():
                                               "file holds, else vit-small")
     g.add_argument("--pretrained-weights", type=input_file(empty="train from scratch", registry=is_registry_name),
                    default="", help="APS checkpoint: ours or the reference's, pretrained or fine-tuned")
-    g.add_argument("--drop-path", type=momentum(), default=0.1,
+    g.add_argument("--drop-path", type=rate(), default=0.1,
                    help="stochastic depth rate (applied, unlike the reference)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", "--nepoch", dest="epochs", type=count(), default=100, help="fine-tuning epochs")
@@ -53,7 +53,7 @@ def get_args_parser():
     g.add_argument("--mixup-prob", type=probability(), default=1.0, help="probability of mixup or cutmix per batch")
     g.add_argument("--mixup-switch-prob", type=probability(), default=0.5,
                    help="probability of cutmix when both are on")
-    g.add_argument("--smoothing", type=momentum(), default=0.1, help="label smoothing")
+    g.add_argument("--smoothing", type=rate(), default=0.1, help="label smoothing")
     g = p.add_argument_group("evaluation")
     g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights and evaluate it")
     g.add_argument("--model-ema-decay", type=momentum(), default=0.9999, help="EMA decay per step")

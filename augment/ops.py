@@ -129,18 +129,6 @@ def linear_blend(x, f, w_mean, w_grey):
     return torch.addcmul(base, x, per_sample(f, x)).clamp_(0.0, 1.0)
 
 
-def adjust_brightness(x, factor):
-    return linear_blend(x, factor, torch.zeros_like(factor), torch.zeros_like(factor))
-
-
-def adjust_contrast(x, factor):
-    return linear_blend(x, factor, 1.0 - factor, torch.zeros_like(factor))
-
-
-def adjust_saturation(x, factor):
-    return linear_blend(x, factor, torch.zeros_like(factor), 1.0 - factor)
-
-
 def adjust_hue(x, factor):
     """TF.adjust_hue per sample, without building HSV images. A hue rotation keeps each pixel's max (V) and
     chroma C = max - min, so channel c of the result is max - C * clamp(min(k, 4 - k), 0, 1) with

@@ -12,7 +12,7 @@ dataclass here and one class in each realisation, with no dispatch table to edit
 below and in the recipe functions; the command-line flags of a recipe take their defaults from here too, so a
 recipe change is a one-line edit.
 """
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from augment.ops import ERASE_MODES
@@ -109,11 +109,6 @@ def realise(recipe, how: str):
     if cls is None:
         raise TypeError(f"no {how} realisation of a {type(recipe).__name__} recipe")
     return cls(recipe)
-
-
-def view_fields() -> tuple:
-    """The names of every knob of a View (what each realisation must read)."""
-    return tuple(f.name for f in fields(View))
 
 
 # ------------------------------------------------------------------ the papers' recipes

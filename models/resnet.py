@@ -67,26 +67,3 @@ def to_detectron2(state: dict) -> dict:
     if any(k.startswith("fc.") for k in state):
         raise ValueError("pass the trunk, without fc")
     return {detectron2_name(k): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-
-
-def torchvision_name(key: str) -> str:
-    """The inverse of detectron2_name."""
-    parts = key.split(".")
-    if parts[:2] == ["stem", "conv1"]:
-        return ".".join((["bn1"] + parts[3:]) if parts[2:3] == ["norm"] else (["conv1"] + parts[2:]))
-    if not (parts[0].startswith("res") and len(parts) >= 4):
-        raise ValueError(f"{key} is not a detectron2 ResNet name")
-    layer, block, rest = f"layer{int(parts[0][3:]) - 1}", parts[1], parts[2:]
-    norm = len(rest) > 2 and rest[1] == "norm"
-    if rest[0] == "shortcut":
-        name = ["downsample", "1" if norm else "0"]
-    elif rest[0].startswith("conv"):
-        name = [f"bn{rest[0][4:]}" if norm else rest[0]]
-    else:
-        raise ValueError(f"{key} is not a detectron2 ResNet name")
-    return ".".join([layer, block] + name + rest[2 if norm else 1:])
-
-
-def from_detectron2(state: dict) -> dict:
-    """The inverse of to_detectron2 (num_batches_tracked aside). Pure function."""
-    return {torchvision_name(k): v for k, v in state.items()}

@@ -56,10 +56,23 @@ def test_crop_boxes_fit_and_follow_the_scale_and_ratio():
     assert wide.tolist() == [[0.0, 13.0, 10.0, 13.0]] * 3                   # as torchvision: w = round(10 * 4/3)
 
 
+# the fused jitter's linear ops, one at a time: torchvision's _blend as linear_blend's weights
+def blend_brightness(x, f):
+    return D.linear_blend(x, f, torch.zeros_like(f), torch.zeros_like(f))
+
+
+def blend_contrast(x, f):
+    return D.linear_blend(x, f, 1.0 - f, torch.zeros_like(f))
+
+
+def blend_saturation(x, f):
+    return D.linear_blend(x, f, torch.zeros_like(f), 1.0 - f)
+
+
 @pytest.mark.parametrize("op, ref, low, high", [
-    (D.adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
-    (D.adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
-    (D.adjust_saturation, TF.adjust_saturation, 0.6, 1.4),
+    (blend_brightness, TF.adjust_brightness, 0.6, 1.4),
+    (blend_contrast, TF.adjust_contrast, 0.6, 1.4),
+    (blend_saturation, TF.adjust_saturation, 0.6, 1.4),
     (D.adjust_hue, TF.adjust_hue, -0.1, 0.1),
 ])
 def test_each_colour_op_matches_torchvision(images, op, ref, low, high):

@@ -14,7 +14,7 @@ import main_lincls
 import main_pretrain
 from data import build_dataset
 from data.subsets import class_balanced_subset
-from models.resnet import create_resnet, from_detectron2
+from models.resnet import create_resnet
 from models.vit import cls_attention, create_vit
 from tools import plot_runs, show_attention, show_features
 from tools import weights as weights_tool
@@ -23,6 +23,29 @@ from utils.errors import UserError
 FT = ["--dataset", "digits", "--arch", "vit-tiny", "--depth", "1", "--embed-dim", "32", "--num-heads", "2",
       "--patch-size", "8", "--batch-size", "16", "--epochs", "1", "--num-workers", "0", "--warmup-epochs", "0"]
 
+
+def torchvision_name(key: str) -> str:
+    """A detectron2 ResNet key back to torchvision's: the inverse of models.resnet.detectron2_name, written here as
+    the independent reference the export is checked against."""
+    parts = key.split(".")
+    if parts[:2] == ["stem", "conv1"]:
+        return ".".join((["bn1"] + parts[3:]) if parts[2:3] == ["norm"] else (["conv1"] + parts[2:]))
+    if not (parts[0].startswith("res") and len(parts) >= 4):
+        raise ValueError(f"{key} is not a detectron2 ResNet name")
+    layer, block, rest = f"layer{int(parts[0][3:]) - 1}", parts[1], parts[2:]
+    norm = len(rest) > 2 and rest[1] == "norm"
+    if rest[0] == "shortcut":
+        name = ["downsample", "1" if norm else "0"]
+    elif rest[0].startswith("conv"):
+        name = [f"bn{rest[0][4:]}" if norm else rest[0]]
+    else:
+        raise ValueError(f"{key} is not a detectron2 ResNet name")
+    return ".".join([layer, block] + name + rest[2 if norm else 1:])
+
+
+def from_detectron2(state: dict) -> dict:
+    """The inverse of models.resnet.to_detectron2 (num_batches_tracked aside)."""
+    return {torchvision_name(k): v for k, v in state.items()}
 
 def run(script, argv):
     return script.main(script.get_args_parser().parse_args(argv))

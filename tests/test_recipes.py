@@ -1,6 +1,7 @@
 """Each augmentation recipe is described once (augment/recipes.py) and both realisations, PIL (augment/pil.py)
 and batched on the device (augment/batched.py), read that one description: every knob, the same named groups,
 and the same pixels where the random draws are pinned."""
+import dataclasses
 from dataclasses import replace
 
 import numpy as np
@@ -15,8 +16,7 @@ from augment.batched import BatchedView, batched_pipeline
 from augment.ops import to_float
 from augment.pil import PILView, pil_pipeline
 from augment.recipes import (APS_VIEW, FINETUNE_VIEW, MOCO_V2_VIEW, View, aps_pair, aps_pair_from_args,
-                             finetune_view, finetune_view_from_args, lincls_view, moco_views, moco_views_from_args,
-                             view_fields)
+                             finetune_view, finetune_view_from_args, lincls_view, moco_views, moco_views_from_args)
 from data import get_preset
 from utils.rng import BatchRandom
 
@@ -63,7 +63,7 @@ def test_both_realisations_read_every_knob_of_the_description():
         BatchedView(b)(to_float(x), BatchRandom("cpu").reseed(0))
         pil_read |= p.read
         batched_read |= b.read
-    knobs = set(view_fields())
+    knobs = {f.name for f in dataclasses.fields(View)}
     assert pil_read == knobs, knobs - pil_read
     assert batched_read == knobs - PIL_ONLY, (knobs - PIL_ONLY) - batched_read
 

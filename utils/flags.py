@@ -144,7 +144,12 @@ def fraction(high_closed: bool = False, zero: str = None) -> Number:
 
 
 def momentum() -> Number:
-    """A float in [0, 1)."""
+    """A float in [0, 1): a momentum or a decay."""
+    return Number("float", 0.0, 1.0, high_open=True)
+
+
+def rate() -> Number:
+    """A float in [0, 1): a share that must leave something (a drop-path rate, a label-smoothing weight)."""
     return Number("float", 0.0, 1.0, high_open=True)
 
 
