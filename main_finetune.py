@@ -12,7 +12,7 @@ from data.datasets import num_classes_of
 from data.pipeline import eval_loader, training_data
 from engine import Trainer, TrainSettings
 from methods.classify import FineTuning, evaluate_saved, finetuned_classifier, saved_source
-from models.loading import build_classifier
+from models.loading import build_classifier, vit_label
 from models.vit import add_vit_args, check_vit_flags, param_groups, vit_overrides
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
@@ -70,7 +70,8 @@ def get_args_parser():
 @exit_on_user_error
 def main(args):
     device = init_distributed(args.device, args.deterministic)
-    given = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size)   # what --eval checks
+    given = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size,   # what --eval checks
+                 given=vit_overrides(args))
     preset = apply_preset(args)
     mixing = args.mixup > 0 or args.cutmix > 0
     check_per_process(args.batch_size, 1, "training")
@@ -109,7 +110,7 @@ def main(args):
                   switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
                   num_classes=data.num_classes) if mixing else None
     criterion = SoftTargetCrossEntropy() if mixing else torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
-    what = f"{args.arch}/{args.patch_size} at {args.img_size} px, {data.num_classes} classes"
+    what = f"{vit_label(model_config)}/{args.patch_size} at {args.img_size} px, {data.num_classes} classes"
     description = describe_run(f"{what}, {'pretrained' if args.pretrained_weights else 'from scratch'}", data, lr,
                                device, amp)
     schedule = partial(warmup_cosine, warmup_epochs=args.warmup_epochs, epochs=args.epochs, base=lr,

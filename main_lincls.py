@@ -16,6 +16,7 @@ from data.pipeline import eval_loader, training_data
 from engine import Trainer, TrainSettings
 from methods.classify import LinearProbing, evaluate_saved, saved_checkpoint
 from models.linear import PROBE_ARCHS, BackboneGuard, LinearProbe, backbone_and_fc, backbone_img_size, build_probe
+from models.loading import open_checkpoint
 from models.norm import convert_sync_batchnorm
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
@@ -79,7 +80,7 @@ def main(args):
         return evaluate_saved(build_probe(ckpt["model_config"]), ckpt["model"], path,
                               eval_loader(args, test_view, device, eval_bs), device, amp)
 
-    source = args.pretrained or None
+    source = open_checkpoint(args.pretrained) if args.pretrained else None      # read from disk once
     args.img_size = given_img_size or backbone_img_size(source) or preset.img_size
     data = training_data(args, lincls_view(preset, args.img_size), device,  # cached features need no augmentation
                          on_device=False if args.cache_features else None, few_labels=True)

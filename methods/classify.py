@@ -4,7 +4,7 @@ backbone, checked after the first epoch); and the evaluation of a saved classifi
 import torch
 
 from engine import Method
-from models.loading import detect_format, load_fine_tuned, open_weights
+from models.loading import load_fine_tuned, open_checkpoint
 from models.vit import create_vit
 from utils.accuracy import evaluate_classifier
 from utils.checkpoint import find_resume_path, load_strict, load_training_checkpoint
@@ -116,17 +116,18 @@ def saved_checkpoint(args, flag: str, what: str):
 def finetuned_classifier(source, given: dict, num_classes: int):
     """(model, weights to load or None, note) of what --eval evaluates: one of our fine-tuning checkpoints (its
     EMA when it kept one), or a released fine-tuned APS classifier (the reference's pickled ViT, read without
-    running it; given: the --arch/--patch-size/--img-size passed, checked against the file)."""
-    name, ckpt = open_weights(source)
-    fmt = detect_format(ckpt, name)
-    if fmt == "reference-aps-classifier":
-        model, _ = load_fine_tuned(ckpt, num_classes=num_classes, name=name, **given)
+    running it; given: the --arch/--patch-size/--img-size passed and the --depth/--embed-dim/--num-heads as
+    `given`, checked against the file)."""
+    ck = open_checkpoint(source)
+    if not ck.head or (ck.format.ours and not ck.saved):
+        raise UserError(f"{ck.name} holds {ck.format.name}, not a fine-tuned classifier; --eval takes one of our "
+                        "fine-tuning checkpoints or a released fine-tuned APS file")
+    if not ck.format.ours:
+        model, _ = load_fine_tuned(ck, num_classes=num_classes, **given)
         return model, None, " (released fine-tuned classifier)"
-    if fmt != "ours-vit" or "model_config" not in ckpt:
-        raise UserError(f"{name} holds {fmt}, not a fine-tuned classifier; --eval takes one of our fine-tuning "
-                        "checkpoints or a released fine-tuned APS file")
-    weights, which = ema_or_live(ckpt)
-    return create_vit(**ckpt["model_config"]), weights, f" ({which} weights)"
+    ck.vit_config(**given)                                  # the flags given must describe it
+    weights, which = ema_or_live(ck.loaded)
+    return create_vit(**ck.saved), weights, f" ({which} weights)"
 
 
 def ema_or_live(ckpt: dict):

@@ -6,7 +6,7 @@ APS ViTs: the cls feature), or is randomly initialised (the chance-level baselin
 import torch
 import torch.nn as nn
 
-from models.loading import RESNET_FORMATS, detect_format, load_classifier, load_resnet, open_weights, read_backbone
+from models.loading import load_classifier, open_checkpoint, resnet_from
 from models.resnet import RESNETS, create_resnet
 from models.vit import ARCHS, create_vit
 from utils.errors import UserError
@@ -51,8 +51,9 @@ def _split_head(model: nn.Module, attr: str):
 
 
 def backbone_and_fc(source, num_classes: int, arch: str = None, patch_size: int = None, img_size: int = None):
-    """(backbone with an Identity head, new nn.Linear, config for build_backbone) from a checkpoint path, a
-    loaded dict, or None (random initialisation, which needs arch, patch_size and img_size)."""
+    """(backbone with an Identity head, new nn.Linear, config for build_backbone) from a checkpoint (a path, a loaded
+    dict or a models.loading.Checkpoint), or None (random initialisation, which needs arch, patch_size and
+    img_size)."""
     if source is None:
         if arch is None:
             raise UserError("a randomly initialised backbone needs -a/--arch")
@@ -62,28 +63,26 @@ def backbone_and_fc(source, num_classes: int, arch: str = None, patch_size: int 
             cfg = dict(family="vit", arch=arch, img_size=img_size, patch_size=patch_size)
         model = build_backbone(cfg, num_classes)
         return (*_split_head(model, "fc" if cfg["family"] == "resnet" else "head"), cfg)
-    name, ckpt = open_weights(source)
-    if detect_format(ckpt, name) in RESNET_FORMATS:
+    ck = open_checkpoint(source)
+    if ck.family == "resnet":
         if arch is not None and arch not in RESNETS:
-            raise UserError(f"{name} holds a ResNet; pass -a resnet18/34/50/101/152 (or leave -a out)")
-        model = load_resnet(ckpt, name, arch, num_classes=num_classes)    # missing exactly fc.weight, fc.bias
+            raise UserError(f"{ck.name} holds a ResNet; pass -a resnet18/34/50/101/152 (or leave -a out)")
+        model = resnet_from(ck, arch, num_classes=num_classes)         # missing exactly fc.weight, fc.bias
         return (*_split_head(model, "fc"), dict(family="resnet", **model.config))
     if arch is not None and arch not in ARCHS:
-        raise UserError(f"{name} holds a ViT; pass -a {'/'.join(ARCHS)} (or leave -a out)")
-    model, cfg = load_classifier(ckpt, num_classes, arch, patch_size, img_size)  # missing exactly head.*
+        raise UserError(f"{ck.name} holds a ViT; pass -a {'/'.join(ARCHS)} (or leave -a out)")
+    model, cfg = load_classifier(ck, num_classes, arch, patch_size, img_size)  # missing exactly head.*
     cfg = {k: v for k, v in cfg.items() if k not in ("num_classes", "drop_path_rate")}
     return (*_split_head(model, "head"), dict(family="vit", **cfg))
 
 
 def backbone_img_size(source):
-    """The image size a ViT checkpoint (path or dict) was trained at (its position embedding fixes it); None
-    for a ResNet or no checkpoint."""
+    """The image size a ViT checkpoint (path, dict or models.loading.Checkpoint) was trained at (its position
+    embedding fixes it); None for a ResNet or no checkpoint."""
     if source is None:
         return None
-    name, ckpt = open_weights(source)
-    if detect_format(ckpt, name) in RESNET_FORMATS:
-        return None
-    return read_backbone(ckpt)[1]["img_size"]
+    ck = open_checkpoint(source)
+    return ck.vit_config()["img_size"] if ck.family == "vit" else None
 
 
 def build_backbone(cfg: dict, num_classes: int = 0) -> nn.Module:

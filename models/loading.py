@@ -1,6 +1,13 @@
-"""Backbones from checkpoints: format detection, pure state-dict conversion, strict checks.
+"""Backbones from checkpoints: one reader (open_checkpoint), a table of formats, pure state-dict conversion,
+strict checks.
 
-Formats (detected from the keys, see FORMATS):
+open_checkpoint(source) reads a path, a registry name or a loaded dict once and returns a Checkpoint: its FORMATS
+row, its backbone in our keys, the head keys left out, a trained classifier head, the config saved with it. The
+loaders (load_backbone, resnet_from, load_classifier, load_fine_tuned, describe_weights) are thin functions of it
+and take a Checkpoint as well, so a command reads each file from disk once. Format-specific logic lives in the
+FORMATS rows; a file whose keys fit two rows is refused rather than guessed.
+
+Formats (each row names the key prefixes its files must have):
   ours-aps      a main_pretrain.py checkpoint: {"model": {encoder.*, projector.*, predictor.*}, "model_config", ...}
   reference-aps the APS authors' pretraining file (docs/REFERENCE.md#aps-checkpoint): base_encoder.* + predictor.*,
                 pos_embedding (L, 1, D)
@@ -18,6 +25,8 @@ inert stand-ins): nothing in a file can run code.
 import math
 import os
 import re
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from models.pickled import read_module_tree
 from models.registry import is_registry_name, resolve
@@ -82,14 +91,6 @@ def convert_reference_aps(state: dict):
     return backbone, dropped
 
 
-def convert_reference_classifier(state: dict):
-    """A fine-tuned module.model.Vit's state -> our classifier's state dict (head.* from fc.*). Pure function."""
-    backbone, head = convert_reference_vit(state, "reference fine-tuned APS")
-    if set(head) != {"fc.weight", "fc.bias"}:
-        raise UserError(f"a reference fine-tuned APS ViT has fc.weight and fc.bias, not {', '.join(sorted(head))}")
-    return {**backbone, "head.weight": head["fc.weight"], "head.bias": head["fc.bias"]}
-
-
 def infer_vit_config(state: dict, known: dict = None) -> dict:
     """create_vit kwargs read off a timm ViT state dict's shapes; `known` (saved config) wins."""
     if known:
@@ -109,26 +110,6 @@ def infer_vit_config(state: dict, known: dict = None) -> dict:
     return cfg
 
 
-def _ours_aps(ckpt):
-    backbone, rest = split_prefix(ckpt["model"], "encoder.")
-    return backbone, sorted(rest), ckpt.get("model_config")
-
-
-def _ours_vit(ckpt):
-    state = {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}
-    return state, sorted(k for k in ckpt["model"] if k.startswith("head.")), ckpt.get("model_config")
-
-
-def _reference_aps(ckpt):
-    backbone, dropped = convert_reference_aps(keys_of(ckpt))
-    return backbone, dropped, None
-
-
-def _reference_classifier(ckpt):
-    backbone, head = convert_reference_vit(ckpt["state"], "reference fine-tuned APS")
-    return backbone, sorted(head), None
-
-
 def keys_of(ckpt: dict) -> dict:
     """The state dict of a loaded file: a module tree's (models.pickled; the reference's pretraining projector
     head, ViTEncoderProjHead, under its prefix base_encoder., docs/REFERENCE.md#aps-checkpoint), else the file's own
@@ -140,24 +121,98 @@ def keys_of(ckpt: dict) -> dict:
     return ckpt["state"]
 
 
-def _timm_vit(ckpt):
-    return ckpt, [], None
 
-
-# (name, detector over the loaded object, converter -> (backbone state, dropped keys, saved config or None))
-def _ours_moco(ckpt):
-    return _resnet_trunk(ckpt["model"], "encoder_q.")
-
-
-def _reference_moco(ckpt):
-    return _resnet_trunk(ckpt["state_dict"], "module.encoder_q.")
-
-
-def _resnet_trunk(state, prefix):
-    """encoder_q without its fc (the projector): (torchvision ResNet state, dropped keys, None)."""
+def _resnet_trunk(state: dict, prefix: str):
+    """encoder_q without its fc (the projector): (torchvision ResNet trunk state, dropped keys, no head, no config)."""
     inside, _ = split_prefix(state, prefix)
     trunk = {k: v for k, v in inside.items() if not k.startswith("fc.")}
-    return trunk, sorted(prefix + k for k in inside if k.startswith("fc.")), None
+    return trunk, sorted(prefix + k for k in inside if k.startswith("fc.")), {}, None
+
+
+def _ours_aps(ckpt):
+    backbone, rest = split_prefix(ckpt["model"], "encoder.")
+    return backbone, sorted(rest), {}, ckpt.get("model_config")
+
+
+def _ours_vit(ckpt):
+    head = {k: v for k, v in ckpt["model"].items() if k.startswith("head.")}
+    state = {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}
+    return state, sorted(head), head, ckpt.get("model_config")
+
+
+def _reference_aps(ckpt):
+    backbone, dropped = convert_reference_aps(keys_of(ckpt))
+    return backbone, dropped, {}, None
+
+
+def _reference_classifier(ckpt):
+    backbone, fc = convert_reference_vit(ckpt["state"], "reference fine-tuned APS")
+    if set(fc) != {"fc.weight", "fc.bias"}:
+        raise UserError(f"a reference fine-tuned APS ViT has fc.weight and fc.bias, not {', '.join(sorted(fc))}")
+    return backbone, sorted(fc), {"head.weight": fc["fc.weight"], "head.bias": fc["fc.bias"]}, None
+
+
+def _tree_state(ckpt, classes: tuple) -> dict:
+    """A module tree's state when its class is one of `classes` (models.pickled), else nothing."""
+    return ckpt["state"] if ckpt.get(TREE, "").endswith(classes) else {}
+
+
+@dataclass(frozen=True)
+class Format:
+    """A checkpoint layout we read. keys(loaded) is the dict its keys sit in ({} or None: not there); a file is of
+    this format when that dict has a key starting with each of `needs`; convert(loaded) -> (backbone state in our
+    keys, the head keys left out, a trained classifier head as {head.weight, head.bias} or {}, the model config
+    saved with it or None). family: 'vit' or 'resnet'; ours: written by this repo's scripts."""
+    name: str
+    family: str
+    keys: Callable[[dict], dict]
+    needs: tuple
+    convert: Callable[[dict], tuple]
+    ours: bool = False
+
+    def fits(self, loaded: dict) -> bool:
+        keys = self.keys(loaded)
+        return isinstance(keys, dict) and all(any(isinstance(k, str) and k.startswith(p) for k in keys)
+                                              for p in self.needs)
+
+
+def _model(c):
+    return c.get("model") if isinstance(c.get("model"), dict) else None
+
+
+FORMATS = (
+    Format("ours-aps", "vit", _model, ("encoder.", "projector.", "predictor."), _ours_aps, ours=True),
+    Format("ours-vit", "vit", _model, ("pos_embed", "patch_embed.", "blocks."), _ours_vit, ours=True),
+    Format("reference-aps", "vit", lambda c: keys_of(c) if TREE not in c or _tree_state(
+        c, (".ViTEncoderPredHead", ".ViTEncoderProjHead")) else None, ("base_encoder.",), _reference_aps),
+    Format("reference-aps-classifier", "vit", lambda c: _tree_state(c, ("module.model.Vit",)),
+           ("fc.weight", "pos_embedding", "transformer."), _reference_classifier),
+    Format("timm-vit", "vit", lambda c: None if TREE in c else c, ("pos_embed", "patch_embed.proj.weight", "blocks."),
+           lambda c: (c, [], {}, None)),
+    Format("ours-moco", "resnet", _model, ("encoder_q.", "encoder_k.", "queue"),
+           lambda c: _resnet_trunk(c["model"], "encoder_q."), ours=True),
+    Format("reference-moco", "resnet", lambda c: c.get("state_dict"), ("module.encoder_q.",),   # (any MoCo v1/v2)
+           lambda c: _resnet_trunk(c["state_dict"], "module.encoder_q.")),
+)
+
+
+def format_of(loaded: dict, name: str = "checkpoint") -> Format:
+    """The one FORMATS row `loaded` fits; a file that fits none, or several, is refused with one line."""
+    fits = [f for f in FORMATS if f.fits(loaded)]
+    if len(fits) > 1:
+        raise UserError(f"{name} fits more than one checkpoint layout ({', '.join(f.name for f in fits)}); rather "
+                        "than guess, convert it to one (`python -m tools.weights convert`) or load its state dict")
+    if fits:
+        return fits[0]
+    keys = ", ".join(list(map(str, loaded))[:4])
+    if TREE in loaded:
+        keys = f"a pickled {loaded[TREE]} with " + ", ".join(list(loaded["state"])[:4])
+    raise UserError(f"{name} is not a checkpoint format we know (first keys: {keys}); pass a main_pretrain.py "
+                    "checkpoint or a reference APS pretraining file")
+
+
+def detect_format(loaded: dict, name: str = "checkpoint") -> str:
+    return format_of(loaded, name).name
 
 
 RESNET_LAYOUTS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
@@ -178,34 +233,8 @@ def infer_resnet_config(state: dict, source: str) -> dict:
     return dict(arch=arch, cifar_stem=state["conv1.weight"].shape[-1] == 3)
 
 
-FORMATS = (
-    ("reference-aps-classifier", lambda c: c.get(TREE) == "module.model.Vit" and "fc.weight" in c["state"],
-     _reference_classifier),
-    ("ours-aps", lambda c: isinstance(c.get("model"), dict) and any(k.startswith("encoder.") for k in c["model"]),
-     _ours_aps),
-    ("ours-vit", lambda c: isinstance(c.get("model"), dict) and "pos_embed" in c["model"], _ours_vit),
-    ("reference-aps", lambda c: any(isinstance(k, str) and k.startswith("base_encoder.") for k in keys_of(c)),
-     _reference_aps),
-    ("timm-vit", lambda c: "pos_embed" in c and "patch_embed.proj.weight" in c, _timm_vit),
-    ("ours-moco", lambda c: isinstance(c.get("model"), dict) and any(k.startswith("encoder_q.") for k in c["model"]),
-     _ours_moco),
-    ("reference-moco", lambda c: isinstance(c.get("state_dict"), dict) and any(
-        k.startswith("module.encoder_q.") for k in c["state_dict"]), _reference_moco),
-)
 
-
-def detect_format(ckpt: dict, source: str = "checkpoint") -> str:
-    for name, detect, _ in FORMATS:
-        if detect(ckpt):
-            return name
-    keys = ", ".join(list(map(str, ckpt))[:4])
-    if TREE in ckpt:
-        keys = f"a pickled {ckpt[TREE]} with " + ", ".join(list(ckpt["state"])[:4])
-    raise UserError(f"{source} is not a checkpoint format we know (first keys: {keys}); pass a main_pretrain.py "
-                    "checkpoint or a reference APS pretraining file")
-
-
-def open_weights(source):
+def load_weights(source):
     """(name, loaded dict) of a path, a registry name (downloaded and verified first, see models.registry) or an
     already loaded dict. Loading is torch.load(weights_only=True) only: a whole pickled module (the reference's
     fine-tuned files) is read by models.pickled, which imports and calls nothing the file names."""
@@ -219,6 +248,63 @@ def open_weights(source):
         return source, load_file(path, "weights")
     except PickledObjects:
         return source, read_module_tree(path, "weights")
+
+
+@dataclass
+class Checkpoint:
+    """A weights file opened once (open_checkpoint): its format row, its backbone in our keys, the head keys left
+    out, its trained classifier head (or {}), the model config saved with it; and the configs to build it."""
+    name: str
+    format: Format
+    loaded: dict
+    state: dict
+    dropped: list
+    head: dict
+    saved: Optional[dict]
+
+    @property
+    def family(self) -> str:
+        return self.format.family
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.head["head.weight"].shape[0] if self.head else None
+
+    def vit_config(self, arch: str = None, patch_size: int = None, img_size: int = None, given: dict = None) -> dict:
+        """create_vit config of its ViT, checked against the flags given (one line naming the flag to fix); given:
+        --depth / --embed-dim / --num-heads."""
+        if self.family != "vit":
+            raise UserError(f"{self.name} holds a ResNet ({self.format.name}); this needs a ViT checkpoint (APS)")
+        return checked_vit_config(self.name, self.state, self.saved, arch, patch_size, img_size,
+                                  tree_hints(self.loaded, self.name), given)
+
+    def resnet_config(self, arch: str = None) -> dict:
+        """create_resnet's arch and stem, read off the trunk and checked against -a."""
+        if self.family != "resnet":
+            raise UserError(f"{self.name} holds a ViT; pass -a {'/'.join(ARCHS)} (or leave -a out)")
+        cfg = infer_resnet_config(self.state, self.name)
+        if arch is not None and arch != cfg["arch"]:
+            raise UserError(f"{self.name} holds a {cfg['arch']}, not {arch}; pass -a {cfg['arch']}")
+        return cfg
+
+    def report(self):
+        """Log what loading left out (the heads), once per load."""
+        if self.dropped:
+            heads = sorted({head_name(k) for k in self.dropped})
+            get_logger().info(f"loaded {self.name} ({self.format.name}); dropped {len(self.dropped)} head keys "
+                              f"({', '.join(heads)})")
+
+
+def open_checkpoint(source, name: str = None) -> Checkpoint:
+    """A Checkpoint of a path, a registry name, a loaded dict or a Checkpoint (returned as it is): read from disk
+    once, its format found (exactly one row of FORMATS), its state converted."""
+    if isinstance(source, Checkpoint):
+        return source
+    opened, loaded = load_weights(source)
+    name = name or opened
+    fmt = format_of(loaded, name)
+    state, dropped, head, saved = fmt.convert(loaded)
+    return Checkpoint(name, fmt, loaded, state, dropped, head, saved)
 
 
 def tree_hints(ckpt: dict, name: str) -> dict:
@@ -239,64 +325,48 @@ def tree_hints(ckpt: dict, name: str) -> dict:
 
 
 def checked_vit_config(name: str, state: dict, saved: dict = None, arch: str = None, patch_size: int = None,
-                       img_size: int = None, hints: dict = None) -> dict:
+                       img_size: int = None, hints: dict = None, given: dict = None) -> dict:
     """create_vit config of a timm ViT state dict (or its saved config), checked against the flags given (one line
-    naming the flag to fix). hints: what a module tree recorded (tree_hints)."""
+    naming the flag to fix). hints: what a module tree recorded (tree_hints); given: the --depth / --embed-dim /
+    --num-heads passed. Any width, depth and head count is read: a file of a non-standard width is built as the
+    nearest layout with its own width, depth and heads (vit_label describes it)."""
     cfg = {k: v for k, v in infer_vit_config(state, saved).items() if k not in ("num_classes", "drop_path_rate")}
-    hints = dict(hints or {})
+    hints, given = dict(hints or {}), {k: v for k, v in (given or {}).items() if v is not None}
     num_heads = hints.pop("num_heads", None)
     if num_heads and not saved and num_heads != (cfg.get("num_heads") or ARCHS[cfg["arch"]]["num_heads"]):
         cfg["num_heads"] = num_heads
     cfg.update(hints)
-    if arch is not None and cfg["arch"] != arch:
-        width = cfg.get("embed_dim") or ARCHS[cfg["arch"]]["embed_dim"]
-        hint = f"pass --arch {cfg['arch']}" if cfg["arch"] else "it is not a standard size"
-        raise UserError(f"{name} holds a ViT of width {width} ({cfg['arch'] or 'custom'}), not {arch}; {hint}")
+    width = cfg.get("embed_dim") or ARCHS[cfg["arch"]]["embed_dim"]
+    depth = cfg.get("depth", 12)
+    recorded_heads = num_heads or (saved or {}).get("num_heads")
+    for flag, want, have in (("--embed-dim", given.get("embed_dim"), width), ("--depth", given.get("depth"), depth),
+                             ("--num-heads", given.get("num_heads"), recorded_heads)):
+        if want is not None and have is not None and want != have:
+            raise UserError(f"{name} holds a ViT with {flag} {have}, not {want}; pass {flag} {have} (or leave it out)")
+    if given.get("num_heads") and not recorded_heads:           # a state dict does not hold its head count
+        if width % given["num_heads"]:
+            raise UserError(f"--num-heads {given['num_heads']} does not divide {name}'s width {width}; pass a divisor")
+        cfg["num_heads"] = given["num_heads"]
+    sized = next((a for a, c in ARCHS.items() if c["embed_dim"] == width), None)   # the standard size of its width
+    base = cfg["arch"] or sized                      # the layout it was saved as (or its width's standard size)
+    if arch is not None and arch != base and given.get("embed_dim") != width:
+        hint = f"pass --arch {base}" if base else f"pass --embed-dim {width} to describe it"
+        raise UserError(f"{name} holds a ViT of width {width} ({sized or 'custom'}), not {arch}; {hint}")
     for flag, want, have in (("--patch-size", patch_size, cfg["patch_size"]), ("--img-size", img_size, cfg["img_size"])):
         if want is not None and want != have:
             raise UserError(f"{name} was trained with {flag} {have}, not {want}; pass {flag} {have}")
-    cfg["arch"] = cfg["arch"] or "vit-small"
+    cfg["arch"] = cfg["arch"] or arch or "vit-small"     # the layout it is built from; its own sizes override it
     return cfg
 
 
-def read_backbone(source, arch: str = None, patch_size: int = None, img_size: int = None):
-    """(timm ViT state dict, create_vit config, format, dropped keys) of `source`, checked against the flags."""
-    name, ckpt = open_weights(source)
-    fmt = detect_format(ckpt, name)
-    convert = next(c for n, _, c in FORMATS if n == fmt)
-    state, dropped, saved = convert(ckpt)
-    if fmt in RESNET_FORMATS:
-        raise UserError(f"{name} holds a ResNet ({fmt}); this needs a ViT checkpoint (APS)")
-    cfg = checked_vit_config(name, state, saved, arch, patch_size, img_size, tree_hints(ckpt, name))
-    return state, cfg, fmt, dropped
-
-
-def load_fine_tuned(source, arch: str = None, patch_size: int = None, img_size: int = None,
-                    num_classes: int = None, name: str = None):
-    """(classifier, config) of a fine-tuned file, head included: a released one (the reference's pickled
-    module.model.Vit, read by models.pickled) or one of our main_finetune.py checkpoints (its live weights).
-    Arch, patch, image size and classes are read off the file and checked against the flags given."""
-    opened, ckpt = open_weights(source)
-    name = name or opened
-    fmt = detect_format(ckpt, name)
-    if fmt == "reference-aps-classifier":
-        state = convert_reference_classifier(ckpt["state"])
-        saved = None
-    elif fmt == "ours-vit" and "head.weight" in ckpt["model"] and ckpt.get("model_config"):
-        state, saved = ckpt["model"], ckpt["model_config"]
-    else:
-        raise UserError(f"{name} holds {fmt}, not a fine-tuned classifier; pass a fine-tuned file (the reference's "
-                        "module.model.Vit) or one of our fine-tuning checkpoints")
-    backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
-    cfg = checked_vit_config(name, backbone, saved, arch, patch_size, img_size, tree_hints(ckpt, name))
-    classes = state["head.weight"].shape[0]
-    if num_classes is not None and num_classes != classes:
-        raise UserError(f"{name} classifies {classes} classes, the dataset has {num_classes}; pass the --dataset "
-                        "it was fine-tuned on")
-    cfg["num_classes"] = classes
-    model = create_vit(**cfg)
-    load_strict(model, state, name)
-    return model, cfg
+def vit_label(cfg: dict) -> str:
+    """'vit-small' for a standard size, else 'custom: width W, depth L, heads H' (what a log or report says)."""
+    base = ARCHS[cfg["arch"]]
+    width, depth = cfg.get("embed_dim", base["embed_dim"]), cfg.get("depth", 12)
+    heads = cfg.get("num_heads", base["num_heads"])
+    if (width, depth, heads) == (base["embed_dim"], 12, base["num_heads"]):
+        return cfg["arch"]
+    return f"custom: width {width}, depth {depth}, heads {heads}"
 
 
 def head_name(key: str) -> str:
@@ -308,62 +378,69 @@ def head_name(key: str) -> str:
     return parts[0]
 
 
-def report_dropped(name: str, fmt: str, dropped):
-    if dropped:
-        heads = sorted({head_name(k) for k in dropped})
-        get_logger().info(f"loaded {name} ({fmt}); dropped {len(dropped)} head keys ({', '.join(heads)})")
-
-
 def load_backbone(source, arch: str = None, patch_size: int = None, img_size: int = None, **overrides):
-    """A backbone from one of FORMATS (a path or an already loaded dict): a ViT whose forward gives the cls
-    feature, or for MoCo checkpoints a ResNet whose forward gives the pooled feature.
+    """A backbone from any checkpoint (a path, a registry name, a loaded dict or a Checkpoint): a ViT whose forward
+    gives the cls feature, or for MoCo checkpoints a ResNet whose forward gives the pooled feature.
 
     arch / patch_size / img_size, when given, must match the file (an error names the right flag).
-    `overrides` go to the model constructor (e.g. drop_path_rate, or num_heads for non-standard widths).
+    `overrides` go to the ViT constructor (e.g. drop_path_rate, or num_heads for non-standard widths).
     """
-    name, ckpt = open_weights(source)
-    if detect_format(ckpt, name) in RESNET_FORMATS:
-        return load_resnet(ckpt, name, arch)
-    state, cfg, fmt, dropped = read_backbone(ckpt, arch, patch_size, img_size)
-    model = create_vit(**{**cfg, **overrides})
-    load_strict(model, state, name)
-    report_dropped(name, fmt, dropped)
+    ck = open_checkpoint(source)
+    if ck.family == "resnet":
+        return resnet_from(ck, arch)
+    model = create_vit(**{**ck.vit_config(arch, patch_size, img_size), **overrides})
+    load_strict(model, ck.state, ck.name)
+    ck.report()
     return model
 
 
-RESNET_FORMATS = ("ours-moco", "reference-moco")
-
-
-def load_resnet(ckpt: dict, name: str, arch: str = None, num_classes: int = 0):
+def resnet_from(source, arch: str = None, num_classes: int = 0):
     """A ResNet from a MoCo checkpoint's query encoder without its projector: a feature extractor (fc =
     Identity), or with num_classes a new fc, the missing keys then being exactly {fc.weight, fc.bias}.
     Returns the model (its `config` attribute says how to build it again)."""
-    fmt = detect_format(ckpt, name)
-    state, dropped, _ = next(c for n, _, c in FORMATS if n == fmt)(ckpt)
-    cfg = infer_resnet_config(state, name)
-    if arch is not None and arch != cfg["arch"]:
-        raise UserError(f"{name} holds a {cfg['arch']}, not {arch}; pass -a {cfg['arch']}")
+    ck = open_checkpoint(source)
+    cfg = ck.resnet_config(arch)
     model = create_resnet(cfg["arch"], cfg["cifar_stem"], num_classes=num_classes)
-    load_strict(model, state, name, expect_missing={"fc.weight", "fc.bias"} if num_classes else ())
-    report_dropped(name, fmt, dropped)
+    load_strict(model, ck.state, ck.name, expect_missing={"fc.weight", "fc.bias"} if num_classes else ())
+    ck.report()
     model.config = cfg
     return model
 
 
+def load_fine_tuned(source, arch: str = None, patch_size: int = None, img_size: int = None,
+                    num_classes: int = None, given: dict = None):
+    """(classifier, config) of a fine-tuned file, head included: a released one (the reference's pickled
+    module.model.Vit, read by models.pickled) or one of our main_finetune.py checkpoints (its live weights).
+    Arch, patch, image size and classes are read off the file and checked against the flags given."""
+    ck = open_checkpoint(source)
+    if not ck.head or (ck.format.ours and not ck.saved):
+        raise UserError(f"{ck.name} holds {ck.format.name}, not a fine-tuned classifier; pass a fine-tuned file (the "
+                        "reference's module.model.Vit) or one of our fine-tuning checkpoints")
+    cfg = ck.vit_config(arch, patch_size, img_size, given)
+    if num_classes is not None and num_classes != ck.num_classes:
+        raise UserError(f"{ck.name} classifies {ck.num_classes} classes, the dataset has {num_classes}; pass the "
+                        "--dataset it was fine-tuned on")
+    cfg["num_classes"] = ck.num_classes
+    model = create_vit(**cfg)
+    load_strict(model, {**ck.state, **ck.head}, ck.name)
+    return model, cfg
+
+
 def load_classifier(source, num_classes: int, arch: str = None, patch_size: int = None, img_size: int = None,
-                    **overrides):
-    """A ViT with a new Linear(D, num_classes) head on the cls feature, backbone from `source`.
+                    given: dict = None, **overrides):
+    """A ViT with a new Linear(D, num_classes) head on the cls feature, backbone from `source`; given: the
+    --depth / --embed-dim / --num-heads passed (checked against the file), overrides: constructor arguments the
+    file does not decide (drop_path_rate, or num_heads).
 
     The missing keys must be exactly the head; anything else missing or unexpected is an error.
     Returns (model, model config).
     """
-    name = source if isinstance(source, str) else "checkpoint"
-    state, cfg, fmt, dropped = read_backbone(source, arch, patch_size, img_size)
-    cfg = {**cfg, **overrides, "num_classes": num_classes}
+    ck = open_checkpoint(source)
+    cfg = {**ck.vit_config(arch, patch_size, img_size, given), **overrides, "num_classes": num_classes}
     model = create_vit(**cfg)
     head = {k for k in model.state_dict() if k.startswith("head.")}
-    load_strict(model, state, name, expect_missing=head)
-    report_dropped(name, fmt, dropped)
+    load_strict(model, ck.state, ck.name, expect_missing=head)
+    ck.report()
     get_logger().info(f"new head: {', '.join(sorted(head))} ({num_classes} classes)")
     return model, cfg
 
@@ -374,35 +451,27 @@ def build_classifier(weights: str, num_classes: int, arch: str, patch_size: int,
     with a new head, or, without weights, one trained from scratch (overrides: depth, embed_dim, num_heads).
     arch None: what the file holds (vit-small from scratch)."""
     if weights:
-        extra = {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {}
-        return load_classifier(weights, num_classes, arch, patch_size, img_size, drop_path_rate=drop_path_rate, **extra)
+        return load_classifier(weights, num_classes, arch, patch_size, img_size, overrides, drop_path_rate=drop_path_rate)
     cfg = dict(arch=arch or "vit-small", img_size=img_size, patch_size=patch_size, num_classes=num_classes,
                drop_path_rate=drop_path_rate, **overrides)
     return create_vit(**cfg), cfg
 
 
-CLASSIFIER_FORMATS = ("reference-aps-classifier", "ours-vit")
-
-
 def describe_weights(source) -> dict:
-    """What a file (a path, a registry name or a loaded dict) holds, read as loading would read it (nothing is
-    unpickled beyond tensors and the allowlisted module trees): format, arch, patch and image size (ViTs), stem
-    (ResNets), classes (classifiers; None otherwise) and the parameter count of what loading builds."""
-    name, ckpt = open_weights(source)
-    fmt = detect_format(ckpt, name)
-    if fmt in RESNET_FORMATS:
-        model = load_resnet(ckpt, name)
-        return dict(format=fmt, arch=model.config["arch"], cifar_stem=model.config["cifar_stem"], num_classes=None,
-                    params=sum(p.numel() for p in model.parameters()))
-    state, cfg, _, _ = read_backbone(ckpt)
-    classes = None
-    if fmt == "reference-aps-classifier":
-        classes = ckpt["state"]["fc.weight"].shape[0]
-    elif fmt == "ours-vit" and "head.weight" in ckpt["model"]:
-        classes = ckpt["model"]["head.weight"].shape[0]
+    """What a file (a path, a registry name, a loaded dict or a Checkpoint) holds, read as loading would read it
+    (nothing is unpickled beyond tensors and the allowlisted module trees): format, family, arch, patch and image
+    size (ViTs), stem (ResNets), classes (classifiers; None otherwise) and the parameter count of what loading
+    builds."""
+    ck = open_checkpoint(source)
+    if ck.family == "resnet":
+        cfg = ck.resnet_config()
+        model = create_resnet(cfg["arch"], cfg["cifar_stem"])
+        return dict(format=ck.format.name, family="resnet", arch=cfg["arch"], cifar_stem=cfg["cifar_stem"],
+                    num_classes=None, params=sum(p.numel() for p in model.parameters()))
+    cfg = ck.vit_config()
+    classes = ck.num_classes
     model = create_vit(**{**cfg, "num_classes": classes or 0})
-    custom = "embed_dim" in cfg and cfg["embed_dim"] not in [a["embed_dim"] for a in ARCHS.values()]
-    return dict(format=fmt, arch=f"custom (width {cfg['embed_dim']})" if custom else cfg["arch"],
+    return dict(format=ck.format.name, family="vit", arch=vit_label(cfg),
                 patch_size=cfg["patch_size"], img_size=cfg["img_size"], depth=cfg.get("depth", 12),
                 num_heads=cfg.get("num_heads") or ARCHS[cfg["arch"]]["num_heads"], num_classes=classes,
                 params=sum(p.numel() for p in model.parameters()))

@@ -108,3 +108,74 @@ def test_hostile_and_broken_files_are_refused(tmp_path, monkeypatch, tiny_aps, r
     torch.save(torch.zeros(3), tensor_file)
     with pytest.raises(UserError, match="not a dict"):
         load_file(str(tensor_file))
+
+
+def test_one_reader_reads_each_file_once_per_command(tmp_path, tiny_aps, monkeypatch):
+    import main_lincls
+    import models.loading as L
+    from tools import weights as weights_tool
+    model = tiny_aps()
+    cfg = dict(arch="vit-tiny", img_size=16, patch_size=4, **TINY)
+    path = tmp_path / "ours.pth"
+    torch.save({"model": model.state_dict(), "model_config": cfg, "args": {}, "epoch": 1, "optimizer": {}}, path)
+    reads = []
+    monkeypatch.setattr(L, "load_file", lambda p, what: reads.append(p) or load_file(p, what))
+    weights_tool.convert(str(path), str(tmp_path / "plain.pth"))          # describe, then convert: one read
+    assert reads == [str(path)]
+    reads.clear()
+    main_lincls.main(main_lincls.get_args_parser().parse_args(
+        ["--pretrained", str(path), "--dataset", "digits", "--num-workers", "0", "--batch-size", "32", "--dry-run",
+         "--device", "cpu", "--output-dir", str(tmp_path / "probe")]))    # its image size, then its backbone
+    assert reads == [str(path)]
+
+
+def test_a_file_that_fits_two_formats_is_refused_and_a_near_miss_is_not_guessed(tiny_aps):
+    from models.loading import open_checkpoint
+    from models.resnet import create_resnet
+    aps = tiny_aps().state_dict()
+    trunk = {f"encoder_q.{k}": v for k, v in create_resnet("resnet18", cifar_stem=True).state_dict().items()}
+    moco = {**trunk, **{k.replace("encoder_q.", "encoder_k."): v for k, v in trunk.items()},
+            "queue": torch.zeros(8, 16), "queue_ptr": torch.zeros((), dtype=torch.long)}
+    assert open_checkpoint({"model": moco}).format.name == "ours-moco"
+    with pytest.raises(UserError, match=r"fits more than one checkpoint layout \(ours-aps, ours-moco\)"):
+        open_checkpoint({"model": {**aps, **moco}})
+    # another method's online encoder that happens to be called encoder_q is not read as a MoCo checkpoint
+    with pytest.raises(UserError, match="not a checkpoint format we know"):
+        open_checkpoint({"model": trunk})
+
+
+def test_any_width_depth_and_heads_are_read_described_and_checked_against_the_flags(tmp_path):
+    from methods.classify import finetuned_classifier
+    from models.loading import describe_weights, load_classifier, open_checkpoint
+    torch.manual_seed(0)
+    cfg = dict(arch="vit-tiny", img_size=16, patch_size=4, depth=3, embed_dim=48, num_heads=3)
+    vit = APS(create_vit(**cfg), 32, 16, 32)
+    path = tmp_path / "custom.pth"
+    torch.save({"model": vit.state_dict(), "model_config": cfg, "args": {}, "epoch": 1, "optimizer": {}}, path)
+    ck = open_checkpoint(str(path))
+    assert describe_weights(ck)["arch"] == "custom: width 48, depth 3, heads 3"
+    flags = dict(embed_dim=48, depth=3, num_heads=3)
+    model, got = load_classifier(ck, 5, arch="vit-tiny", patch_size=4, img_size=16, given=flags)
+    assert (got["embed_dim"], got["depth"], got["num_heads"]) == (48, 3, 3) and model.head.out_features == 5
+    for flag, value, named in (("embed_dim", 64, "--embed-dim 48"), ("depth", 2, "--depth 3"),
+                               ("num_heads", 4, "--num-heads 3")):
+        with pytest.raises(UserError, match=f"pass {named}"):
+            load_classifier(ck, 5, given={**flags, flag: value})
+    with pytest.raises(UserError, match="width 48 \\(custom\\), not vit-small; pass --arch vit-tiny"):
+        load_classifier(ck, 5, arch="vit-small")
+    plain = tmp_path / "plain.pth"                       # a bare state dict: no saved config, nothing to go by
+    torch.save(vit.encoder.state_dict(), plain)
+    with pytest.raises(UserError, match="width 48 \\(custom\\), not vit-small; pass --embed-dim 48 to describe it"):
+        load_classifier(str(plain), 5, arch="vit-small")
+    assert load_classifier(str(plain), 5, arch="vit-small", given=flags)[1]["num_heads"] == 3
+    # --eval of a fine-tuned custom classifier, with the flags that describe it
+    clf = create_vit(**cfg, num_classes=5)
+    tuned = tmp_path / "tuned.pth"
+    torch.save({"model": clf.state_dict(), "model_config": {**cfg, "num_classes": 5}, "args": {}, "epoch": 1,
+                "optimizer": {}, "extra": {}}, tuned)
+    given = dict(arch="vit-tiny", patch_size=4, img_size=16, given=flags)
+    model, weights, note = finetuned_classifier(str(tuned), given, 5)
+    model.load_state_dict(weights)
+    assert note == " (live weights)" and model.embed_dim == 48
+    with pytest.raises(UserError, match="pass --depth 3"):
+        finetuned_classifier(str(tuned), {**given, "given": {**flags, "depth": 12}}, 5)

@@ -175,6 +175,8 @@ def get_args_parser():
                         "(tools/bench_memory.py)")
     p.add_argument("--memory-scale", type=count(), default=8,
                    help="CPU only: divide the memory table's batches (and MoCo's image size) by this")
+    p.add_argument("--memory-full-size", action="store_true",
+                   help="CPU only: keep the papers' image sizes in the memory table (only the batch is divided)")
     p.add_argument("--memory-steps", type=count(), default=None, help="timed steps per memory configuration "
                    "(default 5 on GPU, 2 on CPU)")
     p.add_argument("--memory-only", type=one_of(("aps-vit-small", "aps-vit-base", "moco-resnet50"), "step"),
@@ -216,7 +218,7 @@ def main(args):
     if args.memory:
         from tools.bench_memory import memory_table
         results += memory_table(device, args.amp, args.memory_scale, args.memory_steps or (5 if gpu else 2),
-                                args.memory_only.split(",") if args.memory_only else None)
+                                args.memory_only.split(",") if args.memory_only else None, args.memory_full_size)
     if args.files:
         from tools.bench_files import files_vs_shards
         for rec in files_vs_shards(args.files_images, 160, 128, 64, max(2, args.files_images // 64 - 1)):

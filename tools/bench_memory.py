@@ -108,19 +108,19 @@ def measure(spec: dict) -> dict:
             "step_ms": round(1000 * min(times[1:]), 1)}
 
 
-def shapes(gpu: bool, scale: int) -> list:
-    """The steps at the papers' shapes (GPU) or scaled down by `scale` (CPU: batch / scale, MoCo at 224 / scale
-    px, at least 32)."""
+def shapes(gpu: bool, scale: int, full_size: bool = False) -> list:
+    """The steps at the papers' shapes (GPU) or scaled down by `scale` (CPU: batch / scale, and unless full_size
+    MoCo at 224 / scale px, at least 32)."""
     if gpu:
         return STEPS
-    return [(name, arch, size if name.startswith("aps") else max(32, size // scale), max(8, batch // scale))
-            for name, arch, size, batch in STEPS]
+    return [(name, arch, size if full_size or name.startswith("aps") else max(32, size // scale),
+             max(8, batch // scale)) for name, arch, size, batch in STEPS]
 
 
-def memory_table(device: torch.device, amp: str, scale: int, steps: int, only=None) -> list:
+def memory_table(device: torch.device, amp: str, scale: int, steps: int, only=None, full_size: bool = False) -> list:
     """Every step with every saving, each in its own process; the ratios to no saving added."""
     records = []
-    for name, arch, size, batch in shapes(device.type == "cuda", scale):
+    for name, arch, size, batch in shapes(device.type == "cuda", scale, full_size):
         if only and name not in only:
             continue
         plain = None

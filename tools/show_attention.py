@@ -13,7 +13,7 @@ from augment.pil import pil_pipeline
 from augment.recipes import eval_view
 from data import PRESETS, build_dataset, get_preset
 from data.datasets import IMAGENET_MEAN, IMAGENET_STD, read_image
-from models.loading import RESNET_FORMATS, describe_weights, load_backbone
+from models.loading import describe_weights, load_backbone, open_checkpoint
 from models.vit import cls_attention
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.plots import pyplot, save
@@ -74,12 +74,13 @@ def draw(images, maps, out: str, title: str):
 
 @exit_on_user_error
 def main(args):
-    info = describe_weights(args.weights)
-    if info["format"] in RESNET_FORMATS:
+    ck = open_checkpoint(args.weights)
+    info = describe_weights(ck)
+    if info["family"] == "resnet":
         raise UserError(f"{args.weights} holds a ResNet ({info['arch']}); show_attention needs a ViT checkpoint "
                         "(APS pretraining or fine-tuning, ours or the reference's); see tools.show_features for "
                         "ResNets")
-    vit = load_backbone(args.weights).eval()
+    vit = load_backbone(ck).eval()
     x, mean, std = images_of(args, info["img_size"])
     maps = cls_attention(vit, x)                                                # [N, heads, G, G]
     shown = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)

@@ -12,7 +12,7 @@ from augment.pil import pil_pipeline
 from augment.recipes import eval_view
 from data import PRESETS, build_dataset, build_eval_loader, get_preset
 from data.datasets import num_classes_of
-from models.loading import RESNET_FORMATS, describe_weights, load_backbone
+from models.loading import describe_weights, load_backbone, open_checkpoint
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.plots import pyplot, save
 from utils.knn import extract_features, knn_classify
@@ -71,12 +71,14 @@ def draw(points, labels, classes: int, out: str, title: str):
 def main(args):
     if args.max_points < 2:
         raise UserError(f"--max-points {args.max_points} must be at least 2")
-    info = describe_weights(args.weights)
+    ck = open_checkpoint(args.weights)
+    info = describe_weights(ck)
     preset = get_preset(args.dataset)
-    size = args.img_size or preset.img_size if info["format"] in RESNET_FORMATS else info["img_size"]
-    if args.img_size and info["format"] not in RESNET_FORMATS and args.img_size != size:
+    resnet = info["family"] == "resnet"
+    size = args.img_size or preset.img_size if resnet else info["img_size"]
+    if args.img_size and not resnet and args.img_size != size:
         raise UserError(f"{args.weights} is a ViT for {size} px, not --img-size {args.img_size}; leave it out")
-    backbone, device = load_backbone(args.weights).eval(), torch.device("cpu")
+    backbone, device = load_backbone(ck).eval(), torch.device("cpu")
     view = pil_pipeline(eval_view(preset, size))
     sets = [build_dataset(args.dataset, args.data_root, train=split, transform=view) for split in (True, False)]
     (bank, bank_y), (test, test_y) = (extract_features(backbone, build_eval_loader(d, args.batch_size,

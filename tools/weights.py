@@ -16,7 +16,7 @@ import json
 import os
 import pickle
 
-from models.loading import RESNET_FORMATS, classifier_state, describe_weights, load_backbone
+from models.loading import classifier_state, describe_weights, load_backbone, open_checkpoint
 from models.resnet import to_detectron2
 from models.registry import (APS_PREFIX, APS_REPO, REGISTRY, aps_listing, asym_siam_url, cache_path, download,
                              hub_endpoint, is_registry_name)
@@ -35,31 +35,33 @@ def convert(src: str, out: str, to: str = None) -> str:
     keys); any other file's backbone: torchvision keys for ResNets (no fc), timm keys for ViTs (no head).
     to: 'torchvision' / 'timm' insist on that kind; 'detectron2' writes a ResNet-50 backbone as detectron2 reads
     it (a pickle of numpy arrays under res2..res5 names, BN as FrozenBN statistics), as MoCo's converter does."""
-    info = describe_weights(src)
-    resnet = info["format"] in RESNET_FORMATS
+    ck = open_checkpoint(src)                                # read once; every step below takes it
+    info = describe_weights(ck)
+    resnet = info["family"] == "resnet"
     if to == "detectron2":
-        return convert_detectron2(src, out, info)
+        return convert_detectron2(ck, out, info)
     if to is not None and (to == "torchvision") != resnet:
         kind = "a ResNet" if resnet else "a ViT"
         raise UserError(f"{src} holds {kind}; --to {to} is for {'ResNets' if to == 'torchvision' else 'ViTs'}: "
                         f"use --to {'torchvision' if resnet else 'timm'}")
     if info["num_classes"]:
-        state, cfg = classifier_state(src)
+        state, cfg = classifier_state(ck)
         save_checkpoint(state, out)
         return (f"wrote {out}: APS ViT classifier ({cfg['num_classes']} classes), {len(state)} tensors; load it into "
                 f"models.create_vit(**{json.dumps(cfg, sort_keys=True)})")
-    model = load_backbone(src)
+    model = load_backbone(ck)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_checkpoint(state, out)
     return f"wrote {out}: {type(model).__name__} backbone, {len(state)} tensors"
 
 
-def convert_detectron2(src: str, out: str, info: dict) -> str:
-    if info["format"] not in RESNET_FORMATS or info["arch"] != "resnet50" or info["cifar_stem"]:
+def convert_detectron2(ck, out: str, info: dict) -> str:
+    src = ck.name
+    if info["family"] != "resnet" or info["arch"] != "resnet50" or info["cifar_stem"]:
         held = f"a {info['arch']}" + (" with the CIFAR stem" if info.get("cifar_stem") else "")
         raise UserError(f"{src} holds {held}; the detectron2 export takes a ResNet-50 with the ImageNet stem (a "
                         "main_moco.py -a resnet50 checkpoint at 224 px, or a released Asym-Siam file)")
-    model = load_backbone(src)
+    model = load_backbone(ck)
     state = to_detectron2({k: v for k, v in model.state_dict().items()})
     payload = {"model": {k: v.detach().cpu().numpy() for k, v in state.items()}, "__author__": "asym-ssl",
                "matching_heuristics": True}
