@@ -110,8 +110,11 @@ class Method:
 
 
 class Reporter:
-    """What the Trainer tells about a run besides its checkpoints (utils.report.RunReporter: curves.png and
-    report.md); this one writes nothing."""
+    """What the Trainer tells about a run besides its checkpoints (utils.report.RunReporter: config.yaml,
+    curves.png and report.md); this one writes nothing."""
+
+    def started(self, flags: dict):
+        """Before training (not on a dry run): the run's resolved flags."""
 
     def checkpoint_written(self):
         """After every epoch's checkpoint."""
@@ -459,6 +462,7 @@ class Trainer:
             self.logger.info(note)
         if settings.dry_run:
             return self.dry_run()
+        self.reporter.started(settings.flags)
         self.resume()
         if self.start_epoch == 0 and not self.skip_batches and settings.eval_every > 0 and method.evaluate_at_start:
             self.evaluate_start()

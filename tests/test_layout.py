@@ -186,3 +186,41 @@ def test_the_repo_stands_alone_and_every_citation_of_the_reference_resolves():
             assert m.group(1) in anchors, f"{path} cites REFERENCE.md#{m.group(1)}, which is no heading there"
     assert not outside, outside                # pointers to files or trackers a clone does not have
     assert cited > 40
+
+
+def code_words(path: str) -> set:
+    """Every identifier and string literal of a file's code: docstrings and comments left out."""
+    tree = ast.parse(open(os.path.join(ROOT, path), encoding="utf-8").read())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    words = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            words.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            words.add(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.arg)):
+            words.add(getattr(node, "name", None) or node.arg)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words.add(node.value)
+    return words
+
+
+def test_a_new_method_is_a_script_a_method_and_a_model():
+    # the loop names no method, model or flag of one (the scripts and methods bring those)
+    named = {w for w in code_words("engine.py")
+             if re.search(r"(?<![a-z])(aps|moco|knn|vit|resnet|lincls|finetune|probe|temperature|arch)(?![a-z])", w,
+                          re.I)}
+    assert not named, named
+    # the tests find the scripts by their prefix
+    assert len(SCRIPTS) >= 4 and all(re.fullmatch(r"main_\w+\.py", s) for s in SCRIPTS)
+    # every recipe type reaches both realisations through the registry, not a table to edit
+    import augment.batched  # noqa: F401  (each realisation registers itself on import)
+    import augment.pil  # noqa: F401
+    from augment.recipes import _REALISERS, MoCoViews, Pair, View
+    assert {(t, how) for t in (View, Pair, MoCoViews) for how in ("pil", "batched")} <= set(_REALISERS)
+    # each script brings its method (methods/) and its model (models/); nothing else lists the methods
+    for script in SCRIPTS:
+        imported = imports_of(script)
+        assert any(m.startswith("methods/") for m in imported) and any(m.startswith("models/") for m in imported), script

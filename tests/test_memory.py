@@ -168,25 +168,32 @@ def test_split_batch_replays_the_drop_path_masks_in_the_recomputation():
 
 
 def step_gradients(module, step):
-    """The gradients of one step(module) -> loss, and the module's buffers after it."""
+    """The gradients of one step(module) -> loss, the module's buffers after it, and its parameters after one SGD
+    update with them."""
     module.train()
     module.zero_grad(set_to_none=True)
     step(module).backward()
-    return [p.grad for p in module.parameters() if p.grad is not None], [b.clone() for b in module.buffers()]
+    grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+    buffers = [b.clone() for b in module.buffers()]
+    torch.optim.SGD([p for p in module.parameters() if p.grad is not None], lr=0.5, momentum=0.9).step()
+    return grads, buffers, [p.detach().clone() for p in module.parameters()]
 
 
 def assert_same_step(make, step, chunk_counts, split):
-    """For each chunk count, a fresh make() split by split(module, n) gives step()'s gradients within 1e-5 relative
-    and its buffers (BN statistics, MoCo's queue) within 1e-5 relative or 1e-6 (fp32)."""
-    plain_g, plain_b = step_gradients(make(), step)
+    """For each chunk count, a fresh make() split by split(module, n) gives step()'s gradients and the weights after
+    an SGD update within 1e-5 relative, and its buffers (BN statistics, MoCo's queue) within 1e-5 relative or 1e-6
+    (fp32)."""
+    plain_g, plain_b, plain_w = step_gradients(make(), step)
     scale = torch.stack([g.norm() for g in plain_g]).norm().item()
+    wscale = torch.stack([w.norm() for w in plain_w]).norm().item()
     for n in chunk_counts:
         module = make()
         split(module, n)
-        grads, buffers = step_gradients(module, step)
+        grads, buffers, weights = step_gradients(module, step)
         assert len(grads) == len(plain_g)
         assert all(close(a, b, 1e-5, scale) for a, b in zip(plain_g, grads)), n
         assert all(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6) for a, b in zip(plain_b, buffers)), n
+        assert all(close(a, b, 1e-5, wscale) for a, b in zip(plain_w, weights)), n  # and the updated weights
 
 
 def test_an_aps_step_accumulated_equals_the_whole_batch():

@@ -182,7 +182,9 @@ def test_the_pictures_are_drawn(tmp_path, reference_classifier, capsys):
     run(plot_runs, [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "runs.png")])
     assert Image.open(tmp_path / "runs.png").size == (840, 320)            # two panels, one row
     resnet = tmp_path / "r18.pth"
-    torch.save({"model": {"encoder_q." + k: v for k, v in create_resnet("resnet18").state_dict().items()},
+    trunk = create_resnet("resnet18").state_dict()                       # a main_moco.py checkpoint's layout
+    torch.save({"model": {**{"encoder_q." + k: v for k, v in trunk.items()},
+                          **{"encoder_k." + k: v for k, v in trunk.items()}, "queue": torch.zeros(8, 4)},
                 "epoch": 1, "args": {}, "optimizer": {}}, resnet)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:

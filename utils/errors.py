@@ -3,6 +3,7 @@ import argparse
 import functools
 import sys
 
+from utils.config import config_path, read_config
 from utils.flags import MARK, DomainHelpFormatter
 
 
@@ -44,6 +45,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", DomainHelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, after a --config file (utils.config) has set the defaults: flags given here win."""
+        argv = sys.argv[1:] if args is None else list(args)
+        path = config_path(argv) if "--config" in self._option_string_actions else None
+        if path is not None:
+            self.set_defaults(**read_config(self, path))
+        return super().parse_args(argv, namespace)
 
     def error(self, message):
         if MARK in message:                      # a declared domain refused a value: "--flag value must ..."

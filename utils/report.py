@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+from utils.config import write_config
 from utils.dist import is_main_process
 from utils.errors import describe
 from utils.log import get_logger
@@ -66,8 +67,9 @@ def write_report(output_dir: str, description: str, flags: dict, model_config: d
 
 
 class RunReporter:
-    """An engine.Reporter: curves.png (from log.jsonl) after every checkpoint and at the end, report.md at the end;
-    rank 0 only. A picture that cannot be drawn is a warning, never a stop."""
+    """An engine.Reporter: config.yaml (the resolved flags, utils.config) at the start, curves.png (from log.jsonl)
+    after every checkpoint and at the end, report.md at the end; rank 0 only. A picture that cannot be drawn is a
+    warning, never a stop."""
 
     def __init__(self, output_dir: str):
         self.output_dir, self.logger = output_dir, get_logger()
@@ -79,6 +81,10 @@ class RunReporter:
             plot_curves(self.output_dir)
         except Exception as e:  # matplotlib can fail in many ways (fonts, a full disk): the run goes on
             self.logger.warning(f"could not draw {os.path.join(self.output_dir, CURVES)} ({describe(e)})")
+
+    def started(self, flags: dict):
+        if is_main_process():
+            write_config(self.output_dir, flags)
 
     def checkpoint_written(self):
         self.draw_curves()

@@ -21,6 +21,9 @@ def add_runtime_args(parser, reference_launcher: bool = False, resume_names=None
     if reference_launcher:
         add_reference_launcher_args(parser)
     g = parser.add_argument_group("runtime")
+    g.add_argument("--config", type=input_file(), default=None, metavar="FILE.yaml",
+                   help="flags from a YAML file (flag: value lines; the flags given on the command line win); every "
+                        "run writes its resolved flags to <output-dir>/config.yaml, which reruns it")
     g.add_argument("--seed", type=integer(low=0), default=0,
                    help="random seed (data order, augmentation, init, sampling)")
     g.add_argument("--resume", type=input_file(empty="<output-dir>/checkpoint.pth if it exists", registry=resume_names),
