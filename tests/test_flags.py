@@ -20,7 +20,8 @@ from utils.flags import Domain, Number, Path, Text
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = tuple(sorted(f[:-3] for f in os.listdir(ROOT) if f.startswith("main_") and f.endswith(".py")))
 TOOLS = ("tools.bench", "tools.show_aps", "tools.show_attention", "tools.show_features", "tools.plot_runs",
-         "tools.same_runs", "tools.weights", "tools.gpu_report", "tools.gpu_checks", "tools.check_data", "tools.make_shards")
+         "tools.same_runs", "tools.weights", "tools.gpu_report", "tools.gpu_checks", "tools.check_data", "tools.make_shards",
+         "tools.reproduce")
 SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._HelpAction,
             argparse._CountAction, argparse._VersionAction, argparse._SubParsersAction)
 PROBES = ("0", "-1", "nan", "inf", "-inf", "1e30", "", "0.5", "1", "abc")
