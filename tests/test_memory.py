@@ -269,8 +269,8 @@ def test_a_linear_probe_step_accumulated_equals_the_whole_batch():
 
 PRE = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4",
        "--proj-hidden-dim", "32", "--proj-dim", "16", "--pred-hidden-dim", "32", "--dataset", "digits",
-       "--warmup-epochs", "0", "--batch-size", "1024", "--nsampling", "2", "--nepoch", "2", "--num-workers", "0", "--knn-every", "0",
-       "--device", "cpu"]
+       "--warmup-epochs", "0", "--batch-size", "1024", "--nsampling", "2", "--nepoch", "2", "--num-workers", "0",
+       "--knn-every", "0", "--device", "cpu"]
 
 
 def weights_close(a: dict, b: dict, atol: float, skip=()):

@@ -94,3 +94,13 @@ def test_a_smoke_chain_runs_end_to_end_and_resumes_at_the_stage_where_it_stopped
     assert again["seconds"]["pretrain"] is None and again["ours"] == pytest.approx(first["ours"])
     with open(os.path.join(out, "pretrain", "config.yaml")) as f:
         assert yaml.safe_load(f)["nepoch"] == 2                        # the smoke flags won over the recipe's 1600
+
+
+def test_the_quick_start_is_a_recipe_the_readme_runs(monkeypatch):
+    monkeypatch.chdir(reproduce.ROOT)
+    import main_pretrain
+    args = main_pretrain.get_args_parser().parse_args(["--config", "configs/quickstart.yaml"])
+    assert (args.dataset, args.img_size, args.patch_size, args.epochs) == ("digits", 16, 4, 120)
+    readme = open("README.md", encoding="utf-8").read()
+    first = next(line for line in readme.splitlines() if line.startswith("python3 -m venv"))
+    assert first.endswith("python main_pretrain.py --config configs/quickstart.yaml --output-dir output/quickstart")
