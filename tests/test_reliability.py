@@ -203,10 +203,10 @@ def random_moment(rng, done: int, epochs: int) -> str:
 
 
 @pytest.mark.slow
-def test_sigkill_soak_at_twenty_moments_resumes_to_the_uninterrupted_weights(tmp_path, tiny_flags):
+def test_sigkill_soak_at_twenty_seven_moments_resumes_to_the_uninterrupted_weights(tmp_path, tiny_flags):
     # seven chosen moments (the first step; inside the kNN before training and after epoch 1; inside checkpoint
-    # writes; mid-epoch; from outside), then thirteen random ones; one uninterrupted run to compare with
+    # writes; mid-epoch; from outside), then twenty random ones; one uninterrupted run to compare with
     chosen = ["step@1", "knn@1", "checkpoint-write@1", "knn@2", "step@30", "checkpoint-write@2", "external"]
-    killed = soak(tmp_path, tiny_flags, chosen + [random_moment] * 13, epochs=4)
-    assert len(killed) == 20 and {m.split("@")[0] for m, _ in killed[len(chosen):]} == {"step", "checkpoint-write",
+    killed = soak(tmp_path, tiny_flags, chosen + [random_moment] * 20, epochs=4)
+    assert len(killed) == 27 and {m.split("@")[0] for m, _ in killed[len(chosen):]} == {"step", "checkpoint-write",
                                                                                         "knn"}

@@ -93,7 +93,7 @@ def test_a_smoke_chain_runs_end_to_end_and_resumes_at_the_stage_where_it_stopped
     assert said[0].startswith("stage pretrain: done earlier") and said[1].startswith("stage finetune: ")
     assert again["seconds"]["pretrain"] is None and again["ours"] == pytest.approx(first["ours"])
     with open(os.path.join(out, "pretrain", "config.yaml")) as f:
-        assert yaml.safe_load(f)["nepoch"] == 2                        # the smoke flags won over the recipe's 1600
+        assert yaml.safe_load(f)["epochs"] == 2                        # the smoke flags won over the recipe's 1600
 
 
 def test_the_quick_start_is_a_recipe_the_readme_runs(monkeypatch):
