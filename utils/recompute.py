@@ -110,7 +110,6 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     return done
 
 
-
 def _in_chunks(method):
     """method(self, *tensors, **kw) run on self.batch_chunks consecutive parts of the tensors' batch (dim 0),
     the outputs concatenated; under autograd each part keeps only its input and output."""
@@ -123,22 +122,27 @@ def _in_chunks(method):
         splits = [(m, m.num_splits // n) for m in self.split_norms]         # a chunk holds 1/n of the splits
         buffers = list(self.buffers()) if self.training else []     # (frozen or evaluating: nothing updates them)
         start = [b.detach().clone() for b in buffers]
+        floats = [b for b in buffers if b.is_floating_point()]
+        sums = [torch.zeros_like(b) for b in floats]
+        counts = []                                                  # the counters after one chunk: one update
         recompute = lambda: (contextlib.nullcontext(), as_in_forward(self, splits))  # noqa: E731
-        ends, outs = [], []
+        outs = []
         for part in zip(*(a.chunk(n) for a in args)):
-            with torch.no_grad():
-                for b, value in zip(buffers, start):               # every chunk updates the same statistics
-                    b.copy_(value)
+            if buffers:
+                torch._foreach_copy_(buffers, start)                 # every chunk updates the same statistics
             with splits_set(splits):
                 if torch.is_grad_enabled():
                     outs.append(checkpoint(plain, *part, use_reentrant=False, context_fn=recompute))
                 else:
                     outs.append(plain(*part))
-            ends.append([b.detach().clone() for b in buffers])
-        with torch.no_grad():
-            for i, b in enumerate(buffers):                          # one update over the whole batch
-                values = [end[i] for end in ends]
-                b.copy_(torch.stack(values).mean(0) if b.is_floating_point() else values[0])
+            if floats:
+                torch._foreach_add_(sums, floats)
+            counts = counts or [b.detach().clone() for b in buffers if not b.is_floating_point()]
+        if buffers:                                                  # one update over the whole batch: the mean
+            torch._foreach_div_(sums, len(outs))
+            torch._foreach_copy_(floats, sums)
+            if counts:
+                torch._foreach_copy_([b for b in buffers if not b.is_floating_point()], counts)
         return torch.cat(outs)
     return run
 
