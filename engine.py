@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch._dynamo
 
 from utils.checkpoint import LATEST, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
 from utils.dist import all_reduce_min, cleanup, get_rank, get_world_size, is_dist, is_main_process
@@ -27,7 +28,7 @@ from utils.errors import UserError
 from utils.failpoints import failpoint
 from utils.log import MeanMeter, Progress, RunLog, get_logger
 from utils.preempt import Preempted, StopRequest, rng_state, set_rng_state
-from utils.recompute import enable_grad_checkpointing
+from utils.recompute import enable_grad_checkpointing, recomputes_buffers
 from utils.rng import BatchRandom
 from utils.runtime import autocast, compile_in_place, make_grad_scaler, peak_memory_mib, seed_everything
 from utils.transfer import tree_to_device
@@ -137,6 +138,7 @@ class TrainSettings:
     save_every: int = 0
     skip_nonfinite: int = 0
     compile: Optional[str] = None
+    compile_backend: str = "inductor"
     grad_checkpointing: bool = False            # recompute ViT blocks / ResNet stages in the backward pass
     clip_grad: Optional[float] = None           # clip the gradients' global norm to this (None: no clipping)
     accum_steps: int = 1                        # run the backbone in this many chunks of each batch (exact)
@@ -154,6 +156,7 @@ class TrainSettings:
         return cls(output_dir=args.output_dir, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                    resume=args.resume, print_freq=args.print_freq, eval_every=eval_every, save_every=args.save_every,
                    skip_nonfinite=args.skip_nonfinite, compile=args.compile,
+                   compile_backend=getattr(args, "compile_backend", "inductor"),
                    grad_checkpointing=getattr(args, "grad_checkpointing", False),
                    clip_grad=getattr(args, "clip_grad", None), accum_steps=getattr(args, "accum_steps", 1),
                    flags=dict(vars(args)),
@@ -185,7 +188,13 @@ class Trainer:
             enable_grad_checkpointing(method.module)
         if settings.accum_steps > 1:
             self.split_backbone(settings.accum_steps)
-        compile_in_place(method.model, settings.compile)
+        if settings.compile and is_dist() and recomputes_buffers(method.module):
+            # dynamo's DDP graph splitting cuts a recomputed region whose batch norms update their statistics, and
+            # the backward then finds a saved statistic overwritten: one graph instead, reduced after the backward
+            torch._dynamo.config.optimize_ddp = "no_optimization"
+            self.logger.info("--compile with batch norms recomputed under several processes: the model compiles "
+                             "as one graph (DDP's graph splitting off; gradients reduced after the backward pass)")
+        compile_in_place(method.model, settings.compile, settings.compile_backend)
 
     def split_backbone(self, chunks: int):
         """--accum-steps: the method's backbone runs in `chunks` parts of each process's batch."""

@@ -18,15 +18,16 @@ from augment.ops import (apply_where, color_jitter, crop_boxes, crop_resize_list
 from augment.randaugment import DeviceRandAugment
 from augment.recipes import MoCoViews, Pair, View, realise, realises
 from utils.rng import BatchRandom
+from utils.runtime import compile_kwargs
 from utils.transfer import tree_to_device
 
 
-def compile_pixels(fn, mode=None):
+def compile_pixels(fn, mode=None, backend: str = "inductor"):
     """torch.compile an augmentation's pixel work for fixed shapes (room for the few a run sees), in --compile's
-    mode (None or 'default': torch.compile's default)."""
+    mode (None or 'default': torch.compile's default) and --compile-backend."""
     import torch._dynamo
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    return torch.compile(fn, dynamic=False, mode=None if mode in (None, True, "default") else mode)
+    return torch.compile(fn, dynamic=False, **compile_kwargs(mode, backend))
 
 
 def device_of(images) -> torch.device:
@@ -131,10 +132,10 @@ class BatchedView:
         out = self.apply(x, self.params(N, H, W, rng, device))
         return out if self.view.boxed else out[0]
 
-    def compile(self, mode=None) -> "BatchedView":
+    def compile(self, mode=None, backend: str = "inductor") -> "BatchedView":
         """torch.compile the pixel work: its ~100 small element-wise kernels fused into a few."""
-        self._apply_batch = compile_pixels(self._apply_batch, mode)
-        self._finish = compile_pixels(self._finish, mode)
+        self._apply_batch = compile_pixels(self._apply_batch, mode, backend)
+        self._finish = compile_pixels(self._finish, mode, backend)
         return self
 
 
@@ -149,9 +150,9 @@ class _Pipeline:
             self._views[view] = BatchedView(view)
         return self._views[view]
 
-    def compile(self, mode=None):
+    def compile(self, mode=None, backend: str = "inductor"):
         for view in self._views.values():
-            view.compile(mode)
+            view.compile(mode, backend)
         return self
 
 

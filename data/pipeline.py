@@ -72,7 +72,7 @@ def training_data(args, recipe, device: torch.device, holdout: float = 0.0, on_d
         except ValueError as e:
             raise UserError(f"--data-path device cannot make this recipe's views ({e}); use --data-path cpu") from e
         if args.compile:
-            augment.compile(args.compile)
+            augment.compile(args.compile, getattr(args, "compile_backend", "inductor"))
     dataset = build_dataset(args.dataset, args.data_root, train=True, download=args.download,
                             transform=None if on_device else pil_pipeline(recipe), cache_dir=args.output_dir,
                             bad_images=bad_images_log(args))

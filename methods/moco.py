@@ -21,7 +21,9 @@ class MoCoPretraining(Method):
 
     def training_steps(self, batch, rng):
         query, keys, minis = moco_inputs(batch[0], rng)
-        yield self.model(query, keys, minis, perm=shuffle_permutation(keys, rng))
+        perm = shuffle_permutation(keys, rng)
+        self.module.momentum_update()                           # eager, outside the (compiled, DDP) forward
+        yield self.model(query, keys, minis, perm=perm, update_key_encoder=False)
 
     def split_backbone(self, chunks: int):
         """The query encoder in chunks of whole BN splits (each BN then sees what it sees without); the key encoder

@@ -67,6 +67,7 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
+    @torch.no_grad()
     def momentum_update(self):
         """k <- m k + (1 - m) q for every parameter (BN buffers are not averaged)."""
         momentum_update(self.encoder_k, self.encoder_q, self.momentum)
@@ -102,10 +103,15 @@ class MoCo(nn.Module):
         z = view_major(z[rank * per:(rank + 1) * per], V, self.splits)  # [V, N, d]
         return F.normalize(z.mean(dim=0), dim=1)
 
-    def forward(self, query, keys, mini_queries=None, perm=None):
+    def forward(self, query, keys, mini_queries=None, perm=None, update_key_encoder=True):
+        """update_key_encoder=False: the caller has made the momentum update already (MoCoPretraining does, outside
+        the model: under torch.compile and DDP, an in-place update of the key encoder inside a forward that DDP's
+        graph splitting cuts leaves the loss without a gradient). The update reads only the query encoder's
+        weights, which the forward does not change, so before or during the forward is the same."""
         q = F.normalize(_fp32(self.encoder_q(query)), dim=1)                              # [N, d]
         with torch.no_grad():
-            self.momentum_update()
+            if update_key_encoder:
+                self.momentum_update()
             k = self.encode_keys(keys, perm)                         # [N, d]
         queue = self.queue.clone().detach()
         loss = moco_loss(q, k, queue, self.temperature)

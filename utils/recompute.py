@@ -66,6 +66,14 @@ def as_in_forward(module: nn.Module, splits: list):
         yield
 
 
+def recompute_context(context_fn) -> dict:
+    """checkpoint()'s context_fn, eager only. Compiled, the region is traced once: the backward graph recomputes
+    what the gradient needs from the traced ops (the split batch norms as they were traced) and never repeats a
+    buffer update (the running statistics are written once, in the forward graph), so there is nothing to restore;
+    dynamo takes no Python context there either."""
+    return {} if torch.compiler.is_compiling() else {"context_fn": context_fn}
+
+
 class Checkpointed:
     """Mixed into a module's own class (checkpointed()): its forward runs under checkpointing when it trains with
     gradients, as before otherwise. A copy (EMA, MoCo's key encoder) is a module of the same class, so it
@@ -77,7 +85,7 @@ class Checkpointed:
             return plain(*args, **kwargs)
         if self.recompute_buffers:
             splits = [(m, m.num_splits) for m in self.split_norms]
-            kwargs["context_fn"] = lambda: (contextlib.nullcontext(), as_in_forward(self, splits))
+            kwargs.update(recompute_context(lambda: (contextlib.nullcontext(), as_in_forward(self, splits))))
         return checkpoint(plain, *args, use_reentrant=False, **kwargs)
 
 
@@ -132,7 +140,7 @@ def _in_chunks(method):
                 torch._foreach_copy_(buffers, start)                 # every chunk updates the same statistics
             with splits_set(splits):
                 if torch.is_grad_enabled():
-                    outs.append(checkpoint(plain, *part, use_reentrant=False, context_fn=recompute))
+                    outs.append(checkpoint(plain, *part, use_reentrant=False, **recompute_context(recompute)))
                 else:
                     outs.append(plain(*part))
             if floats:
@@ -164,3 +172,11 @@ def split_batch(module: nn.Module, chunks: int, methods: tuple = ("forward",)) -
     module.__class__ = _SPLIT[key]
     module.batch_chunks, module.split_norms = chunks, split_norms(module)
     return module
+
+
+def recomputes_buffers(model: nn.Module) -> bool:
+    """Whether a module in `model` recomputes a region that updates buffers (batch norms under
+    --grad-checkpointing or --accum-steps)."""
+    return any(getattr(m, "recompute_buffers", False) or (getattr(m, "batch_chunks", 1) > 1 and
+                                                          any(True for _ in m.buffers()))
+               for m in model.modules())

@@ -10,19 +10,34 @@ import torch
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+# inductor generates kernels (the speed); aot_eager traces the graphs, forward and backward, and runs them with
+# eager kernels: everything the compiler changes about the program, in seconds (what the CPU tests use)
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 def add_compile_arg(parser, what: str):
-    """--compile [MODE]: bare means torch.compile's default mode; absent means eager."""
+    """--compile [MODE]: bare means torch.compile's default mode; absent means eager. --compile-backend."""
     parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
                         help=f"torch.compile {what} (first steps are slow); MODE one of {', '.join(COMPILE_MODES)} "
                              "(bare: default; max-autotune also tunes the matmuls and fuses their epilogues)")
+    parser.add_argument("--compile-backend", default="inductor", choices=COMPILE_BACKENDS,
+                        help="with --compile: inductor generates fused kernels (the speed); aot_eager traces the "
+                             "same graphs and runs them with eager kernels (quick to compile: to check that a "
+                             "configuration compiles, e.g. on a CPU); MODE applies to inductor only")
 
 
-def compile_in_place(module: torch.nn.Module, mode):
-    """module.compile() with --compile's mode (state-dict keys stay the same); mode None or False: nothing."""
+def compile_kwargs(mode, backend: str = "inductor") -> dict:
+    """torch.compile's keyword arguments for --compile MODE --compile-backend BACKEND."""
+    if backend != "inductor":
+        return {"backend": backend}
+    return {"mode": None if mode in (None, True, "default") else mode}
+
+
+def compile_in_place(module: torch.nn.Module, mode, backend: str = "inductor"):
+    """module.compile() with --compile's mode and backend (state-dict keys stay the same); mode None or False:
+    nothing."""
     if mode:
-        module.compile(mode=None if mode in (True, "default") else mode)
+        module.compile(**compile_kwargs(mode, backend))
 
 
 def seed_everything(seed: int):
