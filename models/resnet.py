@@ -2,6 +2,7 @@
 (docs/REFERENCE.md#moco-baseline)."""
 from functools import partial
 
+import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
@@ -19,6 +20,20 @@ def moco_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, bn_s
     return mlp([in_dim, hidden_dim, hidden_dim, out_dim], norm=norm, norm_after={0})
 
 
+class GlobalAvgPool(nn.AdaptiveAvgPool2d):
+    """torchvision's pooling to 1x1, except under --deterministic on CUDA: adaptive average pooling has no
+    deterministic backward there (strict mode would stop at it), and a mean over the spatial dims is the same
+    number with a deterministic backward (an expand). Elsewhere the same kernel as before, so the same bits."""
+
+    def __init__(self):
+        super().__init__(1)
+
+    def forward(self, x):
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return x.mean(dim=(2, 3), keepdim=True)
+        return super().forward(x)
+
+
 def create_resnet(arch: str = "resnet50", cifar_stem: bool = False, bn_splits: int = 1, num_classes: int = 0):
     """A torchvision ResNet; fc is Identity (features) unless num_classes > 0. `bn_splits` > 1 uses split BN."""
     if arch not in RESNETS:
@@ -28,6 +43,7 @@ def create_resnet(arch: str = "resnet50", cifar_stem: bool = False, bn_splits: i
     if cifar_stem:  # 32 px images: 3x3 stride-1 first conv, no max-pool
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
+    model.avgpool = GlobalAvgPool()
     model.feature_dim = model.fc.in_features
     model.fc = nn.Linear(model.feature_dim, num_classes) if num_classes else nn.Identity()
     return model

@@ -426,11 +426,15 @@ def test_deterministic_sets_reproducible_kernels_and_every_script_takes_it(monke
         configure_device(torch.device("cuda", 0), deterministic=True)
         assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
         assert torch.are_deterministic_algorithms_enabled()
-        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()         # strict: an op without one stops
+        assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
         import os
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
+        for kernel in ("flash", "mem_efficient", "cudnn"):
+            getattr(torch.backends.cuda, f"enable_{kernel}_sdp")(True)
     for script in ("main_pretrain", "main_finetune", "main_moco", "main_lincls"):
         parser = importlib.import_module(script).get_args_parser()
         assert parser.parse_args(["--deterministic"]).deterministic is True

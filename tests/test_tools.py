@@ -181,12 +181,22 @@ def test_profile_split_knows_hopper_kernel_names():
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == "other"
 
 
-def test_gpu_report_runs_every_phase_at_small_shapes(tmp_path):
+def test_gpu_report_runs_every_phase_at_small_shapes_and_survives_a_failing_one(tmp_path, monkeypatch):
     from tools import gpu_report
+    # a phase that exits at once (an unknown flag): recorded as failed, and every later phase still runs
+    monkeypatch.setitem(gpu_report.SMALL, "moco", gpu_report.SMALL["moco"] + ["--no-such-flag"])
     summary = gpu_report.main(gpu_report.get_args_parser().parse_args(["--out", str(tmp_path), "--small"]))
     phases = {p["phase"]: p for p in summary["phases"]}
-    assert phases["eager"]["exit"] == 0 and phases["pipelines"]["exit"] == 0 and "skipped" in phases["compiled"]
+    assert [p["phase"] for p in summary["phases"]] == list(gpu_report.ORDER)
+    assert sum(gpu_report.LIMITS.values()) <= 480                  # the phases' limits fit 8 minutes
+    for name in ("eager", "compiled", "pipelines", "memory"):
+        assert phases[name]["exit"] == 0, phases[name]
+    assert phases["moco"]["exit"] == 2 and "--no-such-flag" in phases["moco"]["error"][-1]
     assert phases["tests"]["exit"] in (0, 5)                    # 5: no CUDA-marked test in the suite
+    compiled = [json.loads(line) for line in (tmp_path / "compiled.jsonl").read_text().splitlines()]
+    assert next(r for r in compiled if r["bench"] == "aps_step")["compile"] == "default"
+    memory = [json.loads(line) for line in (tmp_path / "memory.jsonl").read_text().splitlines()]
+    assert [r["saving"] for r in memory if r["bench"] == "memory"] == ["none", "accum-2"]
     records = [json.loads(line) for line in (tmp_path / "pipelines.jsonl").read_text().splitlines()]
     ref = next(r for r in records if r["bench"] == "aps_reference_pipeline")
     ratio = next(r for r in records if r["bench"] == "aps_reference_ratio")
@@ -197,8 +207,12 @@ def test_gpu_report_runs_every_phase_at_small_shapes(tmp_path):
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert next(p for p in saved["phases"] if p["phase"] == "eager")["targets"]["bench"] == "targets"
     assert saved["versions"]["torch"] == torch.__version__ and saved["phases"][0]["phase"] == "correctness"
-    assert saved["correctness"] == {"all_passed": True, "checks": {"train/pretrain/bf16": "pass"},
+    assert saved["correctness"] == {"all_passed": True, "checks": {"train/pretrain/bf16": "pass"}, "errors": {},
                                     "cuda_tests": phases["tests"]["result"]}
+    text = (tmp_path / "summary.txt").read_text().splitlines()
+    assert len(text) <= 20 and text[1].startswith("correctness: all passed (1 pass, 0 FAIL")
+    assert any(line.startswith("moco: FAILED (exit 2)") for line in text)
+    assert any(line.startswith("memory: ok") for line in text)
     from tools.bench_targets import check_targets
     gpu = check_targets([{**ratio, "arch": "vit-small", "batch": 512, "img_size": 32, "patch": 2}], gpu=True)
     check = next(c for c in gpu["checks"] if c["target"].startswith("APS ViT-S/2 epoch end to end"))
@@ -210,3 +224,42 @@ def test_bench_times_a_jpeg_folder_against_its_shards():
     records = files_vs_shards(images=32, size=48, crop=32, batch=8, batches=2, workers=(0,))
     assert [(r["source"], r["workers"]) for r in records] == [("folder", 0), ("shards", 0)]
     assert all(r["img_per_s"] > 0 and r["bench"] == "files_vs_shards" for r in records)
+
+
+def test_gpu_checks_record_a_failing_raising_or_exiting_check_and_run_the_next(tmp_path, monkeypatch):
+    """Each check is isolated: a check that fails, raises, exits (a script's UserError, a non-finite loss) or
+    depends on one that failed is recorded as FAIL with its last line, and the checks after it still run and are
+    written to checks.jsonl as they end."""
+    import sys as _sys
+    from tools import gpu_checks
+    from utils.errors import UserError
+
+    def script_exits():                              # what a script's bad flag or non-finite loss does
+        return gpu_checks.run_script("main_pretrain", ["--nepoch", "0"])
+
+    def non_finite():
+        raise UserError("loss became non-finite at step 3 (epoch 1)")
+    planted = {"fails": lambda: (False, {"why": "planted"}), "raises": lambda: 1 / 0, "exits": lambda: _sys.exit(3),
+               "script-exits": script_exits, "non-finite": non_finite, "passes": lambda: (True, {})}
+    monkeypatch.setattr(gpu_checks, "EXTRA_CHECKS", planted)
+    monkeypatch.setattr(gpu_checks, "train_checks", lambda *a, **k: None)      # (the planted checks only)
+    records = gpu_checks.main(gpu_checks.get_args_parser().parse_args(["--out", str(tmp_path), "--small"]))
+    got = {r["check"]: r for r in records}
+    assert [r["check"] for r in records] == list(planted)
+    assert [got[k]["passed"] for k in planted] == [False, False, False, False, False, True]
+    assert got["raises"]["error"].startswith("ZeroDivisionError") and got["exits"]["error"] == "exit 3"
+    assert got["script-exits"]["error"].startswith("exit 2") and "--nepoch" in got["script-exits"]["error"]
+    assert "non-finite" in got["non-finite"]["error"]
+    saved = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()]
+    assert saved == records
+
+
+def test_gpu_checks_do_not_hand_a_failed_runs_checkpoint_on_and_stop_at_their_budget(tmp_path):
+    from tools.gpu_checks import Checks, check
+    out = Checks(str(tmp_path))
+    check("train/moco/bf16", lambda: (False, {}), out)
+    check("train/lincls/bf16", lambda: (True, {}), out, needs="train/moco/bf16")
+    assert out.records[1]["passed"] is False and "needs train/moco/bf16" in out.records[1]["error"]
+    late = Checks(str(tmp_path), deadline=0.0)                       # past its budget: recorded, not run
+    check("jpeg", lambda: (True, {}), late)
+    assert late.records == [{"check": "jpeg", "passed": None, "skipped": "no time left in the phase", "seconds": 0.0}]

@@ -19,6 +19,7 @@ from models.resnet import RESNETS
 from samplers.aps import kept_per_view, random_boxes, sample_aps
 from tools import bench_pipeline as P
 from tools.bench_pipeline import sync
+from tools.bench_memory import SAVINGS
 from tools.bench_targets import check_targets
 from utils.dist import resolve_device
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
@@ -181,6 +182,13 @@ def get_args_parser():
                    "(default 5 on GPU, 2 on CPU)")
     p.add_argument("--memory-only", type=one_of(("aps-vit-small", "aps-vit-base", "moco-resnet50"), "step"),
                    default=None, help="comma-separated steps of the memory table to run (default: all)")
+    p.add_argument("--memory-savings", type=one_of([s[0] for s in SAVINGS], "saving"), default=None,
+                   help="comma-separated savings of the memory table to run (default: all)")
+    p.add_argument("--skip-aps-pipeline", action="store_true", help="in the data-path comparisons, leave out APS")
+    p.add_argument("--skip-moco-pipeline", action="store_true", help="in the data-path comparisons, leave out MoCo")
+    p.add_argument("--compile-cost", action="store_true",
+                   help="compile time, steady-state step eager vs compiled and recompilations over 3 epochs, for APS "
+                        "ViT-T/2 and MoCo ResNet-18 (tools/bench_compile.py; --compile-backend chooses the backend)")
     p.add_argument("--peak-tflops", type=positive(), default=None,
                    help="the device's dense bf16 peak, for MFU (default: known GPUs, e.g. 989 for H100/H200)")
     return p
@@ -188,6 +196,7 @@ def get_args_parser():
 
 @exit_on_user_error
 def main(args):
+    P.BACKEND = args.compile_backend
     device = resolve_device(args.device)
     configure_device(device)
     gpu = device.type == "cuda"
@@ -218,7 +227,13 @@ def main(args):
     if args.memory:
         from tools.bench_memory import memory_table
         results += memory_table(device, args.amp, args.memory_scale, args.memory_steps or (5 if gpu else 2),
-                                args.memory_only.split(",") if args.memory_only else None, args.memory_full_size)
+                                args.memory_only.split(",") if args.memory_only else None, args.memory_full_size,
+                                args.memory_savings.split(",") if args.memory_savings else None)
+    if args.compile_cost:
+        from tools.bench_compile import compile_cost
+        for rec in compile_cost(device, amp, args.compile_backend, batch=batch if gpu else 32):
+            results.append(rec)
+            print(json.dumps(rec), flush=True)
     if args.files:
         from tools.bench_files import files_vs_shards
         for rec in files_vs_shards(args.files_images, 160, 128, 64, max(2, args.files_images // 64 - 1)):
@@ -258,9 +273,10 @@ def pipelines(args, device, amp, gpu, batch, peak, archs):
     workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
     batches = args.pipeline_batches or (10 if gpu else 2)
     warm = 3 if gpu else 1
-    aug = P.aps_augment(batch, args.img_size, device, 20 if gpu else 3, args.compile)
-    emit(aug)
-    for arch in archs:
+    if not args.skip_aps_pipeline:
+        aug = P.aps_augment(batch, args.img_size, device, 20 if gpu else 3, args.compile)
+        emit(aug)
+    for arch in ([] if args.skip_aps_pipeline else archs):
         recs = {path: P.aps_pipeline(arch, path, batch, args.img_size, args.patch_size, args.sampling_ratio, 4,
                                      device, amp, batches, warm, workers, args.compile) for path in ("cpu", "device")}
         for rec in recs.values():
@@ -281,6 +297,8 @@ def pipelines(args, device, amp, gpu, batch, peak, archs):
                   # a 1600-epoch CIFAR pretraining (50,000 pairs an epoch) at our measured rate
                   "projected_1600_epoch_gpu_hours" if gpu else "projected_1600_epoch_hours":
                       round(1600 * 50000 / ours["pairs_per_s"] / 3600, 2)})
+    if args.skip_moco_pipeline:
+        return out
     arch = args.moco_arch or ("resnet50" if gpu else "resnet18")
     mb = args.moco_batch or (256 if gpu else 16)
     size = args.moco_img_size or (224 if gpu else 64)

@@ -117,14 +117,18 @@ def shapes(gpu: bool, scale: int, full_size: bool = False) -> list:
              max(8, batch // scale)) for name, arch, size, batch in STEPS]
 
 
-def memory_table(device: torch.device, amp: str, scale: int, steps: int, only=None, full_size: bool = False) -> list:
-    """Every step with every saving, each in its own process; the ratios to no saving added."""
+def memory_table(device: torch.device, amp: str, scale: int, steps: int, only=None, full_size: bool = False,
+                 savings=None) -> list:
+    """Every step with every saving (or those named in `savings`; no saving is always measured, for the ratios),
+    each in its own process; the ratios to no saving added."""
     records = []
     for name, arch, size, batch in shapes(device.type == "cuda", scale, full_size):
         if only and name not in only:
             continue
         plain = None
         for saving, ckpt, accum in SAVINGS:
+            if savings and saving != "none" and saving not in savings:
+                continue
             spec = dict(step=name, arch=arch, img_size=size, batch=batch, saving=saving, accum=accum, ckpt=ckpt,
                         device=str(device), amp=amp, steps=steps)
             rec = run_one(spec)

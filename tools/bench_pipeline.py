@@ -66,11 +66,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+BACKEND = "inductor"     # --compile-backend (tools.bench sets it)
+
+
 def aps_model(arch, img_size, patch, device, compile_model=False):
     """An APS model and its AdamW, as main_pretrain.py builds them (fused on CUDA, optionally compiled)."""
     torch.manual_seed(0)
     model = APS(create_vit(arch, img_size, patch)).to(device)
-    compile_in_place(model, compile_model)
+    compile_in_place(model, compile_model, BACKEND)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **fused(device))
 
 
@@ -137,7 +140,7 @@ def make_loader(path, dataset_size, img_size, batch, workers, device, recipe, co
     (augment.recipes) realised for that path."""
     if path.endswith("device"):
         views = batched_pipeline(recipe)
-        views = views.compile() if compile_views else views
+        views = views.compile(backend=BACKEND) if compile_views else views
     if path.startswith("jpeg"):
         root = jpeg_folder(dataset_size, img_size)
         if path == "jpeg-device":
@@ -266,7 +269,7 @@ def aps_augment(batch, img_size, device, repeats, compile_views=False):
     """Image pairs/s of the on-device APS views alone (two views, boxes, flips) from uint8 images."""
     views = batched_pipeline(aps_pair(get_preset("cifar10"), img_size))
     if compile_views:
-        views.compile()
+        views.compile(backend=BACKEND)
     x = torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8, device=device)
     for _ in range(3):
         views(x)
@@ -300,8 +303,8 @@ def moco_pipeline(path, arch, batch, img_size, device, amp, batches, warmup, wor
     torch.manual_seed(0)
     model = build_moco(arch, False, max(1, min(8, batch // 32)), queue_size=65536 // batch * batch,
                        device=device)                                         # split BN as main_moco.py
-    compile_in_place(model.encoder_q, compile_model)
-    compile_in_place(model.encoder_k, compile_model)
+    compile_in_place(model.encoder_q, compile_model, BACKEND)
+    compile_in_place(model.encoder_k, compile_model, BACKEND)
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4, **fused(device))
     src = max(img_size, round(img_size * 256 / 224))                           # stored images a bit larger
 

@@ -13,9 +13,11 @@
   within JPEG_MEAN_TOL (mean) and JPEG_MAX_TOL (max) levels of 255 (the decoders' IDCTs differ slightly);
 - nccl: 2 processes against 1 (pretraining, fp32): every checkpoint tensor within NCCL_TOL (relative); needs 2
   GPUs (NCCL puts no two ranks on one GPU);
-- deterministic: two runs with --deterministic give bit-identical checkpoints.
+- deterministic: two runs with --deterministic give bit-identical checkpoints (fine-tuning at 32 px, patch 2, bf16:
+  SDPA's shapes; and MoCo).
 """
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from utils.errors import ArgumentParser, exit_on_user_error
-from utils.flags import output_folder
+from utils.flags import count, output_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIEW_TOL = 1e-3          # mean |diff| of normalised views, GPU vs CPU (grid_sample, blur and colour round-off)
@@ -67,19 +69,72 @@ def sync_errors():
         torch.cuda.set_sync_debug_mode(before)
 
 
-def check(name: str, fn, out: list):
-    """Run one check: fn() -> (passed, details); a raised error fails it with its last lines."""
+class Checks:
+    """The checks' records, each printed and appended to <out>/checks.jsonl as it ends (a phase stopped by its time
+    limit keeps what it finished); `deadline` (time.perf_counter() seconds): the checks that would start after it
+    are recorded as skipped."""
+
+    def __init__(self, out_dir: str, deadline: float = float("inf")):
+        self.records, self.deadline = [], deadline
+        self.path = os.path.join(out_dir, "checks.jsonl")
+        open(self.path, "w").close()
+
+    def passed(self, name: str) -> bool:
+        return any(r["check"] == name and r["passed"] for r in self.records)
+
+    def add(self, record: dict):
+        self.records.append(record)
+        print(json.dumps(record), flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class LastLines(io.TextIOBase):
+    """stderr, passed through, keeping its last lines (what a script that exits said before it did)."""
+
+    def __init__(self, stream, keep: int = 3):
+        self.stream, self.lines, self.keep = stream, [], keep
+
+    def write(self, text):
+        self.stream.write(text)
+        self.lines = (self.lines + [line for line in text.splitlines() if line.strip()])[-self.keep:]
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def last_line(e: BaseException, stderr: LastLines) -> str:
+    """What a failed check says: its message, or for an exit its code and the last line it printed."""
+    if isinstance(e, SystemExit):
+        said = stderr.lines[-1][:400] if stderr.lines else ""
+        return f"exit {e.code}" + (f": {said}" if said else "")
+    return f"{type(e).__name__}: {str(e)[:400]}"
+
+
+def check(name: str, fn, out: Checks, needs: str = None):
+    """Run one check: fn() -> (passed, details). Whatever it raises, a script's exit (SystemExit: a UserError, a
+    non-finite loss) included, fails it with its last line, and the next check runs; `needs`: a check that must
+    have passed first (else this one fails saying so, without running)."""
     start = time.perf_counter()
+    if start > out.deadline:
+        out.add({"check": name, "passed": None, "skipped": "no time left in the phase", "seconds": 0.0})
+        return
+    if needs and not out.passed(needs):
+        out.add({"check": name, "passed": False, "error": f"not run: it needs {needs}, which did not pass",
+                 "seconds": 0.0})
+        return
+    stderr = LastLines(sys.stderr)
     try:
-        passed, details = fn()
+        with contextlib.redirect_stderr(stderr):
+            passed, details = fn()
         record = {"check": name, "passed": None if passed is None else bool(passed), **details}
-    except Exception as e:                                         # a failed check is a result, not a stop
+    except (Exception, SystemExit) as e:                           # a failed check is a result, not a stop
         tb = traceback.format_exception(type(e), e, e.__traceback__)
         ours = [line.strip() for line in tb if ROOT in line and "/.venv/" not in line][-3:]
-        record = {"check": name, "passed": False, "error": f"{type(e).__name__}: {str(e)[:400]}", "where": ours}
+        record = {"check": name, "passed": False, "error": last_line(e, stderr), "where": ours}
     record["seconds"] = round(time.perf_counter() - start, 1)
-    out.append(record)
-    print(json.dumps(record), flush=True)
+    out.add(record)
 
 
 def run_script(module: str, argv: list):
@@ -96,22 +151,25 @@ def run_script(module: str, argv: list):
         Trainer.step_context = old
 
 
-def train_checks(out_dir: str, out: list, precisions=tuple(PRECISIONS), scripts=tuple(SCRIPTS), device="cuda"):
-    """train/<script>/<precision> for each; lincls probes the first MoCo run's checkpoint."""
-    made = {}
+def train_checks(out_dir: str, out: Checks, precisions=tuple(PRECISIONS), scripts=tuple(SCRIPTS), device="cuda"):
+    """train/<script>/<precision> for each; lincls probes the MoCo run's checkpoint of the same precision (and
+    fails, not run, when that run did not pass)."""
     for precision in precisions:
         for name in scripts:
             module, argv = SCRIPTS[name]
             folder = os.path.join(out_dir, f"{name}-{precision}")
-            argv = [a.format(**made) for a in argv] + PRECISIONS[precision] + ["--device", device,
-                                                                               "--output-dir", folder]
+            moco = os.path.join(out_dir, f"moco-{precision}", "checkpoint.pth")
+            argv = [a.format(moco=moco) for a in argv] + PRECISIONS[precision] + ["--device", device,
+                                                                                  "--output-dir", folder]
 
             def one(module=module, argv=argv):
                 metrics = run_script(module, argv)
-                finite = all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
-                return finite, {"metrics": {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}}
-            check(f"train/{name}/{precision}", one, out)
-            made.setdefault(name, os.path.join(folder, "checkpoint.pth"))
+                floats = {k: v for k, v in metrics.items() if isinstance(v, float)}
+                bad = sorted(k for k, v in floats.items() if not np.isfinite(v))
+                return not bad and bool(floats), {"metrics": {k: round(v, 4) for k, v in floats.items()},
+                                                  **({"not_finite": bad} if bad else {})}
+            needs = f"train/moco/{precision}" if "{moco}" in SCRIPTS[name][1] else None
+            check(f"train/{name}/{precision}", one, out, needs=needs)
 
 
 def same_views():
@@ -192,6 +250,14 @@ def checkpoint_gap(a: str, b: str) -> float:
     return gap
 
 
+def run_command(argv: list):
+    """python argv in the repo, output captured; one that fails raises with its last line of stderr."""
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines() or ["(nothing on stderr)"]
+        raise RuntimeError(f"{' '.join(argv[:3])} ... exited {done.returncode}: {lines[-1][:300]}")
+
+
 PRETRAIN_FP32 = ["main_pretrain.py", *SCRIPTS["pretrain"][1], "--amp", "off", "--knn-every", "0", "--seed", "0"]
 
 
@@ -199,22 +265,33 @@ def nccl(tmp: str):
     if torch.cuda.device_count() < 2:
         return None, {"skipped": "one GPU: NCCL puts no two ranks on one GPU (run on a machine with two)"}
     one, two = os.path.join(tmp, "nccl-1"), os.path.join(tmp, "nccl-2")
-    subprocess.run([sys.executable, *PRETRAIN_FP32, "--output-dir", one], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *PRETRAIN_FP32,
-                    "--output-dir", two], cwd=ROOT, check=True, capture_output=True)
+    run_command([*PRETRAIN_FP32, "--output-dir", one])
+    run_command(["-m", "torch.distributed.run", "--nproc_per_node", "2", *PRETRAIN_FP32, "--output-dir", two])
     gap = checkpoint_gap(os.path.join(one, "checkpoint.pth"), os.path.join(two, "checkpoint.pth"))
     return gap <= NCCL_TOL, {"max_relative_gap": gap, "tolerance": NCCL_TOL}
 
 
+# --deterministic at the shapes where it matters: a fine-tuning step at 32 px with patch 2 (257 tokens: the shapes
+# where SDPA would pick its flash or memory-efficient kernels) in bf16, and a MoCo step (cuDNN convolutions, the
+# ResNet's pooling)
+DETERMINISTIC_RUNS = {
+    "finetune": ["main_finetune.py", "--arch", "vit-tiny", "--depth", "2", "--dataset", "digits", "--img-size", "32",
+                 "--patch-size", "2", "--batch-size", "128", "--epochs", "1", "--warmup-epochs", "1",
+                 "--num-workers", "0", "--amp", "bf16", "--data-path", "device"],
+    "moco": ["main_moco.py", *SCRIPTS["moco"][1][:-8], "--amp", "bf16", "--knn-every", "0"],
+}
+
+
 def deterministic(tmp: str):
-    runs = []
-    for i in range(2):
-        folder = os.path.join(tmp, f"det-{i}")
-        subprocess.run([sys.executable, *PRETRAIN_FP32, "--deterministic", "--device", "cuda", "--output-dir", folder],
-                       cwd=ROOT, check=True, capture_output=True)
-        runs.append(os.path.join(folder, "checkpoint.pth"))
-    gap = checkpoint_gap(*runs)
-    return gap == 0.0, {"max_relative_gap": gap}
+    gaps = {}
+    for name, argv in DETERMINISTIC_RUNS.items():
+        runs = []
+        for i in range(2):
+            folder = os.path.join(tmp, f"det-{name}-{i}")
+            run_command([*argv, "--deterministic", "--device", "cuda", "--output-dir", folder])
+            runs.append(os.path.join(folder, "checkpoint.pth"))
+        gaps[name] = checkpoint_gap(*runs)
+    return all(g == 0.0 for g in gaps.values()), {"max_relative_gap": gaps}
 
 
 def get_args_parser():
@@ -224,30 +301,39 @@ def get_args_parser():
     p.add_argument("--skip-compile", action="store_true", help="leave out the --compile runs (minutes of compiling)")
     p.add_argument("--small", action="store_true",
                    help="no GPU needed: only the pretraining epoch in bf16 on the CPU (checks this tool itself)")
+    p.add_argument("--budget", type=count(), default=None, metavar="SECONDS",
+                   help="start no check after this many seconds (those left are recorded as skipped)")
     return p
+
+
+# tests plant checks here (name -> fn() -> (passed, details)); they run after the --small ones
+EXTRA_CHECKS = {}
 
 
 @exit_on_user_error
 def main(args):
     os.makedirs(args.out, exist_ok=True)
-    out = []
+    out = Checks(args.out, time.perf_counter() + args.budget if args.budget else float("inf"))
     if args.small:
         train_checks(args.out, out, ("bf16",), ("pretrain",), device="cpu")
+        for name, fn in EXTRA_CHECKS.items():
+            check(name, fn, out)
     elif not torch.cuda.is_available():
         check("cuda", lambda: (False, {"error": "no CUDA device visible; --small checks this tool on the CPU"}), out)
     else:
         run_gpu_checks(args, out)
-    with open(os.path.join(args.out, "checks.jsonl"), "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in out))
-    return out
+    return out.records
 
 
-def run_gpu_checks(args, out: list):
+def run_gpu_checks(args, out: Checks):
+    """What matters first: each script in bf16 (the default), the views and patches, then fp16, the compiled
+    runs, --deterministic and NCCL."""
     with tempfile.TemporaryDirectory() as tmp:
+        train_checks(args.out, out, ("bf16",))
         check("same-views", same_views, out)
         check("same-patches", same_patches, out)
         check("jpeg", lambda: jpeg_views(tmp), out)
-        train_checks(args.out, out, [p for p in PRECISIONS if p != "compile" or not args.skip_compile])
+        train_checks(args.out, out, [p for p in PRECISIONS if p != "bf16" and (p != "compile" or not args.skip_compile)])
         check("deterministic", lambda: deterministic(tmp), out)
         check("nccl", lambda: nccl(tmp), out)
 

@@ -5,15 +5,19 @@ JSON lines (one file per phase) and a summary to --out.
     python -m tools.gpu_report --out /tmp/r --small     # the same phases at CPU-sized shapes, to check it here
 
 It prints the versions first (torch, torchvision, timm, CUDA, cuDNN, NCCL, the driver and the GPU). Then the
-phases, each in a process of its own with a time limit (a phase that runs out is recorded as such and the next
-one starts): correctness (tools.gpu_checks: each script's short epoch in bf16, fp16 and compiled under
-torch.cuda's sync debug mode, the same views and patches on the GPU as on the CPU, GPU-decoded JPEGs against
-CPU-decoded ones, --deterministic runs, 2 processes against 1); the CUDA-marked tests; the APS step eager with
-the profiler's split; the data paths end to end (ours on both paths, the reference's pipeline imitated, MoCo
-ResNet-50 at 224 px both ways); the memory table (tools.bench --memory: each saving's peak memory and step
-time); the APS step compiled. summary.json says pass/fail per correctness check apart
-from the speed targets (each phase's `targets` line). A line a phase prints that is not JSON is kept aside
-(its .log file), never in the way of the summary.
+phases, in the order of what matters, each in a process of its own with a time limit (LIMITS: they add up to
+480 s; a phase that fails, exits or runs out is recorded as such, and the next one starts):
+
+1. correctness (tools.gpu_checks: each script's short epoch in bf16, then the same views and patches on the GPU as
+   on the CPU, GPU-decoded JPEGs against CPU-decoded ones, the epochs in fp16 and compiled, all under torch.cuda's
+   sync debug mode, --deterministic runs, 2 processes against 1; each check isolated, written as it ends);
+2. the APS ViT-S/2 step eager, with the profiler's split; 3. the same step compiled;
+4. MoCo ResNet-50 at 224 px on both data paths; 5. the APS data paths end to end (and the reference's imitated);
+6. the CUDA-marked tests; 7. the memory table (tools.bench --memory, a few savings), with whatever time is left.
+
+summary.txt says it for a person in at most 20 lines; summary.json has pass/fail per correctness check apart from
+the speed targets (each phase's `targets` line). A line a phase prints that is not JSON is kept aside (its .log
+file), never in the way of the summary. --small runs every phase at CPU-sized shapes (compiled with aot_eager).
 """
 import json
 import os
@@ -25,21 +29,29 @@ from utils.errors import ArgumentParser, exit_on_user_error
 from utils.flags import count, output_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the phases in order of what matters (what a short session must not miss comes first), each with its time limit;
+# the limits add up to the default --budget (480 s), and memory, last, is cut short by what is left
 GPU = {"eager": ["--archs", "vit-small", "--batch-size", "512", "--skip-pipeline", "--profile", "3"],
        "compiled": ["--archs", "vit-small", "--batch-size", "512", "--skip-pipeline", "--compile", "--profile", "3"],
-       "pipelines": ["--skip-model", "--pipeline-archs", "vit-small", "--reference", "--moco-arch", "resnet50",
-                     "--moco-batch", "256", "--moco-img-size", "224"],
-       "memory": ["--skip-model", "--skip-pipeline", "--memory", "--memory-steps", "3"]}
-SMALL = {"eager": ["--device", "cpu", "--archs", "vit-tiny", "--batch-size", "4", "--steps", "1", "--warmup", "0",
-                   "--img-size", "16", "--patch-size", "4", "--sampler-batch", "16", "--loop-pairs", "4",
-                   "--skip-pipeline", "--profile", "1"],
-         "compiled": None,                                        # minutes of compiling on a CPU: left out here
-         "pipelines": ["--device", "cpu", "--skip-model", "--batch-size", "4", "--img-size", "16", "--patch-size",
-                       "4", "--sampler-batch", "16", "--loop-pairs", "4", "--pipeline-archs", "vit-tiny",
-                       "--pipeline-batches", "1", "--workers", "1", "--reference", "--moco-arch", "resnet18",
-                       "--moco-batch", "4", "--moco-img-size", "32"],
-         "memory": None}                                          # ViT-B and ResNet-50 steps: tests/test_memory.py
-LIMITS = {"correctness": 200, "tests": 70, "eager": 80, "pipelines": 110, "memory": 200, "compiled": 150}
+       "moco": ["--skip-model", "--skip-aps-pipeline", "--moco-arch", "resnet50", "--moco-batch", "256",
+                "--moco-img-size", "224"],
+       "pipelines": ["--skip-model", "--skip-moco-pipeline", "--pipeline-archs", "vit-small", "--reference"],
+       "memory": ["--skip-model", "--skip-pipeline", "--memory", "--memory-steps", "2", "--memory-only",
+                  "aps-vit-small,moco-resnet50", "--memory-savings", "grad-checkpointing,accum-4"]}
+CPU = ["--device", "cpu", "--batch-size", "4", "--img-size", "16", "--patch-size", "4", "--sampler-batch", "16",
+       "--loop-pairs", "4"]
+SMALL = {"eager": CPU + ["--archs", "vit-tiny", "--steps", "1", "--warmup", "0", "--skip-pipeline", "--profile", "1"],
+         "compiled": CPU + ["--archs", "vit-tiny", "--steps", "1", "--warmup", "1", "--skip-pipeline", "--compile",
+                            "--compile-backend", "aot_eager"],
+         "moco": CPU + ["--skip-model", "--skip-aps-pipeline", "--pipeline-batches", "1", "--workers", "1",
+                        "--moco-arch", "resnet18", "--moco-batch", "4", "--moco-img-size", "32"],
+         "pipelines": CPU + ["--skip-model", "--skip-moco-pipeline", "--pipeline-archs", "vit-tiny",
+                             "--pipeline-batches", "1", "--workers", "1", "--reference"],
+         "memory": CPU + ["--skip-model", "--skip-pipeline", "--memory", "--memory-steps", "1", "--memory-only",
+                          "aps-vit-small", "--memory-savings", "accum-2", "--memory-scale", "64"]}
+ORDER = ("correctness", "eager", "compiled", "moco", "pipelines", "tests", "memory")
+LIMITS = {"correctness": 170, "eager": 40, "compiled": 90, "moco": 45, "pipelines": 55, "tests": 30, "memory": 50}
+assert sum(LIMITS.values()) <= 480
 
 
 def versions() -> dict:
@@ -99,16 +111,19 @@ def save_lines(out: str, name: str, records: list, other: list):
 
 
 def run_correctness(out: str, small: bool, limit: float) -> dict:
-    """tools.gpu_checks -> correctness.jsonl; the phase's record, with pass/fail per check."""
+    """tools.gpu_checks -> correctness.jsonl; the phase's record, with pass/fail per check (a check the phase's
+    limit cut off is missing, and the phase says it ran out)."""
     start = time.perf_counter()
-    argv = ["--out", os.path.join(out, "correctness-runs")] + (["--small"] if small else [])
+    runs = os.path.join(out, "correctness-runs")
+    argv = ["--out", runs, "--budget", str(max(1, int(limit) - 25))] + (["--small"] if small else [])
     stdout, code, err = run_module("tools.gpu_checks", argv, limit)
     records, other = json_lines(stdout)
     save_lines(out, "correctness", records, other)
     checks = {r["check"]: ("pass" if r["passed"] else "skipped" if r["passed"] is None else "FAIL")
               for r in records if "check" in r}
+    errors = {r["check"]: r.get("error", "") for r in records if r.get("passed") is False}
     return {"phase": "correctness", "command": "python3 -m tools.gpu_checks " + " ".join(argv), "exit": code,
-            "seconds": round(time.perf_counter() - start, 1), "checks": checks,
+            "seconds": round(time.perf_counter() - start, 1), "checks": checks, "errors": errors,
             "all_passed": bool(checks) and code == 0 and "FAIL" not in checks.values(),
             **({"error": err} if code != 0 else {})}
 
@@ -149,35 +164,71 @@ def get_args_parser():
     return p
 
 
+def run_any(name: str, shapes: dict, out: str, small: bool, limit: float) -> dict:
+    """One phase, whatever happens in it: an error of this tool's own is recorded as the phase's failure."""
+    try:
+        if name == "correctness":
+            return run_correctness(out, small, limit)
+        if name == "tests":
+            return run_cuda_tests(out, limit)
+        return run_phase(name, shapes[name], out, limit)
+    except Exception as e:                                           # the next phase still runs
+        return {"phase": name, "exit": None, "error": [f"{type(e).__name__}: {e}"]}
+
+
+def summary_lines(summary: dict) -> list:
+    """The report for a person, in at most 20 lines: versions, each correctness check that failed, each phase."""
+    v, c = summary["versions"], summary["correctness"]
+    lines = [f"gpu_report: {summary['seconds']:.0f} s; {v.get('gpu') or 'no GPU'}; torch {v['torch']}, CUDA "
+             f"{v.get('cuda')}, cuDNN {v.get('cudnn')}, NCCL {v.get('nccl')}, driver {v.get('driver')}"]
+    counts = {k: list(c["checks"].values()).count(k) for k in ("pass", "FAIL", "skipped")}
+    lines.append(f"correctness: {'all passed' if c['all_passed'] else 'NOT all passed'} ({counts['pass']} pass, "
+                 f"{counts['FAIL']} FAIL, {counts['skipped']} skipped); CUDA tests: {c['cuda_tests']}")
+    failed = [f"  FAIL {k}: {str(e)[:110]}" for k, e in c.get("errors", {}).items()]
+    lines += failed[:8] + ([f"  ... {len(failed) - 8} more in correctness.jsonl"] if len(failed) > 8 else [])
+    for p in summary["phases"][1:]:
+        if "skipped" in p:
+            state = f"skipped ({p['skipped']})"
+        elif p.get("exit") == 0 or (p["phase"] == "tests" and p.get("exit") == 5):
+            met = [c["met"] for c in (p.get("targets") or {}).get("checks", []) if c.get("met") is not None]
+            state = "ok" + (f", {p['result']}" if p["phase"] == "tests" else "") + \
+                ("" if not met else f", targets {'met' if all(met) else 'NOT met'} ({sum(met)} of {len(met)})")
+        else:
+            state = f"FAILED ({'ran out of time' if p.get('exit') is None else 'exit ' + str(p.get('exit'))}): " + \
+                    str((p.get("error") or [""])[-1])[:80]
+        lines.append(f"{p['phase']}: {state}, {p.get('seconds', 0):.0f} s")
+    return lines[:20]
+
+
 @exit_on_user_error
 def main(args):
     os.makedirs(args.out, exist_ok=True)
     shapes, start = SMALL if args.small else GPU, time.perf_counter()
     about = versions()
     print(json.dumps({"versions": about}), flush=True)
-    left = lambda: args.budget - (time.perf_counter() - start)  # noqa: E731
-    phases = [run_correctness(args.out, args.small, min(LIMITS["correctness"], left()))]
-    print(json.dumps(phases[-1]), flush=True)
-    phases.append(run_cuda_tests(args.out, min(LIMITS["tests"], left())) if left() >= 20 else
-                  {"phase": "tests", "skipped": "no time left"})
-    print(json.dumps(phases[-1]), flush=True)
-    for name in ("eager", "pipelines", "memory", "compiled"):
-        argv = shapes[name]
-        if argv is None or left() < 20:
-            phases.append({"phase": name, "skipped": "left out at small shapes" if argv is None else "no time left"})
+    phases = []
+    for name in ORDER:
+        left = args.budget - (time.perf_counter() - start)
+        limit = min(LIMITS[name], left) if name != "memory" else left    # memory: whatever is left
+        if limit < 15:
+            phases.append({"phase": name, "skipped": "no time left"})
         else:
-            phases.append(run_phase(name, argv, args.out, min(LIMITS[name], left())))
+            phases.append(run_any(name, shapes, args.out, args.small, limit))
         print(json.dumps(phases[-1]), flush=True)
-    correctness = phases[0]
+    correctness, tests = phases[0], next(p for p in phases if p["phase"] == "tests")
     summary = {"seconds": round(time.perf_counter() - start, 1), "versions": about,
-               "correctness": {"all_passed": correctness["all_passed"], "checks": correctness["checks"],
-                               "cuda_tests": phases[1].get("result", phases[1].get("skipped"))},
-               "speed": {p["phase"]: (p.get("targets") or {}).get("all_met", p.get("skipped")) for p in phases[2:]},
+               "correctness": {"all_passed": correctness.get("all_passed", False),
+                               "checks": correctness.get("checks", {}), "errors": correctness.get("errors", {}),
+                               "cuda_tests": tests.get("result", tests.get("skipped"))},
+               "speed": {p["phase"]: (p.get("targets") or {}).get("all_met", p.get("skipped"))
+                         for p in phases if p["phase"] not in ("correctness", "tests")},
                "phases": phases}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(json.dumps({"summary": os.path.join(args.out, "summary.json"), "seconds": summary["seconds"],
-                      "correctness": summary["correctness"], "speed": summary["speed"]}))
+    text = summary_lines(summary)
+    with open(os.path.join(args.out, "summary.txt"), "w") as f:
+        f.write("\n".join(text) + "\n")
+    print("\n".join(text), flush=True)
     return summary
 
 

@@ -53,17 +53,24 @@ CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's workspace setting for reproducible 
 def configure_device(device: torch.device, deterministic: bool = False):
     """Per-process kernel choices for `device`. By default, on CUDA, cuDNN benchmark mode (the training inputs have
     fixed shapes, so the fastest convolution algorithms are timed once and reused): fast, but the algorithm, and
-    so the last bits of a result, may differ from run to run. deterministic (--deterministic): benchmark mode off,
-    cuDNN's deterministic algorithms, cuBLAS's fixed workspace, and torch's deterministic implementations where an
-    op has one (an op with none warns once instead of stopping the run); docs/RUNNING.md says what is then
+    so the last bits of a result, may differ from run to run. deterministic (--deterministic), what it says:
+    benchmark mode off, cuDNN's deterministic algorithms, cuBLAS's fixed workspace, torch's deterministic algorithms
+    in strict mode (an op with no deterministic implementation stops the run naming itself; docs/RUNNING.md lists
+    those we know and what we do instead), and attention by SDPA's math kernels (the flash, memory-efficient and
+    cuDNN kernels' backward passes accumulate in an order that varies). docs/RUNNING.md says what is then
     bit-exact."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)   # read when cuBLAS starts
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True)
+        for kernel in DETERMINISM_OFF_SDPA:
+            getattr(torch.backends.cuda, f"enable_{kernel}_sdp")(False)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+DETERMINISM_OFF_SDPA = ("flash", "mem_efficient", "cudnn")     # --deterministic: SDPA's math kernels only
 
 
 def seed_worker(worker_id: int):
