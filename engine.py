@@ -378,14 +378,17 @@ class Trainer:
                                             torch.full_like(first_bad, self.global_step), first_bad)
                     self.scaler.scale(loss).backward()
                     failpoint("step")
-                    if settings.clip_grad:
-                        stats = {**stats, "grad_norm": self.clip_gradients(settings.clip_grad)}
+                    norm = self.clip_gradients(settings.clip_grad) if settings.clip_grad else None
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     method.after_step(self.global_step)
                     values = {"loss": loss, **stats}
-                    meter.update(**values)
-                    window.update(**values)
+                    for m in (meter, window):
+                        m.update(**values)
+                        if norm is not None and self.scaler.is_enabled():   # fp16: the steps the scaler skips
+                            m.update_finite(grad_norm=norm)                 # (inf/nan gradients) left out
+                        elif norm is not None:
+                            m.update(grad_norm=norm)
                 self.global_step += 1
             due = progress.due(it)
             if due:

@@ -2,9 +2,12 @@
 
 - `SplitBatchNorm`: BN statistics per chunk of the batch, the single-process stand-in for MoCo's shuffle-BN (as
   in the MoCo CIFAR demo). In eval mode it is a plain BN.
-- `DistBatchNorm` / `convert_sync_batchnorm`: BN over the batches of a group of ranks that also works on the CPU
-  (gloo). torch's nn.SyncBatchNorm only runs on GPUs, so `convert_sync_batchnorm` uses it on CUDA and
-  `DistBatchNorm` elsewhere: a CPU `torchrun` job computes BN over the global batch exactly like a GPU one.
+- `DistBatchNorm` / `convert_sync_batchnorm`: BN over the batches of a group of ranks, on every device (gloo on
+  the CPU, NCCL on GPUs). We use it in place of torch's nn.SyncBatchNorm everywhere: that one runs only on GPUs,
+  and every call drops the empty ranks' statistics by boolean-mask indexing, a host sync in each BN of every step
+  (the APS heads: 12 a step). This one adds the ranks' sums with all-reduces instead (a rank with no sample adds
+  zeros), so the step stays free of host syncs, with the same forward, backward and running statistics: those of
+  a plain BN over the ranks' batches put together (tests/test_distributed.py, in float64).
 """
 import torch
 import torch.distributed as dist
@@ -102,9 +105,8 @@ class DistBatchNorm(_BatchNorm):
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device, process_group=None) -> nn.Module:
-    """Replace every BatchNorm in `module` by a synchronised one (torch's on CUDA, ours elsewhere)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    """Replace every BatchNorm in `module` by a synchronised one (DistBatchNorm, on any device; the same
+    parameters and buffers, so the same state-dict keys)."""
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, DistBatchNorm):
         like = next(iter(module.parameters()), None)

@@ -218,3 +218,49 @@ def test_torchrun_two_process_linear_probe_equals_one_process(tmp_path, moco_che
     assert "final test top-1" in two.stdout
     assert got["epoch"] == 1 and got["global_step"] == 1438 // 256
     assert_same_weights(got["model"], ref["model"], ATOL)               # head BN synchronised over ranks
+
+
+def _gather_worker(rank, world, init_file, out_path):
+    from utils.dist import all_gather_uneven
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # rank 0 holds 3 rows of width 4, rank 1 none (and never saw a row, so no width either: [0, 0])
+    x = torch.arange(12.0).view(3, 4) if rank == 0 else torch.zeros(0, 0)
+    y = torch.arange(3) if rank == 0 else torch.zeros(0, dtype=torch.long)
+    got = (all_gather_uneven(x), all_gather_uneven(y), all_gather_uneven(torch.zeros(0, 0)))
+    if rank == 1:
+        torch.save(got, out_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_an_empty_rank_gathers_the_others_rows_instead_of_hanging(tmp_path):
+    out = tmp_path / "rank1.pth"
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    x, y, none = torch.load(out, weights_only=True)
+    assert torch.equal(x, torch.arange(12.0).view(3, 4)) and torch.equal(y, torch.arange(3))
+    assert none.shape == (0, 0)
+
+
+@pytest.mark.slow
+def test_more_processes_than_evaluation_images_end_with_the_one_process_result(tmp_path, tiny_flags, run_both,
+                                                                               moco_checkpoints):
+    """A kNN bank of one labelled image and one query, and the probe's cached features of one val image: the
+    second rank's shards are empty (it gathered a [0, 0] tensor and waited forever before)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 1)):
+        (tmp_path / "one" / split / "c0").mkdir(parents=True)
+        for i in range(n):
+            arr = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / "one" / split / "c0" / f"{i}.jpg")
+    data = ["--dataset", "imagefolder", "--data-root", str(tmp_path / "one"), "--img-size", "16", "--batch-size", "8",
+            "--num-workers", "0", "--device", "cpu"]
+    two, got, ref = run_both(29531, "main_pretrain.py", tmp_path / "aps", *tiny_flags, *data, "--nepoch", "1",
+                             "--warmup-epochs", "0", "--knn-every", "1", "--labels-per-class", "1")
+    assert "final kNN top-1" in two.stdout and got["metrics"]["knn_top1"] == ref["metrics"]["knn_top1"]
+    assert_same_weights(got["model"], ref["model"], ATOL, skip=("encoder.norm.bias", "projector.1.running_mean"))
+    moco_checkpoints(tmp_path)
+    two, got, ref = run_both(29532, "main_lincls.py", tmp_path / "probe", *data, "--epochs", "1", "--cache-features",
+                             "--pretrained", str(tmp_path / "ours.pth"))
+    assert "final test top-1" in two.stdout and got["metrics"]["test_acc1"] == ref["metrics"]["test_acc1"]
+    assert_same_weights(got["model"], ref["model"], ATOL)

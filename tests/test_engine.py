@@ -64,3 +64,43 @@ def test_compile_flag_rejects_an_unknown_mode(capsys):
         parser.parse_args(["--compile", "fast"])
     err = capsys.readouterr().err
     assert "--compile" in err and "max-autotune" in err and "Traceback" not in err
+
+
+def test_fp16_clipping_logs_the_norm_of_the_steps_the_scaler_took(tmp_path):
+    """Under fp16 the grad scaler skips a step whose gradients overflow; its (infinite) norm is left out of the
+    logged grad_norm, which is the mean of the other steps' norms (by hand), not nan."""
+    import json
+    from torch.utils.data import DataLoader, TensorDataset
+    from engine import Method, Trainer, TrainSettings
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    calls, norms = {"n": 0}, []
+
+    def overflow(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] == 2 else grad      # the second step's gradients overflow
+    model.weight.register_hook(overflow)
+
+    class Steps(Method):
+        def training_steps(self, batch, rng):
+            yield self.model(batch[0]).float().pow(2).mean(), {}     # (an fp32 loss, as our methods' are)
+
+        def lr_at(self, e):
+            return 0.0                                            # nothing moves: each step's norm is known
+
+    data = TensorDataset(torch.randn(8, 2), torch.zeros(8))
+    settings = TrainSettings(output_dir=str(tmp_path), epochs=1, batch_size=2, print_freq=100, clip_grad=1e6)
+    trainer = Trainer(Steps(model), torch.optim.SGD(model.parameters(), lr=0.0), DataLoader(data, batch_size=2),
+                      settings, torch.device("cpu"), torch.float16)
+    metrics = trainer.fit()
+    for x in data.tensors[0].view(4, 2, 2):                          # the norms by hand, unscaled
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(x).float().pow(2).mean()
+        w, b = torch.autograd.grad(loss, [model.weight, model.bias])
+        norms.append(torch.cat([w.flatten(), b]).norm().item())
+    expected = (norms[0] + norms[2] + norms[3]) / 3
+    assert trainer.scaler.get_scale() < 65536.0                      # the scaler saw the overflow and backed off
+    assert metrics["train_grad_norm"] == pytest.approx(expected, rel=1e-3)
+    logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert logged["train_grad_norm"] == pytest.approx(expected, rel=1e-3)

@@ -439,3 +439,53 @@ def test_deterministic_sets_reproducible_kernels_and_every_script_takes_it(monke
         parser = importlib.import_module(script).get_args_parser()
         assert parser.parse_args(["--deterministic"]).deterministic is True
         assert parser.parse_args([]).deterministic is False
+
+
+# ---------------------------------------------------------------- the multi-process step
+def test_the_guard_sees_torch_syncbatchnorms_host_sync_under_two_processes(device_guard):
+    """What the multi-process tests below can catch: nn.SyncBatchNorm's function drops the empty ranks' statistics
+    by boolean-mask indexing, a host sync in every BN call (why we synchronise with DistBatchNorm instead)."""
+    from torch.nn.modules._functions import SyncBatchNorm
+    from tools.device_guard import simulated_world
+    x = torch.zeros(0, 8, 2, 2, device=META)      # (an empty rank's input: torch has no meta kernel for the stats)
+    with simulated_world(2) as group:
+        device_guard.reset()
+        with pytest.raises(NotImplementedError):  # (nor for gathering them, after the mask: where we stop)
+            SyncBatchNorm.apply(x, torch.ones(8, device=META), torch.zeros(8, device=META),
+                                torch.zeros(8, device=META), torch.ones(8, device=META), 1e-5, 0.1, group, 2)
+    assert any("boolean-mask indexing" in s for s in device_guard.syncs), device_guard.syncs
+
+
+def test_two_process_steps_make_no_host_sync_with_synchronised_batch_norms(device_guard, tiny_aps):
+    """APS with its heads' BN synchronised, MoCo with AsymBN and shuffle-BN over the ranks, the probe's --head-bn:
+    each step as rank 0 of 2 makes as many host syncs as with one process, none."""
+    from methods.aps import APSPretraining
+    from methods.classify import LinearProbing
+    from methods.moco import MoCoPretraining
+    from models.linear import LinearProbe
+    from models.moco import build_moco, synchronise_key_projector
+    from models.norm import DistBatchNorm, convert_sync_batchnorm
+    from models.resnet import create_resnet
+    from tools.device_guard import simulated_world
+    with simulated_world(2):
+        aps = convert_sync_batchnorm(tiny_aps(), META).to(META)
+        moco = build_moco("resnet18", cifar_stem=True, hidden_dim=32, dim=8, queue_size=16, device=META)
+        synchronise_key_projector(moco, META, 2)
+        probe = LinearProbe(create_resnet("resnet18", cifar_stem=True), nn.Linear(512, 10), head_bn=True)
+        probe.head = convert_sync_batchnorm(probe.head, META)
+        probe = probe.to(META)
+        assert sum(isinstance(m, DistBatchNorm) for m in [*aps.modules(), *moco.modules(), *probe.modules()]) >= 4
+        views = {name: batched.batched_pipeline(RECIPES[name]())(images(device=META),
+                                                                 BatchRandom("cpu", 0, 1).reseed(0))
+                 for name in ("aps", "moco-all-switches", "lincls")}
+        steps = [(APSPretraining(aps, aps, grid=4, ratio=0.25, steps_per_batch=2, power=2.0, lr=1e-3,
+                                 warmup_epochs=1, epochs=2), (views["aps"], None), aps.parameters()),
+                 (MoCoPretraining(moco, moco, lr=0.1, epochs=1), (views["moco-all-switches"], None),
+                  moco.encoder_q.parameters()),
+                 (LinearProbing(probe, probe, nn.CrossEntropyLoss(), lambda e: 0.1, {}, META, None,
+                                guard=types.SimpleNamespace(snapshot=lambda: None)),
+                  (views["lincls"], torch.arange(4, device=META)), probe.head.parameters())]
+        for method, batch, params in steps:
+            device_guard.reset()
+            step_through(method, batch, BatchRandom(META, 0, 1).reseed(0, 0, 0, 2), torch.optim.SGD(params, lr=0.1))
+            no_trouble(device_guard)

@@ -165,6 +165,56 @@ class DeviceGuard:
         return self
 
 
+class _Group:
+    """A stand-in process group of the simulated world (what torch's SyncBatchNorm asks of one)."""
+
+    def __init__(self, ranks):
+        self.ranks = list(ranks)
+
+    def size(self):
+        return len(self.ranks)
+
+    def _get_backend_name(self):
+        return "fake"
+
+
+@contextlib.contextmanager
+def simulated_world(world: int = 2, rank: int = 0):
+    """Inside the block this process is rank `rank` of `world` for torch.distributed: the collectives keep their
+    outputs' shapes (on `meta` tensors the values do not exist anyway) and do nothing else. The code between the
+    collectives, the multi-process step's own (SyncBN, shuffle-BN, the all-gathered targets), runs for real under a
+    DeviceGuard; whether the real collectives agree across ranks is tests/test_distributed.py's business."""
+    import torch.distributed as dist
+    world_group = _Group(range(world))
+
+    def size_of(group=None):
+        return (group or world_group).size()
+
+    def all_gather(out, x, group=None, async_op=False):
+        return None
+
+    def all_gather_into_tensor(out, x, group=None, async_op=False):
+        return None
+
+    def none(*args, **kwargs):
+        return None
+    patches = {"is_available": lambda: True, "is_initialized": lambda: True, "get_world_size": size_of,
+               "get_rank": lambda group=None: rank, "all_reduce": none, "broadcast": none, "barrier": none,
+               "all_gather": all_gather, "all_gather_into_tensor": all_gather_into_tensor,
+               "all_gather_single": all_gather_into_tensor, "new_group": lambda ranks=None, **kw: _Group(ranks)}
+    saved = {name: getattr(dist, name) for name in patches if hasattr(dist, name)}
+    for name, fn in patches.items():
+        setattr(dist, name, fn)
+    try:
+        yield world_group
+    finally:
+        for name in patches:
+            if name in saved:
+                setattr(dist, name, saved[name])
+            else:
+                delattr(dist, name)
+
+
 class _Count(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -81,11 +81,18 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def all_gather_uneven(x: torch.Tensor) -> torch.Tensor:
-    """Like all_gather, for tensors whose first dimension differs between ranks."""
+    """Like all_gather, for tensors whose first dimension differs between ranks, a rank with none included (more
+    ranks than items: its x may be [0, 0] when it never saw an item's width; the others' trailing shape is used)."""
     if not is_dist():
         return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = all_gather(n).tolist()
+    shape = torch.tensor([x.shape[0], *x.shape[1:]], device=x.device)
+    shapes = all_gather(shape[None]).tolist()                     # one collective: every rank's size and shape
+    sizes = [s[0] for s in shapes]
+    trailing = next((tuple(s[1:]) for s in shapes if s[0] > 0), tuple(x.shape[1:]))
+    if x.shape[0] == 0:
+        x = x.new_zeros((0,) + trailing)
+    if max(sizes) == 0:
+        return x
     pad = max(sizes) - x.shape[0]
     if pad:
         x = torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))])

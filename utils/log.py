@@ -71,7 +71,7 @@ class MeanMeter:
     """Running sums of scalar tensors, kept on the device so that updating never syncs with the host."""
 
     def __init__(self):
-        self.sums = {}
+        self.sums, self.finite_counts = {}, {}
         self.count = 0
 
     def update(self, **values):
@@ -80,18 +80,35 @@ class MeanMeter:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count += 1
 
+    def update_finite(self, **values):
+        """Add each tensor value only where it is finite (its mean is over those updates; decided on the device,
+        no host sync): e.g. the gradient norm of the steps that fp16's grad scaler did not skip."""
+        for k, v in values.items():
+            v = v.detach().float()
+            ok = torch.isfinite(v)
+            v, n = torch.where(ok, v, torch.zeros_like(v)), ok.float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.finite_counts[k] = self.finite_counts[k] + n if k in self.finite_counts else n
+
     def averages(self, sync: bool = False) -> dict:
-        """Mean of each value since the last reset (one host sync); averaged over ranks if `sync`."""
+        """Mean of each value since the last reset (one host sync); averaged over ranks if `sync`. A value with no
+        finite update is nan."""
         if not self.sums:
             return {}
         keys = sorted(self.sums)
-        vec = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+        vec = torch.stack([self.sums[k] for k in keys])
+        counts = [self.finite_counts.get(k) for k in keys]
+        if any(c is not None for c in counts):
+            vec = vec / torch.stack([torch.full_like(vec[0], max(self.count, 1)) if c is None else
+                                     torch.where(c > 0, c, torch.full_like(c, float("nan"))) for c in counts])
+        else:
+            vec = vec / max(self.count, 1)
         if sync:
             vec = all_reduce_mean(vec)
         return dict(zip(keys, vec.tolist()))
 
     def reset(self):
-        self.sums = {}
+        self.sums, self.finite_counts = {}, {}
         self.count = 0
 
 
