@@ -75,8 +75,8 @@ class BatchedView:
             p["erase"] = (rng.rand(n) < v.erase_p) & found
             if v.erase_mode == "pixel":
                 p["erase_values"] = rng.noise(n, 3, S, S, device=device)
-            else:
-                noise = rng.normal(n, 3, 1, 1).expand(n, 3, S, S)
+            else:             # 'rand' (a value per channel) or 'const' (zeros): [n, 3, 1, 1], broadcast over the
+                noise = rng.normal(n, 3, 1, 1)                # box on the device (never a full-size host copy)
                 p["erase_values"] = noise if v.erase_mode != "const" else torch.zeros_like(noise)
         return p
 

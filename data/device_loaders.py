@@ -19,7 +19,7 @@ from data.files import STAND_IN_GREY, STAND_IN_SIZE, ImageReader
 from data.loader import GlobalBatchSampler
 from utils.errors import UserError, describe
 from utils.rng import BatchRandom
-from utils.transfer import to_device
+from utils.transfer import to_device, to_device_once
 from utils.runtime import seed_worker
 
 # torchvision 0.29 deprecates its decoders for TorchCodec (docs/SPEED.md); the pinned version has them
@@ -85,7 +85,7 @@ class TensorLoader(DeviceLoader):
     def __init__(self, dataset, global_batch: int, seed: int, device: torch.device, rank: int = None,
                  world: int = None):
         self._setup(dataset, len(dataset), global_batch, seed, device, None, rank, world)    # augment None
-        self.images, self.labels = (to_device(t, device) for t in dataset.tensors)
+        self.images, self.labels = (to_device_once(t, device) for t in dataset.tensors)   # once: no pinning
 
 
 JPEG_MAGIC = (0xFF, 0xD8)

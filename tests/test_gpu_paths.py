@@ -489,3 +489,37 @@ def test_two_process_steps_make_no_host_sync_with_synchronised_batch_norms(devic
             device_guard.reset()
             step_through(method, batch, BatchRandom(META, 0, 1).reseed(0, 0, 0, 2), torch.optim.SGD(params, lr=0.1))
             no_trouble(device_guard)
+
+
+def test_erasing_by_channel_or_constant_moves_a_value_per_channel_not_a_full_size_tensor(monkeypatch):
+    """--remode rand|const: the parameters that go to the device hold [N, 3, 1, 1] values (broadcast over the box
+    there); the erased pixels are those values (rand) or zero (const)."""
+    from augment.recipes import finetune_view
+    from data.datasets import get_preset
+    for mode in ("rand", "const"):
+        view = batched.batched_pipeline(finetune_view(get_preset("cifar10"), 16, randaugment=None, erase_p=1.0,
+                                                      erase_mode=mode))
+        moved = []
+        real = batched.tree_to_device
+        monkeypatch.setattr(batched, "tree_to_device", lambda tree, d: moved.append(tree) or real(tree, d))
+        x = view(images(), BatchRandom("cpu", 0, 1).reseed(0))
+        values = moved[-1]["erase_values"]
+        assert values.shape == (4, 3, 1, 1) and values.numel() == 12
+        if mode == "const":
+            assert torch.count_nonzero(values) == 0
+        monkeypatch.setattr(batched, "tree_to_device", real)
+        assert x.shape == (4, 3, 16, 16)
+
+
+def test_cached_features_move_to_the_device_once_without_a_pinned_copy(monkeypatch):
+    """The probe's cached features go to the GPU once, by a plain copy: pinning them first would keep a
+    page-locked copy of the whole set in torch's host allocator. (No GPU here: a move to 'cuda' is recorded.)"""
+    from torch.utils.data import TensorDataset
+    pinned, moved = [], []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(tuple(self.shape)) or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(tuple(self.shape)) or self
+                        if "cuda" in str(a[:1] or k.get("device")) else real_to(self, *a, **k))
+    TensorLoader(TensorDataset(torch.randn(8, 5), torch.arange(8)), 4, seed=0, device=torch.device("cuda"),
+                 rank=0, world=1)
+    assert moved == [(8, 5), (8,)] and pinned == []

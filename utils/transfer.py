@@ -40,6 +40,14 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
         return t.to(device, non_blocking=True)
 
 
+def to_device_once(t: torch.Tensor, device) -> torch.Tensor:
+    """t on `device` by a plain copy, for data moved once at setup (cached features): pinning it first would keep
+    a page-locked staging copy of the whole tensor in torch's host allocator (rounded up to a power of two) for
+    the rest of the run, for one copy's sake."""
+    with _transferring():
+        return t.to(device)
+
+
 def tree_to_device(tree, device):
     """Every tensor of a (nested dict / list / tuple) moved with to_device."""
     if torch.is_tensor(tree):
