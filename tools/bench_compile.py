@@ -8,15 +8,13 @@ default) and a MoCo v2 step (ResNet-18), as the Trainer compiles them (the whole
 
     python -m tools.bench --compile-cost --device cpu --skip-model --skip-pipeline      # inductor on the CPU
 """
-import time
-
 import torch
 
 from models.moco import build_moco, shuffle_permutation
 from samplers.aps import kept_per_view
 from tools import bench_pipeline as P
 from utils.rng import BatchRandom
-from utils.runtime import autocast, compile_in_place, make_grad_scaler
+from utils.runtime import compile_in_place, make_grad_scaler
 
 
 def aps_step(arch: str, batch: int, img_size: int, patch: int, device):
@@ -55,12 +53,7 @@ def time_steps(model, opt, loss_fn, device, amp, steps: int, epochs: int = 1) ->
     for epoch in range(epochs):
         model.train()
         for _ in range(steps):
-            start = time.perf_counter()
-            with autocast(device, amp):
-                loss = loss_fn()
-            P.backward_step(loss, opt, scaler)
-            P.sync(device)
-            times.append(time.perf_counter() - start)
+            times.append(P.timed_step(loss_fn, opt, scaler, device, amp))
             after_first = frames() if after_first is None else after_first
         model.eval()                                  # an evaluation between epochs flips the mode
     return times[0], min(times[1:]), frames() - after_first

@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -27,7 +26,7 @@ from tools import bench_pipeline as P
 from utils.dist import resolve_device
 from utils.recompute import enable_grad_checkpointing
 from utils.rng import BatchRandom
-from utils.runtime import amp_dtype, autocast, fused, make_grad_scaler
+from utils.runtime import amp_dtype, fused, make_grad_scaler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,12 +94,7 @@ def measure(spec: dict) -> dict:
             f.write("5")
     times = []
     for _ in range(1 + spec["steps"]):                              # the first step allocates the optimizer's state
-        start = time.perf_counter()
-        with autocast(device, amp):
-            loss = loss_fn()
-        P.backward_step(loss, opt, scaler)
-        P.sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(P.timed_step(loss_fn, opt, scaler, device, amp))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mib("VmHWM")
     return {"bench": "memory", **{k: spec[k] for k in ("step", "arch", "img_size", "batch", "saving", "accum")},
             "grad_checkpointing": spec["ckpt"], "device": str(device), "amp": P.amp_name(amp),

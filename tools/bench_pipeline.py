@@ -85,6 +85,16 @@ def backward_step(loss, opt, scaler):
     scaler.update()
 
 
+def timed_step(loss_fn, opt, scaler, device, amp) -> float:
+    """Seconds of one whole optimizer step: loss_fn() under autocast, backward_step, synchronised."""
+    start = time.perf_counter()
+    with autocast(device, amp):
+        loss = loss_fn()
+    backward_step(loss, opt, scaler)
+    sync(device)
+    return time.perf_counter() - start
+
+
 def count_flops(fn) -> int:
     """FLOPs of fn() (forward and backward, as torch.utils.flop_counter counts matmuls/convs/attention)."""
     with FlopCounterMode(display=False) as counter:
