@@ -385,10 +385,8 @@ class Trainer:
                     values = {"loss": loss, **stats}
                     for m in (meter, window):
                         m.update(**values)
-                        if norm is not None and self.scaler.is_enabled():   # fp16: the steps the scaler skips
-                            m.update_finite(grad_norm=norm)                 # (inf/nan gradients) left out
-                        elif norm is not None:
-                            m.update(grad_norm=norm)
+                        if norm is not None:     # fp16: the steps the scaler skips (inf/nan gradients) left out
+                            (m.update_finite if self.scaler.is_enabled() else m.update)(grad_norm=norm)
                 self.global_step += 1
             due = progress.due(it)
             if due:

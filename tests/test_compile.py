@@ -76,26 +76,12 @@ def run(script: str, flags: list, out, processes: int, port: int, probe: bool):
     return ckpt, counters
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+@pytest.fixture
+def inputs(tmp_path, make_folder, moco_checkpoints):
     """A folder of 16 training JPEGs (and 16 val) and a tiny MoCo checkpoint for the probe."""
-    from PIL import Image
-    from models.moco import MoCo
-    from models.resnet import create_resnet, moco_projector
-    root = tmp_path_factory.mktemp("compile")
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in range(2):
-            (root / "data" / split / f"c{c}").mkdir(parents=True)
-            for i in range(8):
-                arr = (torch.rand(24, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
-                Image.fromarray(arr).save(root / "data" / split / f"c{c}" / f"{i}.jpg")
-    torch.manual_seed(3)
-    enc = create_resnet("resnet18", cifar_stem=True)
-    enc.fc = moco_projector(enc.feature_dim, 32, 8)
-    torch.save({"model": MoCo(enc, dim=8, queue_size=16).state_dict(), "args": {}, "epoch": 1, "optimizer": {}},
-               root / "moco.pth")
-    return root / "data", root / "moco.pth"
+    make_folder(tmp_path / "data", classes=2, per_class=8)
+    moco_checkpoints(tmp_path)
+    return tmp_path / "data", tmp_path / "ours.pth"
 
 
 def graphs_per_epoch(counters: dict) -> list:

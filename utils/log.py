@@ -96,13 +96,8 @@ class MeanMeter:
         if not self.sums:
             return {}
         keys = sorted(self.sums)
-        vec = torch.stack([self.sums[k] for k in keys])
-        counts = [self.finite_counts.get(k) for k in keys]
-        if any(c is not None for c in counts):
-            vec = vec / torch.stack([torch.full_like(vec[0], max(self.count, 1)) if c is None else
-                                     torch.where(c > 0, c, torch.full_like(c, float("nan"))) for c in counts])
-        else:
-            vec = vec / max(self.count, 1)
+        counts = [self.finite_counts.get(k, torch.full_like(self.sums[k], max(self.count, 1))) for k in keys]
+        vec = torch.stack([self.sums[k] for k in keys]) / torch.stack(counts)     # no finite update: 0 / 0 = nan
         if sync:
             vec = all_reduce_mean(vec)
         return dict(zip(keys, vec.tolist()))
