@@ -15,7 +15,8 @@ from methods.classify import FineTuning, evaluate_saved, finetuned_classifier, s
 from models.loading import build_classifier, vit_label
 from models.vit import add_vit_args, check_vit_flags, param_groups, vit_overrides
 from utils.dist import data_parallel, get_world_size, init_distributed
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.report import RunReporter
 from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, fused, seed_everything

@@ -19,7 +19,8 @@ from models.linear import PROBE_ARCHS, BackboneGuard, LinearProbe, backbone_and_
 from models.loading import open_checkpoint
 from models.norm import convert_sync_batchnorm
 from utils.dist import data_parallel, get_world_size, init_distributed
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.knn import feature_dataset
 from utils.lars import LARS
 from utils.report import RunReporter

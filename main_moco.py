@@ -13,7 +13,8 @@ from methods.moco import MoCoPretraining
 from models.moco import build_moco, check_queue, synchronise_key_projector
 from models.resnet import RESNETS, ResNetTrunk
 from utils.dist import data_parallel, get_world_size, init_distributed
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.knn import add_knn_args
 from utils.report import RunReporter
 from utils.run import add_runtime_args, check_ordered, check_per_process, describe_run, start_run

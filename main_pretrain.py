@@ -11,7 +11,8 @@ from models.norm import convert_sync_batchnorm
 from models.vit import add_vit_args, check_vit_flags, vit_overrides
 from samplers.aps import kept_per_view
 from utils.dist import data_parallel, get_world_size, init_distributed
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.knn import add_knn_args
 from utils.report import RunReporter
 from utils.run import VIT_IDENTITY, add_runtime_args, check_ordered, check_per_process, describe_run, start_run

@@ -2,6 +2,7 @@
 import os
 
 from data.datasets import PRESETS, get_preset
+from data.files import MAX_PIXELS
 from data.subsets import add_subset_args
 from utils.errors import UserError
 from utils.flags import count, data_root, input_folder, output_folder
@@ -53,6 +54,10 @@ def add_data_args(parser, batch_size: int, dataset: str = "digits", output_dir: 
     g.add_argument("--skip-bad-images", action="store_true",
                    help="an image that cannot be read becomes a grey stand-in and its path goes to "
                         "<output-dir>/bad_images.txt (default: the run stops with one line naming it)")
+    g.add_argument("--max-image-pixels", type=count(zero="no limit"), default=MAX_PIXELS, metavar="N",
+                   help="an image of more pixels (width x height) is refused from its header, before it is decoded "
+                        "(a guard against decompression bombs; --skip-bad-images makes it a stand-in); default "
+                        "PIL's own limit, about 179 million")
     g.add_argument("--data-path", default="auto", choices=DATA_PATHS,
                    help="device: augment batches on the training device (in-memory datasets live there as "
                         "uint8; image folders: workers read the JPEGs, the GPU decodes them); cpu: PIL "

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data.files import ImageReader, file_list, read_rgb, unlabelled_folder
+from data.files import MAX_PIXELS, ImageReader, file_list, read_rgb, unlabelled_folder
 from data.shards import shards
 from utils.errors import UserError, describe
 
@@ -209,13 +209,14 @@ def check_class_agreement(train_dir: str, val_dir: str, val_classes: list):
 
 
 def build_dataset(name: str, root: str = None, train: bool = True, transform=None, download: bool = False,
-                  cache_dir: str = None, bad_images: str = None):
+                  cache_dir: str = None, bad_images: str = None, max_pixels: int = MAX_PIXELS):
     """The train or test split of `name`, yielding (transform(PIL RGB image), label). cache_dir: where an unlabelled
     folder's image list is cached (the output folder); bad_images: where the paths of unreadable files go, each
-    replaced by a stand-in (--skip-bad-images; None: an unreadable file stops the run)."""
+    replaced by a stand-in (--skip-bad-images; None: an unreadable file stops the run); max_pixels: the largest
+    image read (--max-image-pixels; 0: no limit)."""
     get_preset(name)
     root = root or default_root(name)
-    reader = ImageReader(bad_images)
+    reader = ImageReader(bad_images, max_pixels)
     if name == "folder":
         if not train:
             raise UserError(f"folder: {root} has no labels, so no test split; a classifier's evaluation needs a "

@@ -95,23 +95,28 @@ SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-fra
 def jpeg_components(data: bytes) -> int:
     """The number of colour components a JPEG's frame header declares (1 grey, 3 YCbCr, 4 CMYK/YCCK), 0 when no
     frame header is found (not a JPEG, or a broken one)."""
+    return jpeg_frame(data)[0]
+
+
+def jpeg_frame(data: bytes) -> tuple:
+    """(components, height, width) of a JPEG's frame header; (0, 0, 0) when none is found."""
     if data[:2] != bytes(JPEG_MAGIC):
-        return 0
+        return 0, 0, 0
     i = 2
     while i + 9 < len(data):
         if data[i] != 0xFF:
-            return 0
+            return 0, 0, 0
         marker = data[i + 1]
         if marker == 0xFF:                                       # fill byte
             i += 1
             continue
         if marker in SOF_MARKERS:
-            return data[i + 9]
+            return data[i + 9], data[i + 5] << 8 | data[i + 6], data[i + 7] << 8 | data[i + 8]
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:     # markers without a length
             i += 2
             continue
         i += 2 + (data[i + 2] << 8 | data[i + 3])
-    return 0
+    return 0, 0, 0
 
 
 def pil_tensor(img) -> torch.Tensor:
@@ -143,8 +148,8 @@ class EncodedImages(Dataset):
                     raw = f.read()
         except OSError:
             return pil_tensor(self.reader(path)), label, i          # stops with one line, or a stand-in
-        components = jpeg_components(raw)
-        if components not in (1, 3):
+        components, height, width = jpeg_frame(raw)
+        if components not in (1, 3) or not self.reader.fits(height, width):   # (PIL refuses, or a stand-in)
             return pil_tensor(self.reader(path, raw)), label, i
         data = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy())
         if self.decode:

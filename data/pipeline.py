@@ -17,7 +17,7 @@ from augment.recipes import eval_view
 from data.datasets import build_dataset, get_preset, num_classes_of
 from data.device_loaders import DeviceLoader, FolderDeviceLoader
 from data.loader import build_eval_loader, build_train_loader, holdout_split
-from data.files import BAD_IMAGES
+from data.files import BAD_IMAGES, MAX_PIXELS
 from data.subsets import SubsetRecord, chosen_subset, file_names, take, write_subset
 from utils.dist import get_world_size, is_main_process
 from utils.errors import UserError
@@ -29,6 +29,11 @@ FILE_DATASETS = ("imagefolder", "folder", "filelist", "shards")   # from files: 
 def bad_images_log(args):
     """Where --skip-bad-images notes unreadable files (None: without it, an unreadable file stops the run)."""
     return os.path.join(args.output_dir, BAD_IMAGES) if getattr(args, "skip_bad_images", False) else None
+
+
+def reading(args) -> dict:
+    """build_dataset's image-reading keywords from the flags: --skip-bad-images, --max-image-pixels."""
+    return {"bad_images": bad_images_log(args), "max_pixels": getattr(args, "max_image_pixels", MAX_PIXELS)}
 
 
 def use_device_path(args) -> bool:
@@ -75,7 +80,7 @@ def training_data(args, recipe, device: torch.device, holdout: float = 0.0, on_d
             augment.compile(args.compile, getattr(args, "compile_backend", "inductor"))
     dataset = build_dataset(args.dataset, args.data_root, train=True, download=args.download,
                             transform=None if on_device else pil_pipeline(recipe), cache_dir=args.output_dir,
-                            bad_images=bad_images_log(args))
+                            **reading(args))
     num_classes, held = num_classes_of(dataset), None
     if few_labels and num_classes == 0:
         raise UserError(f"--dataset {args.dataset} --data-root {args.data_root} has no labels, and this script trains "
@@ -103,7 +108,7 @@ def eval_loader(args, view, device: torch.device, batch: int, train: bool = Fals
     """A sharded, ordered loader of the test split (or the training split, or `indices` of it) through the
     deterministic `view` (PIL, in --num-workers workers)."""
     dataset = build_dataset(args.dataset, args.data_root, train=train, transform=pil_pipeline(view),
-                            download=args.download, cache_dir=args.output_dir, bad_images=bad_images_log(args))
+                            download=args.download, cache_dir=args.output_dir, **reading(args))
     if indices is not None:
         dataset = take(dataset, indices)
     return build_eval_loader(dataset, batch, args.num_workers, device)
@@ -131,8 +136,15 @@ def knn_loaders(args, preset, device: torch.device, labelled: bool = True):
     flag = f"--knn-data {args.knn_data}" if getattr(args, "knn_data", None) else f"--dataset {name}"
     view = eval_view(get_preset(name), args.img_size, mean=preset.mean, std=preset.std)
     batch = max(1, args.batch_size // get_world_size())
-    build = lambda train: build_dataset(name, root, train=train, transform=pil_pipeline(view),  # noqa: E731
-                                        download=args.download, bad_images=bad_images_log(args))
+    def build(train: bool):
+        try:
+            return build_dataset(name, root, train=train, transform=pil_pipeline(view), download=args.download,
+                                 **reading(args))
+        except UserError as e:                         # its messages name --data-root: say which flag it was
+            if not getattr(args, "knn_data", None):
+                raise
+            raise UserError(f"--knn-data {args.knn_data}: {str(e).replace('--data-root', 'its ROOT')}") from None
+
     bank = build(True)
     classes = num_classes_of(bank)
     if classes == 0:

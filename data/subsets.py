@@ -14,6 +14,7 @@ from torch.utils.data import Subset
 
 from utils.errors import UserError
 from utils.flags import count, fraction, input_file, integer
+from utils.textfile import text_lines
 
 SUBSET_FILE = "subset.txt"
 
@@ -58,26 +59,34 @@ def read_subset_file(path: str, n: int, names: list = None) -> list:
     """The subset in `path`, checked against a training set of n images: one index per line, or one file name per
     line (as SimCLR's 1 % / 10 % ImageNet subsets are), matched against `names` (the training set's file paths) by
     base name, or by a longer tail of the path where base names repeat."""
-    if not os.path.isfile(path):
-        raise UserError(f"--subset-file {path} does not exist; pass a file of indices or file names, one per line")
-    with open(path) as f:
-        lines = [line.strip() for line in f if line.strip()]
+    fix = "pass a file of indices or file names, one per line"
+    if not os.path.exists(path):
+        raise UserError(f"--subset-file {path} does not exist; {fix}")
+    numbered = text_lines(path, f"--subset-file {path}", fix)
+    lines = [line for _, line in numbered]
     if lines and not all(line.lstrip("-").isdigit() for line in lines):
-        return names_to_indices(path, lines, names)
+        return names_to_indices(path, numbered, names)
     indices = [int(line) for line in lines]
-    unknown = [i for i in indices if not 0 <= i < n]
+    unknown = next(((k, i) for (k, _), i in zip(numbered, indices) if not 0 <= i < n), None)
     if unknown or not indices:
-        what = f"unknown indices ({unknown[0]} is not in 0..{n - 1})" if unknown else "no index"
+        what = f"an unknown index (line {unknown[0]}: {unknown[1]} is not in 0..{n - 1})" if unknown else "no index"
         raise UserError(f"--subset-file {path} holds {what} for the {n} training images; write it for this dataset")
     if len(set(indices)) != len(indices):
-        raise UserError(f"--subset-file {path} repeats an index; list each image once")
+        seen, again = set(), None
+        for (k, _), i in zip(numbered, indices):
+            if i in seen:
+                again = (k, i)
+                break
+            seen.add(i)
+        raise UserError(f"--subset-file {path} repeats index {again[1]} (line {again[0]}); list each image once")
     return sorted(indices)
 
 
-def names_to_indices(path: str, lines: list, names: list) -> list:
-    """Sorted training-set indices of the file names in `lines` (a name: a base name, or a path's tail)."""
+def names_to_indices(path: str, numbered: list, names: list) -> list:
+    """Sorted training-set indices of the file names in `numbered` ([(line number, name)]; a name: a base name, or
+    a path's tail)."""
     if names is None:
-        bad = next(line for line in lines if not line.lstrip("-").isdigit())
+        bad = next(line for _, line in numbered if not line.lstrip("-").isdigit())
         raise UserError(f"--subset-file {path}: {bad!r} is not an index; write one integer per line (file names "
                         "work for datasets of files: imagefolder, folder, filelist, shards)")
     index = {}
@@ -86,7 +95,7 @@ def names_to_indices(path: str, lines: list, names: list) -> list:
         for k in range(1, len(parts) + 1):
             index.setdefault("/".join(parts[-k:]), []).append(i)
     chosen = []
-    for n, line in enumerate(lines, start=1):
+    for n, line in numbered:
         hits = index.get(os.path.normpath(line).replace(os.sep, "/").lstrip("./"), [])
         if not hits:
             raise UserError(f"--subset-file {path} line {n}: {line!r} is not a file of the training set; fix the name "

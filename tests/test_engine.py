@@ -57,7 +57,7 @@ def test_compile_flag_reaches_torch_compile_with_its_mode(tmp_path, monkeypatch,
 
 def test_compile_flag_rejects_an_unknown_mode(capsys):
     from utils.run import add_runtime_args
-    from utils.errors import ArgumentParser
+    from utils.config import ArgumentParser
     parser = ArgumentParser()
     add_runtime_args(parser)
     with pytest.raises(SystemExit):

@@ -22,7 +22,8 @@ from tools.bench_pipeline import sync
 from tools.bench_memory import SAVINGS
 from tools.bench_targets import check_targets
 from utils.dist import resolve_device
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.flags import count, device_name, fraction, one_of, positive
 from utils.runtime import (AMP_CHOICES, add_compile_arg, amp_dtype, autocast, configure_device, make_grad_scaler,
                            peak_memory_mib)

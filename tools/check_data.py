@@ -9,19 +9,24 @@ the report as JSON (--out) and a summary on the terminal. Exit status 0: nothing
 named); 2: bad input.
 """
 import contextlib
+import functools
 import hashlib
+import io
 import json
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from multiprocessing import Pool
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from data.files import list_paths, read_list, scan_images
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from data.files import MAX_PIXELS, list_paths, read_list, scan_images
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.flags import count, data_root, output_file
+from utils.textfile import read_text
 
 LAYOUTS = ("auto", "imagefolder", "folder", "filelist")
 GREY = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -38,58 +43,93 @@ def detect_layout(root: str) -> str:
     return "folder"
 
 
-def gather(root: str, layout: str) -> dict:
-    """{split: [(path, class name or None)]} of the dataset at root."""
+def gather(root: str, layout: str, skipped: dict = None) -> dict:
+    """{split: [(path, class name or None)]} of the dataset at root; skipped ({kind: [paths]}) gets what a folder
+    scan left out (data.files.scan_images)."""
     if layout == "filelist":
         paths = list_paths(root)
         return {split: read_list(p) for split, p in paths.items() if p}
+    skipped = {} if skipped is None else skipped
+
+    def scan(folder):
+        left = {}
+        names = scan_images(folder, left)
+        for kind, items in left.items():
+            skipped.setdefault(kind, []).extend(os.path.join(folder, n) for n in items)
+        return names
+
     if layout == "imagefolder":
         out = {}
         for split in ("train", "val"):
             folder = os.path.join(root, split)
             if not os.path.isdir(folder):
                 raise UserError(f"check_data: {folder} is not a folder; an ImageNet-style root holds train/ and val/")
-            out[split] = [(os.path.join(folder, n), n.split(os.sep)[0]) for n in scan_images(folder)
-                          if os.sep in n]
+            out[split] = [(os.path.join(folder, n), n.split(os.sep)[0]) for n in scan(folder) if os.sep in n]
         return out
     if not os.path.isdir(root):
         raise UserError(f"check_data: {root} does not exist; pass a folder of images or a list file")
-    return {"all": [(os.path.join(root, n), None) for n in scan_images(root)]}
+    return {"all": [(os.path.join(root, n), None) for n in scan(root)]}
 
 
-def inspect(path: str) -> dict:
-    """One file: bytes, hash, and what PIL decodes (mode, size) or why it cannot."""
+def inspect(path: str, max_pixels: int = MAX_PIXELS) -> dict:
+    """One file: bytes, hash, and what PIL decodes (mode, size) or why it cannot (any error a damaged file raises;
+    an image of more than max_pixels pixels is not decoded: `too_large`)."""
     record = {"path": path}
     try:
         with open(path, "rb") as f:
             data = f.read()
         record.update(bytes=len(data), sha1=hashlib.sha1(data).hexdigest())
-        with Image.open(path) as img:
-            img.load()
-            record.update(mode=img.mode, width=img.width, height=img.height,
-                          transparency="transparency" in img.info)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = None                        # the limit is max_pixels, checked here
+            with Image.open(io.BytesIO(data)) as img:
+                if max_pixels and img.width * img.height > max_pixels:
+                    record.update(too_large=f"{img.width}x{img.height}")
+                    return record
+                img.load()
+                record.update(mode=img.mode, width=img.width, height=img.height,
+                              transparency="transparency" in img.info)
+    except Exception as e:  # noqa: BLE001  (a damaged file can fail in many ways inside PIL)
         record["error"] = f"{type(e).__name__}: {e}"[:200]
     return record
 
 
-def inspect_all(paths: list, workers: int, state: str = None) -> dict:
-    """{path: record}, in parallel; with `state`, records already there are reused and new ones appended."""
+STATE_KEYS = {"path": str, "bytes": int, "sha1": str}
+
+
+def read_state(state: str) -> dict:
+    """{path: record} of a --state file this tool wrote (JSON lines); a last line cut by a kill is checked again.
+    Anything else (another kind of file, a record without its fields) is one line naming the file and line."""
+    fix = "pass the --state file an earlier check wrote, or a new path"
+    lines = read_text(state, f"--state {state}", fix).splitlines()
     done = {}
-    if state and os.path.isfile(state):
-        with open(state) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue                                   # a line cut by a kill: checked again
-                done[r["path"]] = r
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            if n == len(lines):
+                continue                                       # a line cut by a kill: checked again
+            r = None
+        if not isinstance(r, dict) or any(not isinstance(r.get(k), t) for k, t in STATE_KEYS.items()
+                                          if k == "path" or "error" not in r) or not (
+                "error" in r or "too_large" in r or all(k in r for k in ("mode", "width", "height"))):
+            raise UserError(f"--state {state} line {n} is not a record of tools.check_data; {fix}")
+        done[r["path"]] = r
+    return done
+
+
+def inspect_all(paths: list, workers: int, state: str = None, max_pixels: int = MAX_PIXELS) -> dict:
+    """{path: record}, in parallel; with `state`, records already there are reused and new ones appended."""
+    done = read_state(state) if state and os.path.isfile(state) else {}
     todo = [p for p in paths if p not in done]
     sink = open(state, "a") if state else None
     start, last = time.perf_counter(), 0.0
+    one = functools.partial(inspect, max_pixels=max_pixels)
     try:
         with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-            results = pool.imap_unordered(inspect, todo, chunksize=64) if pool else map(inspect, todo)
+            results = pool.imap_unordered(one, todo, chunksize=64) if pool else map(one, todo)
             for i, record in enumerate(results, start=1):
                 done[record["path"]] = record
                 if sink:
@@ -115,11 +155,13 @@ def percentiles(values: list) -> dict:
     return {"min": v[0], "p5": pick(0.05), "median": pick(0.5), "p95": pick(0.95), "max": v[-1]}
 
 
-def report(splits: dict, records: dict, min_size: int) -> dict:
-    """The findings: defects (each a list of paths or names) and the statistics."""
+def report(splits: dict, records: dict, min_size: int, skipped: dict = None) -> dict:
+    """The findings: defects (each a list of paths or names) and the statistics. skipped: {kind: [paths]} the
+    scan left out (broken links are a defect)."""
+    skipped = skipped or {}
     every = [p for items in splits.values() for p, _ in items]
     recs = [records[p] for p in every]
-    good = [r for r in recs if "error" not in r]
+    good = [r for r in recs if "error" not in r and "too_large" not in r]
     by_hash = {}
     for r in recs:
         if r.get("bytes"):
@@ -134,6 +176,9 @@ def report(splits: dict, records: dict, min_size: int) -> dict:
     defects = {
         "undecodable": sorted(r["path"] for r in recs if "error" in r and r.get("bytes")),
         "empty": sorted(r["path"] for r in recs if r.get("bytes") == 0),
+        "unreadable": sorted(r["path"] for r in recs if "error" in r and "bytes" not in r),
+        "too_large": sorted(r["path"] for r in recs if "too_large" in r),
+        "broken_links": sorted(skipped.get("broken_links", [])),
         "tiny": sorted(r["path"] for r in good if min(r["width"], r["height"]) < min_size),
         "duplicates": sorted(sorted(paths) for paths in by_hash.values() if len(paths) > 1),
         "class_disagreement": {k: v for k, v in disagree.items() if v},
@@ -142,6 +187,7 @@ def report(splits: dict, records: dict, min_size: int) -> dict:
     modes = Counter(r["mode"] for r in good)
     stats = {
         "files": {s: len(items) for s, items in splits.items()},
+        "skipped": {kind: len(items) for kind, items in skipped.items()},
         "classes": {s: len(c) for s, c in classes.items()},
         "modes": dict(modes),
         "grey": sum(n for m, n in modes.items() if m in GREY),
@@ -175,6 +221,8 @@ def get_args_parser():
     p.add_argument("--workers", type=count(zero="check in this process"), default=min(8, os.cpu_count() or 1),
                    help="processes that open the files")
     p.add_argument("--min-size", type=count(), default=16, help="an image with a side shorter than this is tiny")
+    p.add_argument("--max-image-pixels", type=count(zero="no limit"), default=MAX_PIXELS, metavar="N",
+                   help="an image of more pixels is a defect (too_large), as the training scripts refuse it")
     p.add_argument("--out", type=output_file(), default=None, help="write the full report (JSON) here")
     p.add_argument("--state", type=output_file(), default=None,
                    help="keep each file's result here (JSON lines); a rerun skips the files already checked")
@@ -184,10 +232,12 @@ def get_args_parser():
 @exit_on_user_error
 def main(args) -> dict:
     layout = detect_layout(args.root) if args.layout == "auto" else args.layout
-    splits = gather(args.root, layout)
+    skipped = {}
+    splits = gather(args.root, layout, skipped)
     paths = sorted({p for items in splits.values() for p, _ in items})
-    records = inspect_all(paths, args.workers, args.state)
-    result = {"root": os.path.abspath(args.root), "layout": layout, **report(splits, records, args.min_size)}
+    records = inspect_all(paths, args.workers, args.state, args.max_image_pixels)
+    result = {"root": os.path.abspath(args.root), "layout": layout,
+              **report(splits, records, args.min_size, skipped)}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -29,7 +29,8 @@ import traceback
 import numpy as np
 import torch
 
-from utils.errors import ArgumentParser, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import exit_on_user_error
 from utils.flags import count, output_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

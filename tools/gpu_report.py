@@ -25,7 +25,8 @@ import subprocess
 import sys
 import time
 
-from utils.errors import ArgumentParser, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import exit_on_user_error
 from utils.flags import count, output_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,9 +11,10 @@ import os
 import sys
 
 from data.datasets import build_dataset
-from data.shards import write_shards
+from data.shards import check_sources, write_shards
 from tools.check_data import detect_layout
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.flags import count, data_root, output_folder
 
 LAYOUTS = ("auto", "folder", "filelist", "imagefolder")
@@ -45,6 +46,8 @@ def main(args) -> dict:
     except UserError:
         if layout == "imagefolder":
             raise
+    for dataset in splits.values():                 # every file of every split readable, before anything is written
+        check_sources(dataset.samples)
     written = {}
     for name, dataset in splits.items():
         folder = os.path.join(args.out, name) if name else args.out

@@ -5,7 +5,8 @@ folder's log.jsonl.
 """
 import os
 
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.plots import plot_runs
 from utils.flags import input_folder, output_file, text
 

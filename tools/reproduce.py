@@ -22,8 +22,11 @@ import time
 
 import yaml
 
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import UniqueKeyLoader
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.flags import output_folder, text
+from utils.textfile import read_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = os.path.join(ROOT, "configs", "rows")
@@ -55,19 +58,60 @@ def rows() -> list:
     return sorted(f[:-5] for f in os.listdir(ROWS) if f.endswith(".yaml"))
 
 
+def read_yaml(path: str, what: str, fix: str):
+    """A YAML file of ours or the user's (utils.textfile: UTF-8, one line when it is not)."""
+    try:
+        return yaml.load(read_text(path, what, fix), Loader=UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} is not readable YAML ({' '.join(str(e).split())[:160]}); {fix}") from None
+
+
 def load_row(name: str) -> dict:
     path = os.path.join(ROWS, f"{name}.yaml")
     if not os.path.isfile(path):
         raise UserError(f"unknown row {name!r}; `python -m tools.reproduce --list` shows the {len(rows())} rows")
-    with open(path, encoding="utf-8") as f:
-        row = yaml.safe_load(f)
+    row = read_yaml(path, f"row {path}", "fix the row (the rows in configs/rows show its keys)")
+    check_row(path, row)
     row["name"] = name
     return row
 
 
+def check_row(path: str, row):
+    """A row has the paper's number, the metric, and stages each naming a script and an existing recipe."""
+    def bad(what: str):
+        raise UserError(f"row {path} {what}; fix the row (the rows in configs/rows show its keys)")
+
+    if not isinstance(row, dict):
+        bad("is not a mapping of paper, metric and stages")
+    paper = row.get("paper")
+    if not isinstance(paper, dict) or not isinstance(paper.get("value"), (int, float)) or isinstance(
+            paper.get("value"), bool) or not all(isinstance(paper.get(k), str) for k in ("metric", "source")):
+        bad("needs paper: {value: NUMBER, metric: TEXT, source: TEXT}")
+    if not isinstance(row.get("metric"), str):
+        bad("needs metric: the key of the last stage's metrics to compare (e.g. test_acc1)")
+    stages = row.get("stages")
+    if not isinstance(stages, list) or not stages:
+        bad("needs stages: a list of {name, script, config[, weights]}")
+    names = set()
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or stage.get("script") not in SMOKE:
+            bad(f"stage {i + 1} needs a name and a script (one of {', '.join(SMOKE)})")
+        if stage["name"] in names or os.sep in stage["name"] or stage["name"] in ("", ".", ".."):
+            bad(f"stage {i + 1} needs a name of its own that can be a folder ({stage['name']!r})")
+        names.add(stage["name"])
+        if not isinstance(stage.get("config"), str) or not os.path.isfile(os.path.join(ROOT, stage["config"])):
+            bad(f"stage {stage['name']} names recipe {stage.get('config')!r}, which is not a file under {ROOT}")
+        if stage.get("weights") is not None and (i == 0 or not str(stage["weights"]).startswith("--")):
+            bad(f"stage {stage['name']} takes weights: the flag that reads the previous stage's checkpoint "
+                "(not on the first stage)")
+
+
 def recipe(stage: dict) -> dict:
-    with open(os.path.join(ROOT, stage["config"]), encoding="utf-8") as f:
-        return yaml.safe_load(f)
+    path = os.path.join(ROOT, stage["config"])
+    cfg = read_yaml(path, f"recipe {path}", "fix the recipe: flag: value lines")
+    if not isinstance(cfg, dict):
+        raise UserError(f"recipe {path} is not flag: value lines; fix it")
+    return cfg
 
 
 def estimate_gpu_hours(row: dict) -> float:
@@ -105,19 +149,59 @@ def command(row: dict, index: int, out: str, smoke: bool, extra: list) -> list:
 
 
 def final_metrics(folder: str) -> dict:
-    import torch
-    ckpt = torch.load(os.path.join(folder, "checkpoint.pth"), map_location="cpu", weights_only=True)
-    return ckpt.get("metrics") or {}
+    from utils.checkpoint import load_file
+    metrics = load_file(os.path.join(folder, "checkpoint.pth")).get("metrics")
+    return metrics if isinstance(metrics, dict) else {}
+
+
+STATE = "reproduce.json"
+
+
+def claim(out: str, row: dict, smoke: bool):
+    """<out>/reproduce.json names the chain a folder holds: a rerun continues it, another row (or the smoke chain
+    in the full one's folder) is refused rather than taking its stages for done."""
+    path, mine = os.path.join(out, STATE), {"row": row["name"], "smoke": bool(smoke)}
+    if os.path.exists(path):
+        fix = "pass another --output-dir, or remove the file to let this chain take the folder"
+        try:
+            held = json.loads(read_text(path, f"{path}", fix))
+        except ValueError:
+            held = None
+        if not isinstance(held, dict) or not isinstance(held.get("row"), str):
+            raise UserError(f"{path} is not a state file of tools.reproduce; {fix}")
+        if held != mine:
+            tag = lambda smoke: " (smoke)" if smoke is True else ""  # noqa: E731
+            raise UserError(f"--output-dir {out} holds the chain of row {held['row']}{tag(held.get('smoke'))}, not "
+                            f"{row['name']}{tag(bool(smoke))}; {fix}")
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(mine, f)
+
+
+def done(out: str, row: dict, index: int) -> bool:
+    """Stage `index` finished earlier (its report.md is there). Its checkpoint must then still be there when
+    something reads it: the next stage, if that one is not done, or the report, if it is the last."""
+    folder = stage_dir(out, row["stages"][index])
+    if not os.path.isfile(os.path.join(folder, "report.md")):
+        return False
+    last = index == len(row["stages"]) - 1
+    needed = last or not done(out, row, index + 1)
+    if needed and not os.path.isfile(os.path.join(folder, "checkpoint.pth")):
+        raise UserError(f"stage {row['stages'][index]['name']} finished earlier ({folder}/report.md) but its "
+                        f"checkpoint.pth is gone, and {'the report' if last else 'the next stage'} reads it; copy "
+                        f"it back, or remove {folder} to run the stage again")
+    return True
 
 
 def run_chain(row: dict, out: str, smoke: bool, extra: list, log=print) -> dict:
     """Run (or resume) every stage; write <out>/reproduce.md; return its numbers."""
-    os.makedirs(out, exist_ok=True)
+    claim(out, row, smoke)
     times, commands = {}, []
     for i, stage in enumerate(row["stages"]):
         argv = command(row, i, out, smoke, extra)
         commands.append(" ".join(shlex.quote(a) for a in [os.path.basename(argv[0])] + argv[1:]))
-        if os.path.isfile(os.path.join(stage_dir(out, stage), "report.md")):
+        if done(out, row, i):
             log(f"stage {stage['name']}: done earlier ({stage_dir(out, stage)}), skipped")
             times[stage["name"]] = None
             continue

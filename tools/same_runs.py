@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.flags import input_folder, one_of, output_folder
 
 TINY_VIT = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "128", "--num-heads", "2", "--patch-size", "4"]

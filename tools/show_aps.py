@@ -14,7 +14,8 @@ from augment.pil import PILView
 from augment.recipes import APS_VIEW
 from data import PRESETS, build_dataset, get_preset
 from samplers.aps import coverage_stats, covered_fraction_of, random_boxes, sample_aps
-from utils.errors import ArgumentParser, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import exit_on_user_error
 from utils.flags import count, folder, fraction, integer, nonnegative, output_file
 
 

@@ -15,7 +15,8 @@ from data import PRESETS, build_dataset, get_preset
 from data.datasets import IMAGENET_MEAN, IMAGENET_STD, read_image
 from models.loading import describe_weights, load_backbone, open_checkpoint
 from models.vit import cls_attention
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.plots import pyplot, save
 from models.registry import is_registry_name
 from utils.flags import count, folder, input_file, integer, output_file

@@ -13,7 +13,8 @@ from augment.recipes import eval_view
 from data import PRESETS, build_dataset, build_eval_loader, get_preset
 from data.datasets import num_classes_of
 from models.loading import describe_weights, load_backbone, open_checkpoint
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.plots import pyplot, save
 from utils.knn import extract_features, knn_classify
 from models.registry import is_registry_name

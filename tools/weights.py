@@ -22,7 +22,8 @@ from models.registry import (APS_PREFIX, APS_REPO, REGISTRY, aps_listing, asym_s
                              hub_endpoint, is_registry_name)
 from utils.checkpoint import save_checkpoint
 from utils.download import file_digest
-from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.config import ArgumentParser
+from utils.errors import UserError, exit_on_user_error
 from utils.flags import folder, input_file, output_file, output_folder, positive, text
 
 

@@ -12,21 +12,25 @@ PANELS = (("train_loss", "training loss"), ("train_lr", "learning rate"), ("trai
 
 
 def read_log(path: str) -> list:
-    """The records of a log.jsonl (an unreadable line, e.g. cut by a crash, is skipped)."""
+    """The records of a log.jsonl (a line that is not a JSON record, e.g. cut by a crash or the zeros a power loss
+    leaves, is skipped)."""
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(record, dict):
+                records.append(record)
     return records
 
 
 def series(records: list, key: str):
     """(epochs, values) of `key` over the records that have it (the last record of an epoch wins: a resumed
     run may log an epoch twice)."""
-    points = {r["epoch"]: r[key] for r in records if isinstance(r.get(key), (int, float)) and "epoch" in r}
+    points = {r["epoch"]: r[key] for r in records
+              if isinstance(r.get(key), (int, float)) and isinstance(r.get("epoch"), (int, float))}
     epochs = sorted(points)
     return epochs, [points[e] for e in epochs]
 
