@@ -2,12 +2,16 @@
 import gzip
 import os
 import struct
+import sys
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.datasets as tvd
 from PIL import Image
+from torchvision.datasets.folder import has_file_allowed_extension
 
 from data.files import MAX_PIXELS, ImageReader, file_list, read_rgb, unlabelled_folder
 from data.shards import shards
@@ -119,11 +123,13 @@ def read_idx(path: str) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
-        raise UserError(f"cannot read {path} ({e}); re-download the file") from e
+    except (OSError, EOFError, zlib.error) as e:                  # (zlib.error: a damaged .gz)
+        raise UserError(f"cannot read {path} ({describe(e)}); re-download the file") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise UserError(f"{path} is not a uint8 idx file (bad magic number); re-download it")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise UserError(f"{path} is truncated or corrupt (its header claims {ndim} dimensions); re-download it")
     dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
@@ -144,7 +150,6 @@ def load_idx_arrays(name: str, root: str, train: bool):
 
 
 def _torchvision_download(name: str, root: str):
-    import torchvision.datasets as tvd
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}[name]
     try:
         for train in (True, False):
@@ -155,7 +160,6 @@ def _torchvision_download(name: str, root: str):
 
 
 def build_cifar(name: str, root: str, train: bool, download: bool, transform=None):
-    import torchvision.datasets as tvd
     cls, folder, url = {
         "cifar10": (tvd.CIFAR10, "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
         "cifar100": (tvd.CIFAR100, "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
@@ -177,14 +181,69 @@ def read_image(path: str):
     return read_rgb(path)
 
 
+def _is_dir(entry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def walk_without_loops(top: str, loops: list):
+    """os.walk(top, followlinks=True), but a link to a folder above it (a loop, which os.walk follows until the
+    path is too long) is not entered; its path goes to `loops`."""
+    def walk(folder, ancestors):
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            return
+        is_dir = {e.name: _is_dir(e) for e in entries}
+        dirs = [n for n, d in is_dir.items() if d]
+        yield folder, dirs, [n for n, d in is_dir.items() if not d]
+        for name in dirs:
+            path = os.path.join(folder, name)
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in ancestors:
+                loops.append(path)
+                continue
+            yield from walk(path, ancestors | {(st.st_dev, st.st_ino)})
+    st = os.stat(top)
+    yield from walk(top, {(st.st_dev, st.st_ino)})
+
+
+class LoopSafeImageFolder(tvd.ImageFolder):
+    """torchvision's ImageFolder, its files found by the same rule and in the same order, but without following
+    links that loop (each class folder walked by walk_without_loops; one line says how many were left out)."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+        samples, loops, found = [], [], set()
+        for name in sorted(class_to_idx):
+            folder = os.path.join(directory, name)
+            if not os.path.isdir(folder):
+                continue
+            for here, _, files in sorted(walk_without_loops(folder, loops)):
+                for f in sorted(files):
+                    if valid(os.path.join(here, f)):
+                        samples.append((os.path.join(here, f), class_to_idx[name]))
+                        found.add(name)
+        empty = sorted(set(class_to_idx) - found)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}.")
+        if loops:
+            print(f"imagefolder: {directory}: left out {len(loops)} link(s) to a folder above them (a loop), "
+                  f"e.g. {loops[0]}", file=sys.stderr, flush=True)
+        return samples
+
+
 def build_imagefolder(root: str, train: bool, transform=None, reader: ImageReader = None):
-    import torchvision.datasets as tvd
     split = os.path.join(root, "train" if train else "val")
     if not os.path.isdir(split):
         raise UserError(f"imagefolder: {split} is not a folder; --data-root must hold train/<class>/*.jpg and "
                         "val/<class>/*.jpg (the ImageNet layout)")
     try:
-        folder = tvd.ImageFolder(split, transform=transform, loader=reader or ImageReader())
+        folder = LoopSafeImageFolder(split, transform=transform, loader=reader or ImageReader())
     except FileNotFoundError as e:
         raise UserError(f"imagefolder: {split} holds no images in class sub-folders ({e}); "
                         "use the layout <split>/<class>/<image>.jpg") from e

@@ -344,6 +344,22 @@ def test_scans_follow_links_without_loops_and_say_what_they_left_out(tmp_path):
                      "them)"]
 
 
+def test_an_image_folder_is_torchvisions_but_does_not_follow_a_loop(tmp_path, capsys):
+    import torchvision.datasets as tvd
+    train = tmp_path / "train"
+    for name in ("c0/1.jpg", "c0/2.gif", "c1/x.jpg", "c1/.h.jpg", "c1/a/y.png", "c1/a/b/z.JPG", "c1/a2/w.jpg",
+                 "c2/q.webp"):
+        (train / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(train / name, "PNG")
+    os.symlink(train / "c0", train / "c2" / "linked")                   # a folder linked into another class
+    expected = tvd.ImageFolder(str(train)).samples                       # the same files, in the same order
+    os.symlink("..", train / "c1" / "a" / "up")                    # torchvision follows it (8 images become 208)
+    capsys.readouterr()
+    assert build_dataset("imagefolder", str(tmp_path)).samples == expected and len(expected) == 8
+    assert capsys.readouterr().err == (f"imagefolder: {train}: left out 1 link(s) to a folder above them (a loop), "
+                                       f"e.g. {train / 'c1' / 'a' / 'up'}\n")
+
+
 def test_the_image_list_cache_is_checked_on_reuse(tmp_path, images, capsys):
     out = tmp_path / "out"
     first = cached_scan(str(images), str(out), log=print)
@@ -482,3 +498,18 @@ def test_a_bad_knn_data_root_is_named_as_knn_data(tmp_path, tiny_flags, capsys):
     kind, line = outcome(lambda: main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv)), capsys)
     assert kind == REFUSED and line.startswith(f"error: --knn-data imagefolder:{tmp_path / 'nope'}: imagefolder:")
     assert "--data-root" not in line and "its ROOT must hold train/" in line
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_idx_files(tmp_path, capsys, gz):
+    import gzip
+
+    from data.datasets import read_idx
+    raw = bytes([0, 0, 8, 3]) + struct.pack(">III", 2, 4, 4) + bytes(range(32))
+    data = gzip.compress(raw, mtime=0) if gz else raw
+    path = tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+    seen = every_variant(path, data, lambda: read_idx(str(path)).shape, capsys, seed=gz, flips=20)
+    assert read_idx(str(path)).shape == (2, 4, 4)
+    refused(seen, "empty", "one byte", "half", "UTF-16", "random bytes", said=str(path))
+    for name, (kind, line) in seen.items():
+        assert (kind == READ and line == (2, 4, 4)) or (kind == REFUSED and str(path) in line), (name, line)

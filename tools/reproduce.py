@@ -120,8 +120,10 @@ def estimate_gpu_hours(row: dict) -> float:
     for stage in row["stages"]:
         cfg = recipe(stage)
         epochs = cfg.get("nepoch") or cfg.get("epochs")
+        if not isinstance(epochs, (int, float)) or isinstance(epochs, bool):
+            return float("nan")                                    # a recipe of the scripts' default epochs
         if stage["script"] in ("main_pretrain.py", "main_finetune.py"):
-            per_epoch = APS_EPOCH_H[cfg["arch"]]
+            per_epoch = APS_EPOCH_H.get(cfg.get("arch"), APS_EPOCH_H["vit-small"])
             if cfg["dataset"] == "imagefolder":                    # 1.28 M images, ~ the 32 px step's cost each
                 per_epoch *= IMAGENET_IMAGES / 50000
             if stage["script"] == "main_finetune.py":              # one step per batch, not four
