@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch._dynamo
 
-from utils.checkpoint import LATEST, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
+from utils.checkpoint import LATEST, RECORD, find_resume_path, load_strict, load_training_checkpoint, save_checkpoint
 from utils.dist import all_reduce_min, cleanup, get_rank, get_world_size, is_dist, is_main_process
 from utils.errors import UserError
 from utils.failpoints import failpoint
@@ -108,6 +108,11 @@ class Method:
         """The run's closing line from its last metrics and those before the first epoch ('' when there is nothing
         to report)."""
         return ""
+
+    def backbone_record(self) -> Optional[dict]:
+        """How a reader finds the backbone in this method's checkpoints (utils.checkpoint.backbone_record), saved
+        in every one; None: its checkpoints are not read as a backbone."""
+        return None
 
 
 class Reporter:
@@ -224,6 +229,7 @@ class Trainer:
             "metrics": self.last_metrics,
             "start_metrics": self.start_metrics,
             "best": self.best,
+            **({RECORD: record} if (record := self.method.backbone_record()) else {}),
         }
 
     def save(self, epoch: int):

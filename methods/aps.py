@@ -1,24 +1,22 @@
 """APS pretraining as a Trainer method (docs/REFERENCE.md#aps-pretraining): each loaded batch of view pairs gives
 `steps_per_batch` optimizer steps, one per sampling round, under the schedule f(e) = min((e + 1) / warmup, (1 + cos(pi e
 / E)) / 2)."""
-from engine import Method
+from methods.selfsup import SelfSupervised
 from models.aps import aps_training_steps
+from utils.checkpoint import backbone_record
 from utils.recompute import split_batch
-from utils.knn import knn_summary
 from utils.schedule import aps_factor
 
 
-class APSPretraining(Method):
+class APSPretraining(SelfSupervised):
     """module: a models.aps.APS (model: the same, DDP-wrapped); knn: evaluate(epoch) -> kNN metrics, or None."""
 
     name = "APS"
-    evaluate_at_start = True                                # the kNN baseline of the random (or loaded) weights
 
     def __init__(self, module, model, grid: int, ratio: float, steps_per_batch: int, power: float, lr: float,
                  warmup_epochs: float, epochs: int, knn=None, model_config: dict = None):
-        super().__init__(module, model, model_config)
+        super().__init__(module, model, lr, epochs, warmup_epochs, knn, model_config)
         self.grid, self.ratio, self.steps_per_batch, self.power = grid, ratio, steps_per_batch, power
-        self.lr, self.warmup_epochs, self.epochs, self.knn = lr, warmup_epochs, epochs, knn
 
     def training_steps(self, batch, rng):
         return aps_training_steps(self.model, batch[0], self.grid, self.ratio, self.steps_per_batch, self.power, rng)
@@ -29,8 +27,6 @@ class APSPretraining(Method):
     def lr_at(self, epoch: float) -> float:
         return self.lr * aps_factor(epoch, self.warmup_epochs, self.epochs)
 
-    def evaluate(self, epoch: int):
-        return None if self.knn is None else self.knn(epoch)
-
-    def summary(self, metrics: dict, best=None, start: dict = None) -> str:
-        return knn_summary(metrics, start)
+    def backbone_record(self) -> dict:
+        return backbone_record("APS", "vit", "encoder.", ("projector.", "predictor."), self.model_config,
+                               format="ours-aps")

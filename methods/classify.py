@@ -7,7 +7,7 @@ from engine import Method
 from models.loading import load_fine_tuned, open_checkpoint
 from models.vit import create_vit
 from utils.accuracy import evaluate_classifier
-from utils.checkpoint import find_resume_path, load_strict, load_training_checkpoint
+from utils.checkpoint import backbone_record, find_resume_path, load_strict, load_training_checkpoint
 from utils.errors import UserError
 from utils.log import get_logger
 from utils.recompute import split_batch
@@ -75,6 +75,11 @@ class FineTuning(Classification):
             return ""
         return (f"final-epoch test top-1 {metrics['test_acc1']:.2f}% (top-5 {metrics['test_acc5']:.2f}%)"
                 + (f", best val top-1 {best:.2f}%" if best is not None else ""))
+
+    def backbone_record(self) -> dict:
+        """The whole ViT but its classifier, which a reader may keep (--eval, the weights tool)."""
+        return backbone_record("fine-tuning", "vit", "", ("head.",), self.model_config, classifier="head.",
+                               format="ours-vit")
 
 
 class LinearProbing(Classification):

@@ -1,23 +1,21 @@
 """MoCo v2 (with any Asym-Siam switches) as a Trainer method (docs/REFERENCE.md#moco): one optimizer step per batch, the
 query encoder under SGD with a cosine schedule per epoch."""
-from engine import Method
+from methods.selfsup import SelfSupervised
 from models.moco import moco_inputs, shuffle_permutation
 from utils.dist import get_world_size
+from utils.checkpoint import backbone_record
 from utils.errors import UserError
-from utils.knn import knn_summary
 from utils.recompute import split_batch
 from utils.schedule import cosine_per_epoch
 
 
-class MoCoPretraining(Method):
+class MoCoPretraining(SelfSupervised):
     """module: a models.moco.MoCo (model: the same, DDP-wrapped); knn: evaluate(epoch) -> kNN metrics, or None."""
 
     name = "MoCo"
-    evaluate_at_start = True                                # the kNN baseline of the random (or loaded) weights
 
     def __init__(self, module, model, lr: float, epochs: int, knn=None, model_config: dict = None):
-        super().__init__(module, model, model_config)
-        self.lr, self.epochs, self.knn = lr, epochs, knn
+        super().__init__(module, model, lr, epochs, 0.0, knn, model_config)
 
     def training_steps(self, batch, rng):
         query, keys, minis = moco_inputs(batch[0], rng)
@@ -42,8 +40,7 @@ class MoCoPretraining(Method):
     def lr_at(self, epoch: float) -> float:
         return cosine_per_epoch(epoch, self.epochs, self.lr)
 
-    def evaluate(self, epoch: int):
-        return None if self.knn is None else self.knn(epoch)
-
-    def summary(self, metrics: dict, best=None, start: dict = None) -> str:
-        return knn_summary(metrics, start)
+    def backbone_record(self) -> dict:
+        """The query encoder without its fc (the projector); the key encoder and the queue are left out."""
+        config = {k: self.model_config[k] for k in ("arch", "cifar_stem") if k in self.model_config}
+        return backbone_record("MoCo", "resnet", "encoder_q.", ("encoder_q.fc.",), config, format="ours-moco")

@@ -7,6 +7,11 @@ loaders (load_backbone, resnet_from, load_classifier, load_fine_tuned, describe_
 and take a Checkpoint as well, so a command reads each file from disk once. Format-specific logic lives in the
 FORMATS rows; a file whose keys fit two rows is refused rather than guessed.
 
+A checkpoint this repo writes describes itself (utils.checkpoint.backbone_record: its method, backbone family,
+the backbone's key prefix, its heads, its config), and is read from that record by described_format, with no row
+here: a new method's checkpoints need nothing in this file. The rows below are for files from outside, and for
+our own checkpoints written before they carried the record (2026-12-04), which still load.
+
 Formats (each row names the key prefixes its files must have):
   ours-aps      a main_pretrain.py checkpoint: {"model": {encoder.*, projector.*, predictor.*}, "model_config", ...}
   reference-aps the APS authors' pretraining file (docs/REFERENCE.md#aps-checkpoint): base_encoder.* + predictor.*,
@@ -32,7 +37,7 @@ from models.pickled import read_module_tree
 from models.registry import is_registry_name, resolve
 from models.resnet import create_resnet
 from models.vit import ARCHS, create_vit
-from utils.checkpoint import PickledObjects, load_file, load_strict
+from utils.checkpoint import RECORD, PickledObjects, load_file, load_strict
 from utils.errors import UserError
 from utils.log import get_logger
 
@@ -196,8 +201,40 @@ FORMATS = (
 )
 
 
+def _described(ckpt):
+    """A checkpoint that describes itself (utils.checkpoint.backbone_record): the backbone under its prefix, the
+    heads it names left out, its classifier kept when it has one, its config."""
+    rec, model = ckpt[RECORD], ckpt["model"]
+    heads, prefix, classifier = tuple(rec["heads"]), rec["prefix"], rec.get("classifier")
+    state = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix) and not k.startswith(heads)}
+    dropped = sorted(k for k in model if heads and k.startswith(heads))
+    head = {"head." + k[len(classifier):]: v for k, v in model.items() if k.startswith(classifier)} if classifier else {}
+    return state, dropped, head, rec.get("config") or None
+
+
+def described_format(loaded: dict, name: str) -> Optional[Format]:
+    """The Format a checkpoint's own record (RECORD) gives, None without one; a record that is not one of ours
+    (missing fields, an unknown family) is one line."""
+    rec = loaded.get(RECORD) if isinstance(loaded, dict) else None
+    if rec is None:
+        return None
+    ok = (isinstance(rec, dict) and rec.get("family") in ("vit", "resnet") and isinstance(rec.get("prefix"), str)
+          and isinstance(rec.get("heads"), list) and all(isinstance(h, str) and h for h in rec["heads"])
+          and isinstance(rec.get("classifier"), (str, type(None))) and isinstance(rec.get("config"), (dict, type(None)))
+          and isinstance(_model(loaded), dict))
+    if not ok:
+        raise UserError(f"{name} has a {RECORD} that is not one this code writes (family vit or resnet, a key "
+                        "prefix, head prefixes); re-save it with this repo, or drop the record to read it by its keys")
+    fmt = str(rec.get("format") or f"ours-{rec.get('method', 'method')}")
+    return Format(fmt, rec["family"], _model, (), _described, ours=True)
+
+
 def format_of(loaded: dict, name: str = "checkpoint") -> Format:
-    """The one FORMATS row `loaded` fits; a file that fits none, or several, is refused with one line."""
+    """The format a checkpoint's own record gives (described_format), else the one FORMATS row `loaded` fits; a
+    file that fits none, or several, is refused with one line."""
+    described = described_format(loaded, name)
+    if described is not None:
+        return described
     fits = [f for f in FORMATS if f.fits(loaded)]
     if len(fits) > 1:
         raise UserError(f"{name} fits more than one checkpoint layout ({', '.join(f.name for f in fits)}); rather "

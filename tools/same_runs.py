@@ -19,7 +19,7 @@ import torch
 
 from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
-from utils.flags import input_folder, one_of, output_folder
+from utils.flags import input_folder, one_of, output_folder, text
 
 TINY_VIT = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "128", "--num-heads", "2", "--patch-size", "4"]
 # the README's quick start until 2026-12-02 (kept as it was, so that runs compare across commits)
@@ -108,8 +108,9 @@ def logged(path: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def compare_all(a: str, b: str) -> list:
-    """One line per run: 'same' or what differs (checkpoints and log.jsonl's metrics)."""
+def compare_all(a: str, b: str, ignore=()) -> list:
+    """One line per run: 'same' or what differs (checkpoints and log.jsonl's metrics); ignore: checkpoint keys
+    (besides args) to leave out, e.g. a record a change adds by design."""
     lines, all_same = [], True
     for name, _, _ in RUNS:
         da, db = os.path.join(a, name), os.path.join(b, name)
@@ -123,7 +124,8 @@ def compare_all(a: str, b: str) -> list:
             if not os.path.isfile(os.path.join(db, f)):
                 diffs.append(f"{f}: missing in {b}")
                 continue
-            diffs += [f"{f}{d}" for d in compare_checkpoint(os.path.join(da, f), os.path.join(db, f))]
+            diffs += [f"{f}{d}" for d in compare_checkpoint(os.path.join(da, f), os.path.join(db, f),
+                                                            ("args",) + tuple(ignore))]
         diffs += [f"log.jsonl{d}" for d in differences(logged(os.path.join(da, "log.jsonl")),
                                                        logged(os.path.join(db, "log.jsonl")))]
         all_same &= not diffs
@@ -145,6 +147,9 @@ def get_args_parser():
     c = sub.add_parser("compare", help="compare two folders written by `run`")
     c.add_argument("a", type=input_folder())
     c.add_argument("b", type=input_folder())
+    c.add_argument("--ignore", type=text("a top-level checkpoint key"), nargs="+", default=(), metavar="KEY",
+                   help="checkpoint keys to leave out besides args (what a change adds on purpose, e.g. "
+                        "backbone_record); say so when you report the comparison")
     return p
 
 
@@ -153,7 +158,7 @@ def main(args):
     if args.command == "run":
         run_all(args.out, os.path.abspath(args.repo), args.only)
         return 0
-    lines = compare_all(args.a, args.b)
+    lines = compare_all(args.a, args.b, args.ignore)
     print("\n".join(lines))
     return 0 if lines[-1] == "all runs bit-identical" else 1
 

@@ -9,6 +9,19 @@ from utils.errors import UserError, describe
 from utils.failpoints import failpoint
 
 LATEST = "checkpoint.pth"
+RECORD = "backbone_record"     # what a checkpoint we write says about its own layout (backbone_record)
+
+
+def backbone_record(method: str, family: str, prefix: str, heads=(), config: dict = None, classifier: str = None,
+                    format: str = None) -> dict:
+    """A checkpoint's description of itself, saved beside its weights, so that every reader (models.loading) takes
+    the backbone of any method's checkpoint without a table of layouts. family: 'vit' (rebuilt by create_vit from
+    `config`) or 'resnet' (its arch and stem read off the weights); prefix: where the backbone's keys sit in
+    "model"; heads: key prefixes (in "model") that are not backbone (projectors, predictors, a classifier);
+    classifier: the prefix of a trained classifier head (Linear weight and bias) a reader may keep; format: the
+    name readers give the layout (default ours-<method>)."""
+    return {"method": method, "format": format or f"ours-{method.lower()}", "family": family, "prefix": prefix,
+            "heads": list(heads), "classifier": classifier, "config": dict(config or {})}
 
 
 def save_checkpoint(state: dict, path: str):
