@@ -32,7 +32,7 @@ from utils.recompute import enable_grad_checkpointing, recomputes_buffers
 from utils.rng import BatchRandom
 from utils.runtime import autocast, compile_in_place, make_grad_scaler, peak_memory_mib, seed_everything
 from utils.transfer import tree_to_device
-from utils.schedule import set_lr
+from utils.optim import OptimizerSpec, set_lr
 
 
 def all_rng_states() -> list:
@@ -85,8 +85,13 @@ class Method:
         raise NotImplementedError
 
     def lr_at(self, epoch: float) -> float:
-        """The learning rate at a fractional epoch (before any per-group lr_scale)."""
+        """The learning rate at a fractional epoch (before any group's lr_scale; a group's fixed_lr ignores it)."""
         raise NotImplementedError
+
+    def param_groups(self) -> list:
+        """What the optimiser trains, as torch's parameter groups (utils.optim: per group weight_decay, lr_scale,
+        fixed_lr); by default one group of every parameter of the module."""
+        return [{"params": list(self.module.parameters())}]
 
     def split_backbone(self, chunks: int):
         """--accum-steps: make the backbone run on `chunks` parts of each batch (utils.recompute.split_batch), the
@@ -172,8 +177,11 @@ class TrainSettings:
 class Trainer:
     """Runs epochs [start, settings.epochs) of `method` over `loader`, evaluating and checkpointing as it goes."""
 
-    def __init__(self, method: Method, optimizer: torch.optim.Optimizer, loader, settings: TrainSettings,
-                 device: torch.device, amp: Optional[torch.dtype], reporter: Reporter = None):
+    def __init__(self, method: Method, optimizer, loader, settings: TrainSettings, device: torch.device,
+                 amp: Optional[torch.dtype], reporter: Reporter = None):
+        """optimizer: a utils.optim.OptimizerSpec (built here over method.param_groups()), or an optimiser."""
+        if isinstance(optimizer, OptimizerSpec):
+            optimizer = optimizer.build(method.param_groups(), device)
         self.method, self.optimizer, self.loader, self.settings = method, optimizer, loader, settings
         self.reporter = reporter or Reporter()
         self.device, self.amp = device, amp

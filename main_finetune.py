@@ -13,13 +13,14 @@ from data.pipeline import eval_loader, training_data
 from engine import Trainer, TrainSettings
 from methods.classify import FineTuning, evaluate_saved, finetuned_classifier, saved_source
 from models.loading import build_classifier, vit_label
-from models.vit import add_vit_args, check_vit_flags, param_groups, vit_overrides
+from models.vit import add_vit_args, check_vit_flags, vit_overrides
 from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
 from utils.report import RunReporter
 from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process, describe_run, start_run
-from utils.runtime import amp_dtype, fused, seed_everything
+from utils.optim import OptimizerSpec
+from utils.runtime import amp_dtype, seed_everything
 from utils.schedule import warmup_cosine
 from models.registry import is_registry_name
 from utils.flags import count, fraction, input_file, momentum, nonnegative, positive, probability, rate
@@ -104,8 +105,7 @@ def main(args):
     args.arch = model_config["arch"]
     args.base_lr = args.base_lr or BASE_LR[args.arch]
     lr = args.base_lr * args.batch_size / 512
-    optimizer = torch.optim.AdamW(param_groups(module, args.weight_decay, args.layer_decay), lr=lr, eps=args.opt_eps,
-                                  **fused(device))
+    optimizer = OptimizerSpec("adamw", lr, args.weight_decay, eps=args.opt_eps)     # the method's groups decay
     ema = ModelEmaV3(module, decay=args.model_ema_decay) if args.model_ema else None
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                   switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
@@ -118,7 +118,7 @@ def main(args):
                        min_value=args.min_lr, start_value=args.warmup_lr)
     method = FineTuning(module, data_parallel(module, device), criterion, schedule, eval_loaders, device, amp, mixup,
                         ema, model_config=model_config, select_metric="val_acc1" if data.held_out is not None else None,
-                        records=data.records)
+                        records=data.records, weight_decay=args.weight_decay, layer_decay=args.layer_decay)
     settings = TrainSettings.from_args(args, args.eval_every, description, identity=VIT_IDENTITY, lr_flag="--base-lr")
     trainer = Trainer(method, optimizer, data.loader, settings, device, amp, RunReporter(args.output_dir))
     return trainer.finish(trainer.fit())

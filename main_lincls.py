@@ -22,10 +22,10 @@ from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
 from utils.knn import feature_dataset
-from utils.lars import LARS
 from utils.report import RunReporter
 from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process, describe_run, start_run
-from utils.runtime import amp_dtype, fused, seed_everything
+from utils.optim import OptimizerSpec
+from utils.runtime import amp_dtype, seed_everything
 from utils.schedule import cosine_per_epoch
 from models.registry import is_registry_name
 from utils.flags import count, input_file, momentum, nonnegative, positive
@@ -100,10 +100,8 @@ def main(args):
     trained = probe.head if args.cache_features else probe
 
     lr = args.lr * args.batch_size / 256
-    params = list(probe.head.parameters())
-    optimizer = (LARS(params, lr, args.momentum, args.weight_decay, args.trust_coefficient) if args.lars else
-                 torch.optim.SGD(params, lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                 **fused(device)))
+    optimizer = OptimizerSpec("lars" if args.lars else "sgd", lr, args.weight_decay, momentum=args.momentum,
+                              trust_coefficient=args.trust_coefficient)
     what = (f"linear probe on {backbone_cfg['arch']} ({args.pretrained or 'random init'}), {data.num_classes} "
             f"classes at {args.img_size} px, {'LARS' if args.lars else 'SGD'}"
             f"{', cached features' if args.cache_features else ''}")

@@ -3,8 +3,6 @@
 The baseline and all five switches: MultiCrop, ScaleMix, AsymAug, AsymBN and MeanEnc. Launch many processes with torchrun; the
 reference's --dist-url/--multiprocessing-distributed/--world-size/--rank flags are accepted and ignored.
 """
-import torch
-
 from augment.recipes import add_moco_view_args, moco_views_from_args
 from data import PRESETS, add_data_args, apply_preset
 from data.pipeline import knn_setup, training_data
@@ -18,7 +16,8 @@ from utils.errors import UserError, exit_on_user_error
 from utils.knn import add_knn_args
 from utils.report import RunReporter
 from utils.run import add_runtime_args, check_ordered, check_per_process, describe_run, start_run
-from utils.runtime import amp_dtype, fused, seed_everything
+from utils.optim import OptimizerSpec
+from utils.runtime import amp_dtype, seed_everything
 from utils.flags import count, momentum, nonnegative, positive
 
 
@@ -77,8 +76,7 @@ def main(args):
         else:  # the target (key) projector's BN only, over groups of --syncbn-group-size ranks
             synchronise_key_projector(module, device, args.syncbn_group_size)
     lr = args.lr * args.batch_size / 256
-    optimizer = torch.optim.SGD(module.encoder_q.parameters(), lr=lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, **fused(device))
+    optimizer = OptimizerSpec("sgd", lr, args.weight_decay, momentum=args.momentum)
     amp = amp_dtype(args.amp, device)
     what = f"MoCo v2 {args.arch}{' (CIFAR stem)' if args.cifar_stem else ''} at {args.img_size} px, queue {args.moco_k}"
     description = describe_run(what, data, lr, device, amp, {

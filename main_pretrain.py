@@ -1,6 +1,4 @@
 """APS pretraining of a ViT: asymmetric patch sampling + contrastive loss (docs/REFERENCE.md#aps-pretraining)."""
-import torch
-
 from augment.recipes import add_aps_view_args, aps_pair_from_args
 from data import PRESETS, add_data_args, apply_preset
 from data.pipeline import knn_setup, training_data
@@ -16,7 +14,8 @@ from utils.errors import UserError, exit_on_user_error
 from utils.knn import add_knn_args
 from utils.report import RunReporter
 from utils.run import VIT_IDENTITY, add_runtime_args, check_ordered, check_per_process, describe_run, start_run
-from utils.runtime import amp_dtype, fused, seed_everything
+from utils.optim import OptimizerSpec
+from utils.runtime import amp_dtype, seed_everything
 from utils.flags import count, fraction, momentum, nonnegative, positive
 
 BASE_LR = {"vit-tiny": 1e-3, "vit-small": 5e-4, "vit-base": 5e-4}
@@ -78,8 +77,7 @@ def main(args):
     if get_world_size() > 1:
         module = convert_sync_batchnorm(module, device)
     lr = args.base_lr * args.batch_size / 256
-    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, betas=tuple(args.betas),
-                                  weight_decay=args.weight_decay, **fused(device))
+    optimizer = OptimizerSpec("adamw", lr, args.weight_decay, betas=tuple(args.betas))
     amp = amp_dtype(args.amp, device)
     what = f"{args.arch}/{args.patch_size} at {args.img_size} px, {len(data.loader)} batches x {args.nsampling} steps"
     description = describe_run(what + " per epoch", data, lr, device, amp)

@@ -170,15 +170,18 @@ class BatchedSingle(_Pipeline):
 
 @realises(Pair, "batched")
 class BatchedPair(_Pipeline):
-    """APS's views (docs/REFERENCE.md#aps-views) on the device: uint8 images -> the PIL pair's dict (view1/2, box1/2, flip1/2)."""
+    """Two views on the device (APS's, docs/REFERENCE.md#aps-views): uint8 images -> the PIL pair's dict (view1/2,
+    and box1/2, flip1/2 when the view is boxed)."""
 
     def __init__(self, recipe: Pair):
         super().__init__()
-        self.view = self.realise(recipe.view)
+        self.view, self.boxed = self.realise(recipe.view), recipe.view.boxed
 
     def __call__(self, images, rng: BatchRandom = None):
         x = to_float(images)
         rng = rng or BatchRandom.local(device_of(x))
+        if not self.boxed:
+            return {"view1": self.view(x, rng), "view2": self.view(x, rng)}
         v1, b1, f1 = self.view(x, rng)
         v2, b2, f2 = self.view(x, rng)
         return {"view1": v1, "box1": b1, "flip1": f1, "view2": v2, "box2": b2, "flip2": f2}

@@ -116,12 +116,15 @@ class PILView:
 
 @realises(Pair, "pil")
 class PILPair:
-    """Two independent views of one image, as a dict: view1/view2 tensors, box1/box2, flip1/flip2."""
+    """Two independent views of one image, as a dict: view1/view2 tensors (and box1/box2, flip1/flip2 when the
+    view is boxed)."""
 
     def __init__(self, recipe: Pair):
-        self.view = PILView(recipe.view)
+        self.view, self.boxed = PILView(recipe.view), recipe.view.boxed
 
     def __call__(self, img):
+        if not self.boxed:
+            return {"view1": self.view(img), "view2": self.view(img)}
         x1, b1, f1 = self.view(img)
         x2, b2, f2 = self.view(img)
         return {"view1": x1, "box1": b1, "flip1": f1, "view2": x2, "box2": b2, "flip2": f2}

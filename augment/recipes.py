@@ -77,8 +77,8 @@ class View:
 
 @dataclass(frozen=True)
 class Pair:
-    """Two independent views of each image by the same View, each with its crop box and flip (APS,
-    docs/REFERENCE.md#aps-views)."""
+    """Two independent views of each image by the same View: {"view1", "view2"}; with a boxed View (what the APS
+    sampler asks for, docs/REFERENCE.md#aps-views) each also with its crop box and flip (box1/2, flip1/2)."""
     view: View
 
 

@@ -5,7 +5,7 @@ import torch
 
 from engine import Method
 from models.loading import load_fine_tuned, open_checkpoint
-from models.vit import create_vit
+from models.vit import create_vit, param_groups
 from utils.accuracy import evaluate_classifier
 from utils.checkpoint import backbone_record, find_resume_path, load_strict, load_training_checkpoint
 from utils.errors import UserError
@@ -76,6 +76,15 @@ class FineTuning(Classification):
         return (f"final-epoch test top-1 {metrics['test_acc1']:.2f}% (top-5 {metrics['test_acc5']:.2f}%)"
                 + (f", best val top-1 {best:.2f}%" if best is not None else ""))
 
+    def __init__(self, *args, weight_decay: float = 0.0, layer_decay: float = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_decay, self.layer_decay = weight_decay, layer_decay
+
+    def param_groups(self) -> list:
+        """No weight decay on norms, biases and the position embedding; with --layer-decay each group's lr_scale
+        (models.vit.param_groups)."""
+        return param_groups(self.module, self.weight_decay, self.layer_decay)
+
     def backbone_record(self) -> dict:
         """The whole ViT but its classifier, which a reader may keep (--eval, the weights tool)."""
         return backbone_record("fine-tuning", "vit", "", ("head.",), self.model_config, classifier="head.",
@@ -95,6 +104,10 @@ class LinearProbing(Classification):
     def training_steps(self, batch, rng):
         self.guard.snapshot()                       # before the first optimizer step of this process
         return super().training_steps(batch, rng)
+
+    def param_groups(self) -> list:
+        """The new linear layer (and --head-bn's BN) only: the backbone is frozen."""
+        return [{"params": list(self.module.head.parameters())}]
 
     def after_epoch(self, epoch: int):
         self.guard.check()

@@ -40,6 +40,10 @@ class MoCoPretraining(SelfSupervised):
     def lr_at(self, epoch: float) -> float:
         return cosine_per_epoch(epoch, self.epochs, self.lr)
 
+    def param_groups(self) -> list:
+        """The query encoder (with its projector); the key encoder follows it by momentum."""
+        return [{"params": list(self.module.encoder_q.parameters())}]
+
     def backbone_record(self) -> dict:
         """The query encoder without its fc (the projector); the key encoder and the queue are left out."""
         config = {k: self.model_config[k] for k in ("arch", "cifar_stem") if k in self.model_config}

@@ -104,3 +104,41 @@ def test_fp16_clipping_logs_the_norm_of_the_steps_the_scaler_took(tmp_path):
     assert metrics["train_grad_norm"] == pytest.approx(expected, rel=1e-3)
     logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert logged["train_grad_norm"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_method_owns_its_parameter_groups_with_lr_scale_fixed_lr_and_weight_decay(tmp_path):
+    """The Trainer builds the optimiser over the method's groups; each step a group's lr is its fixed_lr, or the
+    schedule's lr times its lr_scale, and its own weight decay applies (plain SGD: w <- w - lr (g + wd w))."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from engine import Method, Trainer, TrainSettings
+    from utils.optim import OptimizerSpec
+
+    class Groups(Method):
+        def training_steps(self, batch, rng):
+            x, _ = batch
+            yield self.model(x).sum(), {}
+
+        def lr_at(self, epoch):
+            return 0.1 * (1 - epoch / 2)                        # 0.1 at the first step, 0.05 at the second
+
+        def param_groups(self):
+            return [{"params": [self.module.weight], "lr_scale": 2.0},
+                    {"params": [self.module.bias], "fixed_lr": 0.5, "weight_decay": 0.0}]
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    loader = DataLoader(TensorDataset(x, torch.zeros(2)), batch_size=2)
+    settings = TrainSettings(output_dir=str(tmp_path), epochs=2, batch_size=2, print_freq=1)
+    trainer = Trainer(Groups(model), OptimizerSpec("sgd", 0.1, weight_decay=0.1, momentum=0.0), loader, settings,
+                      torch.device("cpu"), None)
+    trainer.fit()
+    g_w, g_b = x.sum(0, keepdim=True), torch.tensor([2.0])      # d(sum(x w + b)) / dw, / db
+    w, b = w0, b0
+    for lr in (0.1, 0.05):                                        # the schedule at epochs 0 and 1
+        w = w - 2.0 * lr * (g_w + 0.1 * w)                       # lr_scale 2, the spec's weight decay
+        b = b - 0.5 * g_b                                         # fixed lr, no decay
+    assert torch.allclose(model.weight.detach(), w, atol=1e-6) and torch.allclose(model.bias.detach(), b, atol=1e-6)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [2.0 * 0.05, 0.5]

@@ -10,7 +10,8 @@ from models import create_vit
 from models.vit import param_groups
 from models.loading import load_classifier
 from utils.errors import UserError
-from utils.schedule import set_lr, warmup_cosine
+from utils.optim import set_lr
+from utils.schedule import warmup_cosine
 
 FAST = ["--dataset", "digits", "--arch", "vit-tiny", "--depth", "2", "--embed-dim", "64", "--num-heads", "2",
         "--patch-size", "8", "--batch-size", "64", "--num-workers", "0", "--print-freq", "100"]

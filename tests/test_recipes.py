@@ -15,7 +15,7 @@ import main_pretrain
 from augment.batched import BatchedView, batched_pipeline
 from augment.ops import to_float
 from augment.pil import PILView, pil_pipeline
-from augment.recipes import (APS_VIEW, FINETUNE_VIEW, MOCO_V2_VIEW, View, aps_pair, aps_pair_from_args,
+from augment.recipes import (APS_VIEW, FINETUNE_VIEW, MOCO_V2_VIEW, Pair, View, aps_pair, aps_pair_from_args,
                              finetune_view, finetune_view_from_args, lincls_view, moco_views, moco_views_from_args)
 from data import get_preset
 from utils.rng import BatchRandom
@@ -83,18 +83,21 @@ def test_pinned_draws_give_the_same_pixels_both_ways():
 
 @pytest.mark.parametrize("name, recipe", [
     ("aps", lambda p: aps_pair(p, 16)),
+    ("two-views-no-boxes", lambda p: Pair(View(size=16, mean=p.mean, std=p.std))),
     ("moco-all-switches", lambda p: moco_views(p, 16, num_key_views=2, num_minis=2, mini_size=8, asym_aug=True,
                                                scalemix=True)),
     ("finetune", lambda p: finetune_view(p, 16)),
     ("lincls", lambda p: lincls_view(p, 16)),
 ])
 def test_both_realisations_give_the_same_named_groups(name, recipe):
+    """(A plain two-view recipe is just its two views: no crop boxes or flips a method does not ask for.)"""
     r = recipe(get_preset("cifar10"))
     x = uint8_images(3, 32)
     batched = batched_pipeline(r)(x, BatchRandom("cpu").reseed(2))
     per_image = [pil_pipeline(r)(img) for img in pil_images(x)]
     if isinstance(batched, dict):
         assert set(batched) == set(per_image[0])
+        assert (set(batched) == {"view1", "view2"}) == (name == "two-views-no-boxes")
         for k, v in batched.items():
             assert v.shape == torch.stack([o[k] for o in per_image]).shape, k
     else:

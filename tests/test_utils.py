@@ -11,7 +11,8 @@ from data.datasets import build_dataset, read_idx
 from utils.checkpoint import load_file, save_checkpoint
 from utils.errors import UserError
 from utils.knn import knn_classify
-from utils.schedule import aps_factor, set_lr, warmup_cosine
+from utils.optim import set_lr
+from utils.schedule import aps_factor, warmup_cosine
 
 
 def test_aps_schedule_by_hand():

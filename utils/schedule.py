@@ -20,9 +20,3 @@ def warmup_cosine(epoch: float, warmup_epochs: float, epochs: float, base: float
 def cosine_per_epoch(epoch: float, epochs: float, base: float) -> float:
     """MoCo and its linear probe: base * (1 + cos(pi * floor(epoch) / epochs)) / 2, constant within an epoch."""
     return base * 0.5 * (1.0 + math.cos(math.pi * math.floor(epoch) / epochs))
-
-
-def set_lr(optimizer, lr: float):
-    """Set every param group's lr, honouring a per-group `lr_scale` (layer-wise decay)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)

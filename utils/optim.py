@@ -1,0 +1,48 @@
+"""Optimisers, built by the Trainer from the method's parameter groups (Method.param_groups) and the script's
+choice of optimiser (OptimizerSpec): no script constructs one.
+
+A parameter group is a dict as torch takes it ({"params": [...], ...}); besides any of the optimiser's own
+settings (weight_decay: a group without decay on norms and biases), it may carry
+- lr_scale: the group's lr is the schedule's times this (layer-wise decay, a head at 10x);
+- fixed_lr: the group's lr stays this whatever the schedule (a predictor at a fixed lr, as SimSiam's).
+set_lr applies both at every step.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from utils.lars import LARS
+from utils.runtime import fused
+
+KINDS = ("sgd", "adamw", "lars")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Which optimiser, at which base lr (the schedule's peak), with which settings (those of `kind` only)."""
+    kind: str
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.9                       # sgd, lars
+    betas: tuple = (0.9, 0.999)                 # adamw
+    eps: float = 1e-8                           # adamw
+    trust_coefficient: float = 0.001            # lars
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown optimiser {self.kind!r}; one of {', '.join(KINDS)}")
+
+    def build(self, groups: list, device: torch.device) -> torch.optim.Optimizer:
+        if self.kind == "adamw":
+            return torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.betas), eps=self.eps,
+                                     weight_decay=self.weight_decay, **fused(device))
+        if self.kind == "lars":
+            return LARS(groups, self.lr, self.momentum, self.weight_decay, self.trust_coefficient)
+        return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                               **fused(device))
+
+
+def set_lr(optimizer, lr: float):
+    """Every param group's lr at this step: its fixed_lr if it has one, else lr times its lr_scale (default 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["fixed_lr"] if "fixed_lr" in group else lr * group.get("lr_scale", 1.0)
