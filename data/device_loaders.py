@@ -149,7 +149,8 @@ class EncodedImages(Dataset):
         except OSError:
             return pil_tensor(self.reader(path)), label, i          # stops with one line, or a stand-in
         components, height, width = jpeg_frame(raw)
-        if components not in (1, 3) or not self.reader.fits(height, width):   # (PIL refuses, or a stand-in)
+        fits = getattr(self.reader, "fits", None)                 # (a reader of our own: --max-image-pixels)
+        if components not in (1, 3) or (fits is not None and not fits(height, width)):   # PIL refuses, or a stand-in
             return pil_tensor(self.reader(path, raw)), label, i
         data = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy())
         if self.decode:

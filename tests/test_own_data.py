@@ -104,7 +104,7 @@ def test_an_unlabelled_folder_pretrains_aps_and_moco(own_folder, tmp_path, path)
     assert np.isfinite(aps["train_loss"]) and np.isfinite(moco["train_loss"])
     assert "knn_top1" not in aps
     assert "no kNN was run" in (tmp_path / "aps" / "report.md").read_text()
-    assert (tmp_path / "aps" / "image_list.txt").read_text().count("\n") == 21          # the root line + 20
+    assert (tmp_path / "aps" / "image_list.txt").read_text().count("\n") == 22   # the root line, 20, the count
 
 
 @pytest.mark.slow
