@@ -130,9 +130,9 @@ def test_bad_subsets_exit_2_with_one_line(tmp_path, capsys, argv, message):
 
 
 def test_bad_subset_files_and_another_subset_on_resume(tmp_path, capsys):
-    for name, text, message in (("unknown.txt", "3\n99999\n", "unknown indices (99999"),
+    for name, text, message in (("unknown.txt", "3\n99999\n", "an unknown index (line 2: 99999"),
                                 ("words.txt", "3\nseven\n", "'seven' is not an index"),
-                                ("twice.txt", "3\n3\n", "repeats an index")):
+                                ("twice.txt", "3\n3\n", "repeats index 3 (line 2)")):
         (tmp_path / name).write_text(text)
         with pytest.raises(SystemExit):
             run(main_finetune, FT + ["--subset-file", str(tmp_path / name), "--output-dir", str(tmp_path / "o")])
