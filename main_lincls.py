@@ -24,11 +24,11 @@ from utils.errors import UserError, exit_on_user_error
 from utils.knn import feature_dataset
 from utils.report import RunReporter
 from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process, describe_run, start_run
-from utils.optim import OptimizerSpec
+from utils.optim import add_sgd_args, sgd_from_args
 from utils.runtime import amp_dtype, seed_everything
 from utils.schedule import cosine_per_epoch
 from models.registry import is_registry_name
-from utils.flags import count, input_file, momentum, nonnegative, positive
+from utils.flags import count, input_file, positive
 
 
 def get_args_parser():
@@ -47,9 +47,7 @@ def get_args_parser():
                    help="run the frozen backbone on chunks of this many images (memory; same result); 0 = whole batch")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", "--nepoch", dest="epochs", type=count(), default=90, help="training epochs")
-    g.add_argument("--lr", type=positive(), default=0.1, help="lr per 256 images (scaled by batch / 256)")
-    g.add_argument("--momentum", type=momentum(), default=0.9, help="SGD momentum")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=nonnegative(), default=0.0, help="weight decay")
+    add_sgd_args(g, lr=0.1, weight_decay=0.0)
     g.add_argument("--lars", action="store_true", help="LARS (trust ratio on the weight matrix) around SGD")
     g.add_argument("--trust-coefficient", type=positive(), default=0.001, help="LARS trust coefficient")
     g.add_argument("--cache-features", action="store_true",
@@ -99,9 +97,7 @@ def main(args):
         probe.head = convert_sync_batchnorm(probe.head, device)
     trained = probe.head if args.cache_features else probe
 
-    lr = args.lr * args.batch_size / 256
-    optimizer = OptimizerSpec("lars" if args.lars else "sgd", lr, args.weight_decay, momentum=args.momentum,
-                              trust_coefficient=args.trust_coefficient)
+    lr, optimizer = sgd_from_args(args, "lars" if args.lars else "sgd")
     what = (f"linear probe on {backbone_cfg['arch']} ({args.pretrained or 'random init'}), {data.num_classes} "
             f"classes at {args.img_size} px, {'LARS' if args.lars else 'SGD'}"
             f"{', cached features' if args.cache_features else ''}")

@@ -16,9 +16,9 @@ from utils.errors import UserError, exit_on_user_error
 from utils.knn import add_knn_args
 from utils.report import RunReporter
 from utils.run import add_runtime_args, check_ordered, check_per_process, describe_run, start_run
-from utils.optim import OptimizerSpec
+from utils.optim import add_sgd_args, sgd_from_args
 from utils.runtime import amp_dtype, seed_everything
-from utils.flags import count, momentum, nonnegative, positive
+from utils.flags import count, momentum, positive
 
 
 def get_args_parser():
@@ -41,9 +41,7 @@ def get_args_parser():
                    help="processes per AsymBN group (divides the world)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", "--nepoch", dest="epochs", type=count(), default=100, help="pretraining epochs")
-    g.add_argument("--lr", type=positive(), default=0.03, help="lr per 256 images (scaled by batch / 256)")
-    g.add_argument("--momentum", type=momentum(), default=0.9, help="SGD momentum")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=nonnegative(), default=1e-4, help="weight decay")
+    add_sgd_args(g, lr=0.03, weight_decay=1e-4)
     add_moco_view_args(p)
     add_knn_args(p, sorted(PRESETS))
     add_runtime_args(p, reference_launcher=True)
@@ -75,8 +73,7 @@ def main(args):
             logger.warning("--enable-asym-bn does nothing with one process (there is nothing to synchronise)")
         else:  # the target (key) projector's BN only, over groups of --syncbn-group-size ranks
             synchronise_key_projector(module, device, args.syncbn_group_size)
-    lr = args.lr * args.batch_size / 256
-    optimizer = OptimizerSpec("sgd", lr, args.weight_decay, momentum=args.momentum)
+    lr, optimizer = sgd_from_args(args)
     amp = amp_dtype(args.amp, device)
     what = f"MoCo v2 {args.arch}{' (CIFAR stem)' if args.cifar_stem else ''} at {args.img_size} px, queue {args.moco_k}"
     description = describe_run(what, data, lr, device, amp, {

@@ -66,9 +66,9 @@ from simsiam_model import SimSiam
 from utils.config import ArgumentParser
 from utils.dist import data_parallel, init_distributed
 from utils.errors import exit_on_user_error
-from utils.flags import count, momentum, nonnegative, positive
+from utils.flags import count
 from utils.knn import add_knn_args
-from utils.optim import OptimizerSpec
+from utils.optim import add_sgd_args, sgd_from_args
 from utils.report import RunReporter
 from utils.run import add_runtime_args, check_per_process, describe_run, start_run
 from utils.runtime import amp_dtype, seed_everything
@@ -83,9 +83,7 @@ def get_args_parser():
     g.add_argument("--pred-hidden-dim", type=count(), default=512, help="predictor hidden width")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=count(), default=100, help="epochs")
-    g.add_argument("--lr", type=positive(), default=0.05, help="lr per 256 images")
-    g.add_argument("--momentum", type=momentum(), default=0.9, help="SGD momentum")
-    g.add_argument("--wd", dest="weight_decay", type=nonnegative(), default=1e-4, help="weight decay")
+    add_sgd_args(g, lr=0.05, weight_decay=1e-4)
     add_knn_args(p, sorted(PRESETS))
     add_runtime_args(p)
     return p
@@ -102,13 +100,12 @@ def main(args):
     data = training_data(args, Pair(view), device)                 # two views, no crop boxes
     cifar_stem = args.img_size <= 64
     module = SimSiam(args.arch, cifar_stem, args.proj_dim, args.pred_hidden_dim).to(device)
-    lr, amp = args.lr * args.batch_size / 256, amp_dtype(args.amp, device)
+    (lr, optimizer), amp = sgd_from_args(args), amp_dtype(args.amp, device)
     knn, notes = knn_setup(args, preset, device, module.encoder, amp, data)
     method = SimSiamPretraining(module, data_parallel(module, device), lr, args.epochs, knn=knn,
                                 model_config=dict(arch=args.arch, cifar_stem=cifar_stem))
     settings = TrainSettings.from_args(args, args.knn_every, describe_run("SimSiam", data, lr, device, amp), notes,
                                        identity=("dataset", "arch", "img_size"))
-    optimizer = OptimizerSpec("sgd", lr, args.weight_decay, momentum=args.momentum)
     trainer = Trainer(method, optimizer, data.loader, settings, device, amp, RunReporter(args.output_dir))
     return trainer.finish(trainer.fit())
 '''

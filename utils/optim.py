@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.flags import momentum, nonnegative, positive
 from utils.lars import LARS
 from utils.runtime import fused
 
@@ -46,3 +47,19 @@ def set_lr(optimizer, lr: float):
     """Every param group's lr at this step: its fixed_lr if it has one, else lr times its lr_scale (default 1)."""
     for group in optimizer.param_groups:
         group["lr"] = group["fixed_lr"] if "fixed_lr" in group else lr * group.get("lr_scale", 1.0)
+
+
+def add_sgd_args(group, lr: float, weight_decay: float):
+    """SGD's flags, as the MoCo-family scripts and the linear probe take them: --lr per 256 images, --momentum,
+    --wd/--weight-decay."""
+    group.add_argument("--lr", type=positive(), default=lr, help="lr per 256 images (scaled by batch / 256)")
+    group.add_argument("--momentum", type=momentum(), default=0.9, help="SGD momentum")
+    group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=nonnegative(), default=weight_decay,
+                       help="weight decay")
+
+
+def sgd_from_args(args, kind: str = "sgd") -> tuple:
+    """(the lr after batch scaling, the OptimizerSpec) of add_sgd_args' flags (kind: sgd or lars)."""
+    lr = args.lr * args.batch_size / 256
+    return lr, OptimizerSpec(kind, lr, args.weight_decay, momentum=args.momentum,
+                             trust_coefficient=getattr(args, "trust_coefficient", 0.001))
