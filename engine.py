@@ -4,8 +4,9 @@ checkpoints and exact resume.
 
 A script hands the Trainer a `Method` (what it trains: the model, its parameter groups, the steps of one loaded
 batch, the lr schedule, the evaluation, the hooks and its checkpoints' record), an `OptimizerSpec`
-(utils.optim: which optimiser, built here over the method's groups), `TrainSettings` (the runtime flags, and what the script says about its own flags:
-which ones a resumed run must share, which one sets the lr) and a `Reporter` (what the run leaves for people:
+(utils.optim: which optimiser, built here over the method's groups), `TrainSettings` (the runtime flags, and
+what the script says about its own flags: which ones a resumed run must share, which one sets the lr) and a
+`Reporter` (what the run leaves for people:
 utils.report.RunReporter draws curves.png and writes report.md). `Method.training_steps(batch, rng)`
 yields (loss, stats) once per optimizer step (APS: one per sampling round; the other methods: one per batch).
 rng is a utils.rng.BatchRandom reseeded per global batch from (seed, epoch, batch): per-sample randomness drawn

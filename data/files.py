@@ -45,20 +45,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
 MAX_PIXELS = 2 * 89_478_485    # PIL's own refusal (twice its warning limit): what decoded before decodes now
 
 
+def open_image(f, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Image.open(f), loaded, with our size limit instead of PIL's: an image of more than max_pixels pixels (0: no
+    limit) raises DecompressionBombError from its header, before anything is decoded. PIL's notes on damaged
+    files are silenced: whether the file is usable is the caller's verdict."""
+    Image.MAX_IMAGE_PIXELS = None                                  # the limit is max_pixels, checked here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = Image.open(f)
+        if max_pixels and img.width * img.height > max_pixels:
+            raise Image.DecompressionBombError(f"{img.width}x{img.height}")
+        img.load()
+    return img
+
+
 def read_rgb(path: str, data: bytes = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The image at `path` (or its bytes, `data`, read already) as RGB (to_rgb), or a one-line error naming it:
     whatever way the file fails to decode (PIL raises many kinds of error on a damaged file), and an image of more
-    than max_pixels pixels (0: no limit), which is refused from its header before anything is decoded."""
+    than max_pixels pixels (open_image)."""
     try:
-        with warnings.catch_warnings(), (open(path, "rb") if data is None else io.BytesIO(data)) as f:
-            warnings.simplefilter("ignore")     # PIL's notes on damaged files (the verdict is ours) and its size limit
-            if Image.MAX_IMAGE_PIXELS is not None and (not max_pixels or max_pixels > 2 * Image.MAX_IMAGE_PIXELS):
-                Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1 if max_pixels else None   # PIL: refuses > 2x its own
-            img = Image.open(f)
-            if max_pixels and img.width * img.height > max_pixels:
-                raise Image.DecompressionBombError(f"{img.width}x{img.height}")
-            img.load()
-            return to_rgb(img)
+        with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
+            return to_rgb(open_image(f, max_pixels))
     except Image.DecompressionBombError as e:
         raise UserError(f"image {path} is larger than --max-image-pixels {max_pixels} ({describe(e)}; a guard "
                         "against decompression bombs); if it is a real image raise the limit (0: none), else remove "
@@ -174,9 +181,10 @@ def skipped_line(root: str, skipped: dict, kept: int) -> str:
 
 def cached_scan(root: str, cache_dir: str = None, log=None) -> list:
     """scan_images(root), read from / written to <cache_dir>/image_list.txt (its first line names the root, its
-    last counts the images). A cache is reused only while it is whole and every file it lists is still there; otherwise (a file removed since, as after a
-    run stopped on it, or a cache that is not a list this code wrote) the folder is scanned again and `log` (a
-    function of one line; default: stderr on the main process) says why."""
+    last counts the images). A cache is reused only while it is whole and every file it lists is still there;
+    otherwise (a file removed since, as after a run stopped on it, or a cache that is not a list this code wrote)
+    the folder is scanned again and `log` (a function of one line; default: stderr on the main process) says
+    why."""
     root = os.path.abspath(root)
     log = log or _main_process_line
     cache = os.path.join(cache_dir, LIST_CACHE) if cache_dir else None

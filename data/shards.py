@@ -109,13 +109,12 @@ def check_shards(folder: str, index: dict):
     the index says (two header reads per shard): a truncated shard, or an index of other shards, stops here."""
     for shard in index["shards"]:
         path = os.path.join(folder, shard["name"])
-        fix = AGAIN
         if not os.path.isfile(path):
-            raise UserError(f"shards: {path} is missing; copy it back or {fix}")
+            raise UserError(f"shards: {path} is missing; copy it back or {AGAIN}")
         size = os.path.getsize(path)
         if size != shard["bytes"]:
             raise UserError(f"shards: {path} has {size} bytes, the index says {shard['bytes']} (truncated or "
-                            f"replaced); {fix}")
+                            f"replaced); {AGAIN}")
         with open(path, "rb") as f:
             for member in (shard["first"], shard["last"]):
                 name, header = member
@@ -126,7 +125,7 @@ def check_shards(folder: str, index: dict):
                     info = None
                 if info is None or info.name != name:
                     raise UserError(f"shards: {path} does not hold {name} where {INDEX} says; the index belongs to "
-                                    f"other shards: {fix}")
+                                    f"other shards: {AGAIN}")
 
 
 class ShardImages(FileImages):
@@ -167,7 +166,7 @@ class ShardImages(FileImages):
                             f"since the check?); copy it back or {AGAIN}") from None
         if len(data) != size:
             raise UserError(f"shards: {self.shard_names[shard]} ends before sample {i} (truncated after the check); "
-                            "make the shards again with python -m tools.make_shards")
+                            f"{AGAIN}")
         return data
 
     def __getitem__(self, i):

@@ -71,14 +71,11 @@ def read_subset_file(path: str, n: int, names: list = None) -> list:
     if unknown or not indices:
         what = f"an unknown index (line {unknown[0]}: {unknown[1]} is not in 0..{n - 1})" if unknown else "no index"
         raise UserError(f"--subset-file {path} holds {what} for the {n} training images; write it for this dataset")
-    if len(set(indices)) != len(indices):
-        seen, again = set(), None
-        for (k, _), i in zip(numbered, indices):
-            if i in seen:
-                again = (k, i)
-                break
-            seen.add(i)
-        raise UserError(f"--subset-file {path} repeats index {again[1]} (line {again[0]}); list each image once")
+    seen = set()
+    for (k, _), i in zip(numbered, indices):
+        if i in seen:
+            raise UserError(f"--subset-file {path} repeats index {i} (line {k}); list each image once")
+        seen.add(i)
     return sorted(indices)
 
 

@@ -70,15 +70,15 @@ class FineTuning(Classification):
     only selected, as checkpoint-best.pth)."""
     name = "fine-tuning"
 
+    def __init__(self, *args, weight_decay: float = 0.0, layer_decay: float = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_decay, self.layer_decay = weight_decay, layer_decay
+
     def summary(self, metrics: dict, best=None, start: dict = None) -> str:
         if "test_acc1" not in metrics:
             return ""
         return (f"final-epoch test top-1 {metrics['test_acc1']:.2f}% (top-5 {metrics['test_acc5']:.2f}%)"
                 + (f", best val top-1 {best:.2f}%" if best is not None else ""))
-
-    def __init__(self, *args, weight_decay: float = 0.0, layer_decay: float = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.weight_decay, self.layer_decay = weight_decay, layer_decay
 
     def param_groups(self) -> list:
         """No weight decay on norms, biases and the position embedding; with --layer-decay each group's lr_scale

@@ -16,13 +16,12 @@ import json
 import os
 import sys
 import time
-import warnings
 from collections import Counter
 from multiprocessing import Pool
 
 from PIL import Image
 
-from data.files import MAX_PIXELS, list_paths, read_list, scan_images
+from data.files import MAX_PIXELS, list_paths, open_image, read_list, scan_images
 from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
 from utils.flags import count, data_root, output_file
@@ -79,22 +78,21 @@ def inspect(path: str, max_pixels: int = MAX_PIXELS) -> dict:
         with open(path, "rb") as f:
             data = f.read()
         record.update(bytes=len(data), sha1=hashlib.sha1(data).hexdigest())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = None                        # the limit is max_pixels, checked here
-            with Image.open(io.BytesIO(data)) as img:
-                if max_pixels and img.width * img.height > max_pixels:
-                    record.update(too_large=f"{img.width}x{img.height}")
-                    return record
-                img.load()
-                record.update(mode=img.mode, width=img.width, height=img.height,
-                              transparency="transparency" in img.info)
+        img = open_image(io.BytesIO(data), max_pixels)            # the scripts' reader, before its RGB conversion
+        record.update(mode=img.mode, width=img.width, height=img.height, transparency="transparency" in img.info)
+    except Image.DecompressionBombError as e:
+        record["too_large"] = str(e)
     except Exception as e:  # noqa: BLE001  (a damaged file can fail in many ways inside PIL)
         record["error"] = f"{type(e).__name__}: {e}"[:200]
     return record
 
 
-STATE_KEYS = {"path": str, "bytes": int, "sha1": str}
+def is_record(r) -> bool:
+    """r is what inspect() returns: a path, and its bytes and hash unless it could not be opened, and an error,
+    a too-large size or what PIL decoded."""
+    return (isinstance(r, dict) and isinstance(r.get("path"), str)
+            and ("error" in r or (isinstance(r.get("bytes"), int) and isinstance(r.get("sha1"), str)))
+            and ("error" in r or "too_large" in r or all(k in r for k in ("mode", "width", "height"))))
 
 
 def read_state(state: str) -> dict:
@@ -112,9 +110,7 @@ def read_state(state: str) -> dict:
             if n == len(lines):
                 continue                                       # a line cut by a kill: checked again
             r = None
-        if not isinstance(r, dict) or any(not isinstance(r.get(k), t) for k, t in STATE_KEYS.items()
-                                          if k == "path" or "error" not in r) or not (
-                "error" in r or "too_large" in r or all(k in r for k in ("mode", "width", "height"))):
+        if not is_record(r):
             raise UserError(f"--state {state} line {n} is not a record of tools.check_data; {fix}")
         done[r["path"]] = r
     return done

@@ -7,7 +7,7 @@ settings (weight_decay: a group without decay on norms and biases), it may carry
 - fixed_lr: the group's lr stays this whatever the schedule (a predictor at a fixed lr, as SimSiam's).
 set_lr applies both at every step.
 """
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 
@@ -18,7 +18,7 @@ from utils.runtime import fused
 KINDS = ("sgd", "adamw", "lars")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
     """Which optimiser, at which base lr (the schedule's peak), with which settings (those of `kind` only)."""
     kind: str
