@@ -312,7 +312,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     # Wraps the work of every step and the loading of every batch (not the progress lines, evaluation or
-    # checkpoints): tools.gpu_checks sets it to torch.cuda's sync debug mode, so a host sync there is an error.
+    # checkpoints): bench.gpu_checks sets it to torch.cuda's sync debug mode, so a host sync there is an error.
     step_context = staticmethod(contextlib.nullcontext)
 
     def guarded(self, batches):

@@ -24,13 +24,13 @@ TINY = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32", "--num-heads"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or end-to-end runs (CI runs them too)")
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (tools.gpu_report runs them on the device machine)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (bench.gpu_report runs them on the device machine)")
     # torchvision 0.29's decoders still work; their deprecation (for TorchCodec) is noted in docs/SPEED.md
     config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without a CUDA device the CUDA-marked tests are deselected (not skipped): tools.gpu_report runs them."""
+    """Without a CUDA device the CUDA-marked tests are deselected (not skipped): bench.gpu_report runs them."""
     if torch.cuda.is_available():
         return
     gpu = [item for item in items if item.get_closest_marker("cuda")]
@@ -233,8 +233,8 @@ def reference_classifier():
 # ---------------------------------------------------------------- the device guard
 @pytest.fixture
 def device_guard():
-    """A tools.device_guard.DeviceGuard, installed for the test (every patch undone after it)."""
-    from tools.device_guard import DeviceGuard
+    """A device_guard.DeviceGuard, installed for the test (every patch undone after it)."""
+    from device_guard import DeviceGuard
     guard = DeviceGuard().install()
     yield guard
     guard.uninstall()

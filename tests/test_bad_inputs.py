@@ -11,7 +11,8 @@ import main_finetune
 import main_lincls
 import main_moco
 import main_pretrain
-from tools import bench, weights
+from bench import speed as bench
+from tools import weights
 
 TINY = ["--arch", "vit-tiny", "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4"]
 PRE = TINY + ["--proj-hidden-dim", "32", "--proj-dim", "16", "--pred-hidden-dim", "32", "--nepoch", "1",

@@ -1,4 +1,4 @@
-"""On a GPU only (tools.gpu_report runs them; deselected elsewhere): the device path, the sampler and the steps
+"""On a GPU only (bench.gpu_report runs them; deselected elsewhere): the device path, the sampler and the steps
 under torch.cuda's sync debug mode at "error", and the same parameters for a seed on the GPU as on the CPU."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from augment.batched import batched_pipeline
 from augment.recipes import aps_pair, finetune_view, lincls_view, moco_views
 from data.datasets import get_preset
-from tools.gpu_checks import sync_errors
+from bench.gpu_checks import sync_errors
 from utils.rng import BatchRandom
 
 pytestmark = pytest.mark.cuda

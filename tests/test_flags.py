@@ -19,8 +19,8 @@ from utils.flags import Domain, Number, Path, Text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = tuple(sorted(f[:-3] for f in os.listdir(ROOT) if f.startswith("main_") and f.endswith(".py")))
-TOOLS = ("tools.bench", "tools.show_aps", "tools.show_attention", "tools.show_features", "tools.plot_runs",
-         "tools.same_runs", "tools.weights", "tools.gpu_report", "tools.gpu_checks", "tools.check_data", "tools.make_shards",
+TOOLS = ("bench.speed", "tools.show_aps", "tools.show_attention", "tools.show_features", "tools.plot_runs",
+         "tools.same_runs", "tools.weights", "bench.gpu_report", "bench.gpu_checks", "tools.check_data", "tools.make_shards",
          "tools.reproduce")
 SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._HelpAction,
             argparse._CountAction, argparse._VersionAction, argparse._SubParsersAction)
@@ -75,8 +75,8 @@ def base_argv(module: str, sub: str, places) -> list:
     f, folder = str(places / "a_file.txt"), str(places / "a_folder")
     return {("tools.show_attention", ""): [f], ("tools.show_features", ""): [f], ("tools.plot_runs", ""): [folder],
             ("tools.same_runs", "run"): ["run", str(places / "runs")],
-            ("tools.gpu_report", ""): ["--out", str(places / "report")],
-            ("tools.gpu_checks", ""): ["--out", str(places / "checks")],
+            ("bench.gpu_report", ""): ["--out", str(places / "report")],
+            ("bench.gpu_checks", ""): ["--out", str(places / "checks")],
             ("tools.check_data", ""): [folder],
             ("tools.make_shards", ""): [folder, str(places / "shards")],
             ("tools.same_runs", "compare"): ["compare", folder, folder], ("tools.weights", "list"): ["list"],

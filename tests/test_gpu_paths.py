@@ -446,7 +446,7 @@ def test_the_guard_sees_torch_syncbatchnorms_host_sync_under_two_processes(devic
     """What the multi-process tests below can catch: nn.SyncBatchNorm's function drops the empty ranks' statistics
     by boolean-mask indexing, a host sync in every BN call (why we synchronise with DistBatchNorm instead)."""
     from torch.nn.modules._functions import SyncBatchNorm
-    from tools.device_guard import simulated_world
+    from device_guard import simulated_world
     x = torch.zeros(0, 8, 2, 2, device=META)      # (an empty rank's input: torch has no meta kernel for the stats)
     with simulated_world(2) as group:
         device_guard.reset()
@@ -466,7 +466,7 @@ def test_two_process_steps_make_no_host_sync_with_synchronised_batch_norms(devic
     from models.moco import build_moco, synchronise_key_projector
     from models.norm import DistBatchNorm, convert_sync_batchnorm
     from models.resnet import create_resnet
-    from tools.device_guard import simulated_world
+    from device_guard import simulated_world
     with simulated_world(2):
         aps = convert_sync_batchnorm(tiny_aps(), META).to(META)
         moco = build_moco("resnet18", cifar_stem=True, hidden_dim=32, dim=8, queue_size=16, device=META)

@@ -310,7 +310,7 @@ def test_accumulated_runs_end_as_the_whole_batch_run_and_resume_exactly(tmp_path
 
 @pytest.mark.slow
 def test_the_memory_table_runs_each_configuration_in_its_own_process_and_accumulation_saves(monkeypatch):
-    from tools import bench_memory
+    from bench import memory as bench_memory
     monkeypatch.setattr(bench_memory, "STEPS", [("aps-vit-tiny", "vit-tiny", 16, 1024)])    # /8 on the CPU: 128
     monkeypatch.setattr(bench_memory, "SAVINGS", [("none", False, 1), ("accum-4", False, 4)])
     plain, accumulated = bench_memory.memory_table(torch.device("cpu"), "off", 8, 1)

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import main_pretrain
-from tools import bench, show_aps
+from bench import speed as bench
+from tools import show_aps
 
 
 def test_show_writes_a_png(tmp_path, capsys):
@@ -74,7 +75,7 @@ def test_bench_prints_json_lines(capsys):
 
 
 def test_bench_targets_read_the_records_of_the_target_shapes():
-    from tools.bench_targets import check_targets
+    from bench.targets import check_targets
     aps = {"batch": 512, "img_size": 32, "patch": 2, "amp": "bfloat16"}
     results = [{"bench": "aps_step", "arch": "vit-tiny", "mfu": 0.5, **aps},
                {"bench": "aps_step", "arch": "vit-small", "mfu": 0.36, **aps},
@@ -157,7 +158,7 @@ def test_same_runs_compares_checkpoints_bit_for_bit(tmp_path):
 
 def test_the_reference_step_computes_our_loss_with_two_encoder_calls():
     from models import APS, create_vit
-    from tools.bench_pipeline import reference_step_loss
+    from bench.pipeline import reference_step_loss
     torch.manual_seed(0)
     model = APS(create_vit("vit-tiny", 16, 4, depth=2, embed_dim=32, num_heads=2), 32, 16, 32)
     x1, x2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
@@ -167,13 +168,13 @@ def test_the_reference_step_computes_our_loss_with_two_encoder_calls():
 
 
 def test_gpu_report_keeps_json_lines_and_sets_other_lines_aside():
-    from tools.gpu_report import json_lines
+    from bench.gpu_report import json_lines
     records, other = json_lines('{"a": 1}\n{not json\nwarning: x\n[1, 2]\n  {"b": 2}\n')
     assert records == [{"a": 1}, {"b": 2}] and other == ["{not json", "warning: x", "[1, 2]"]
 
 
 def test_profile_split_knows_hopper_kernel_names():
-    from tools.bench import kernel_kind
+    from bench.speed import kernel_kind
     assert kernel_kind("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"                   # H100/H200 cuBLAS
     assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1") == "matmul"
     assert kernel_kind("void cutlass::device_kernel<flash::FlashAttnFwdSm90<...gemm...>>") == "attention"
@@ -182,7 +183,7 @@ def test_profile_split_knows_hopper_kernel_names():
 
 
 def test_gpu_report_runs_every_phase_at_small_shapes_and_survives_a_failing_one(tmp_path, monkeypatch):
-    from tools import gpu_report
+    from bench import gpu_report
     # a phase that exits at once (an unknown flag): recorded as failed, and every later phase still runs
     monkeypatch.setitem(gpu_report.SMALL, "moco", gpu_report.SMALL["moco"] + ["--no-such-flag"])
     summary = gpu_report.main(gpu_report.get_args_parser().parse_args(["--out", str(tmp_path), "--small"]))
@@ -213,14 +214,14 @@ def test_gpu_report_runs_every_phase_at_small_shapes_and_survives_a_failing_one(
     assert len(text) <= 20 and text[1].startswith("correctness: all passed (1 pass, 0 FAIL")
     assert any(line.startswith("moco: FAILED (exit 2)") for line in text)
     assert any(line.startswith("memory: ok") for line in text)
-    from tools.bench_targets import check_targets
+    from bench.targets import check_targets
     gpu = check_targets([{**ratio, "arch": "vit-small", "batch": 512, "img_size": 32, "patch": 2}], gpu=True)
     check = next(c for c in gpu["checks"] if c["target"].startswith("APS ViT-S/2 epoch end to end"))
     assert check["measured"] == ratio["ours_over_reference"] and check["at_spec_shape"] is True
 
 
 def test_bench_times_a_jpeg_folder_against_its_shards():
-    from tools.bench_files import files_vs_shards
+    from bench.files import files_vs_shards
     records = files_vs_shards(images=32, size=48, crop=32, batch=8, batches=2, workers=(0,))
     assert [(r["source"], r["workers"]) for r in records] == [("folder", 0), ("shards", 0)]
     assert all(r["img_per_s"] > 0 and r["bench"] == "files_vs_shards" for r in records)
@@ -231,7 +232,7 @@ def test_gpu_checks_record_a_failing_raising_or_exiting_check_and_run_the_next(t
     depends on one that failed is recorded as FAIL with its last line, and the checks after it still run and are
     written to checks.jsonl as they end."""
     import sys as _sys
-    from tools import gpu_checks
+    from bench import gpu_checks
     from utils.errors import UserError
 
     def script_exits():                              # what a script's bad flag or non-finite loss does
@@ -255,7 +256,7 @@ def test_gpu_checks_record_a_failing_raising_or_exiting_check_and_run_the_next(t
 
 
 def test_gpu_checks_do_not_hand_a_failed_runs_checkpoint_on_and_stop_at_their_budget(tmp_path):
-    from tools.gpu_checks import Checks, check
+    from bench.gpu_checks import Checks, check
     out = Checks(str(tmp_path))
     check("train/moco/bf16", lambda: (False, {}), out)
     check("train/lincls/bf16", lambda: (True, {}), out, needs="train/moco/bf16")
@@ -263,3 +264,10 @@ def test_gpu_checks_do_not_hand_a_failed_runs_checkpoint_on_and_stop_at_their_bu
     late = Checks(str(tmp_path), deadline=0.0)                       # past its budget: recorded, not run
     check("jpeg", lambda: (True, {}), late)
     assert late.records == [{"check": "jpeg", "passed": None, "skipped": "no time left in the phase", "seconds": 0.0}]
+
+
+def test_the_gpu_report_keeps_its_old_command():
+    """python3 -m tools.gpu_report (the name GPU sessions are told to run) is bench.gpu_report."""
+    import bench.gpu_report
+    from tools import gpu_report as old
+    assert old.main is bench.gpu_report.main and old.get_args_parser is bench.gpu_report.get_args_parser

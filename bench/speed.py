@@ -1,8 +1,8 @@
 """Benchmark: the APS sampler against a per-pair loop; APS training-step throughput, memory, FLOPs and MFU per
 arch; and full steps (data included) through the CPU-worker and the on-device data paths, for APS and MoCo.
 
-    python -m tools.bench                  # all archs; batch 512 on GPU, 32 on CPU
-    python -m tools.bench --archs vit-small --batch-size 256 --steps 20
+    python -m bench                  # all archs; batch 512 on GPU, 32 on CPU
+    python -m bench --archs vit-small --batch-size 256 --steps 20
 
 Prints one JSON line per measurement. The model step uses synthetic data already on the device, so it
 measures the model (forward of both views on the kept patches, backward, AdamW), not the data pipeline.
@@ -17,10 +17,10 @@ import torch
 from models import ARCHS
 from models.resnet import RESNETS
 from samplers.aps import kept_per_view, random_boxes, sample_aps
-from tools import bench_pipeline as P
-from tools.bench_pipeline import sync
-from tools.bench_memory import SAVINGS
-from tools.bench_targets import check_targets
+from bench import pipeline as P
+from bench.pipeline import sync
+from bench.memory import SAVINGS
+from bench.targets import check_targets
 from utils.dist import resolve_device
 from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
@@ -130,7 +130,7 @@ def bench_sampler(batch, grid, ratio, steps_per_batch, power, device, loop_pairs
 
 
 def get_args_parser():
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__, prog="python -m bench")
     p.add_argument("--device", type=device_name(), default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="precision (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--archs", type=one_of(ARCHS, "arch"), default=",".join(ARCHS),
@@ -174,7 +174,7 @@ def get_args_parser():
     p.add_argument("--memory", action="store_true",
                    help="the memory table: APS ViT-S/2 and ViT-B/2 at batch 512, MoCo ResNet-50 at 224 px and batch 256 "
                         "(smaller on the CPU), each with no saving, --grad-checkpointing, --accum-steps 2/4/8 and both "
-                        "(tools/bench_memory.py)")
+                        "(bench/memory.py)")
     p.add_argument("--memory-scale", type=count(), default=8,
                    help="CPU only: divide the memory table's batches (and MoCo's image size) by this")
     p.add_argument("--memory-full-size", action="store_true",
@@ -189,7 +189,7 @@ def get_args_parser():
     p.add_argument("--skip-moco-pipeline", action="store_true", help="in the data-path comparisons, leave out MoCo")
     p.add_argument("--compile-cost", action="store_true",
                    help="compile time, steady-state step eager vs compiled and recompilations over 3 epochs, for APS "
-                        "ViT-T/2 and MoCo ResNet-18 (tools/bench_compile.py; --compile-backend chooses the backend)")
+                        "ViT-T/2 and MoCo ResNet-18 (bench/compile_cost.py; --compile-backend chooses the backend)")
     p.add_argument("--peak-tflops", type=positive(), default=None,
                    help="the device's dense bf16 peak, for MFU (default: known GPUs, e.g. 989 for H100/H200)")
     return p
@@ -226,17 +226,17 @@ def main(args):
     if not args.skip_pipeline:
         results += pipelines(args, device, amp, gpu, batch, peak, pipeline_archs)
     if args.memory:
-        from tools.bench_memory import memory_table
+        from bench.memory import memory_table
         results += memory_table(device, args.amp, args.memory_scale, args.memory_steps or (5 if gpu else 2),
                                 args.memory_only.split(",") if args.memory_only else None, args.memory_full_size,
                                 args.memory_savings.split(",") if args.memory_savings else None)
     if args.compile_cost:
-        from tools.bench_compile import compile_cost
+        from bench.compile_cost import compile_cost
         for rec in compile_cost(device, amp, args.compile_backend, batch=batch if gpu else 32):
             results.append(rec)
             print(json.dumps(rec), flush=True)
     if args.files:
-        from tools.bench_files import files_vs_shards
+        from bench.files import files_vs_shards
         for rec in files_vs_shards(args.files_images, 160, 128, 64, max(2, args.files_images // 64 - 1)):
             results.append(rec)
             print(json.dumps(rec), flush=True)

@@ -1,6 +1,6 @@
 """The speed targets the benchmark is held to, checked against its own records.
 
-`python -m tools.bench` ends with one `targets` line: per target, the figure it measured, the bar, whether it
+`python -m bench` ends with one `targets` line: per target, the figure it measured, the bar, whether it
 was met, and whether the run had the target's shape (the GPU targets are stated for one H100 in bf16, APS
 ViT-S/2 at batch 512 and 32 px, MoCo ResNet-50 at batch 256 and 224 px). A target whose record is missing
 (its arch was not run, or the device's peak FLOP/s is unknown for MFU) reads `measured: null`.

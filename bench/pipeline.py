@@ -1,5 +1,5 @@
 """Full training-step throughput through a data path (CPU workers + PIL, or on-device batches), model FLOPs
-and MFU. Used by `python -m tools.bench`; synthetic uint8 images stand in for the dataset (no files needed).
+and MFU. Used by `python -m bench`; synthetic uint8 images stand in for the dataset (no files needed).
 """
 import atexit
 import os
@@ -66,7 +66,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-BACKEND = "inductor"     # --compile-backend (tools.bench sets it)
+BACKEND = "inductor"     # --compile-backend (bench sets it)
 
 
 def aps_model(arch, img_size, patch, device, compile_model=False):

@@ -1,7 +1,7 @@
 """What would stall or change on a GPU, seen on the CPU: run code with its data on the `meta` device (shapes only)
 under a DeviceGuard, and count.
 
-    python -m tools.device_guard        # host syncs and kernels per batch of every device pipeline and step
+    python tests/device_guard.py        # host syncs and kernels per batch of every device pipeline and step
 
 A DeviceGuard notes:
 - syncs: host reads of device values (.item(), .tolist(), .cpu(), bool(), ...), data-dependent shapes
@@ -23,13 +23,15 @@ import traceback
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:               # run as a script (python tests/device_guard.py): the project's modules
+    sys.path.insert(0, ROOT)
 try:
     from utils.transfer import in_transfer
 except ImportError:                    # (a checkout from before utils.transfer: every host copy counts)
     def in_transfer():
         return False
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANDOM_FACTORIES = ("rand", "randn", "randint", "randperm")
 RANDOM_LIKE = ("rand_like", "randn_like", "randint_like", "bernoulli", "multinomial", "normal", "poisson")
 RANDOM_IN_PLACE = ("uniform_", "normal_", "random_", "bernoulli_", "exponential_", "geometric_", "log_normal_",
@@ -286,7 +288,6 @@ def pipelines() -> dict:
 
 
 def main():
-    sys.path.insert(0, ROOT)
     torch.set_num_threads(1)
     for name, counts in pipelines().items():
         print(json.dumps({"pipeline": name, **counts}), flush=True)

@@ -1,4 +1,4 @@
-"""tools.bench --files: the CPU-worker path reading a synthetic JPEG folder against the same images as tar shards
+"""python -m bench --files: the CPU-worker path reading a synthetic JPEG folder against the same images as tar shards
 (data.shards), with 1 and 2 workers. On a local disk the two are close; shards pay off where opening millions of
 small files is what costs (network filesystems), which this machine cannot show."""
 import shutil
@@ -11,7 +11,7 @@ from augment.recipes import lincls_view
 from data.datasets import build_dataset, get_preset
 from data.loader import build_train_loader
 from data.shards import write_shards
-from tools.bench_pipeline import data_rate, jpeg_folder
+from bench.pipeline import data_rate, jpeg_folder
 
 
 def files_vs_shards(images: int, size: int, crop: int, batch: int, batches: int, workers=(1, 2)) -> list:

@@ -1,4 +1,4 @@
-"""tools.bench --compile-cost: what --compile costs and gives, eager against compiled, for an APS step (ViT-T/2 by
+"""python -m bench --compile-cost: what --compile costs and gives, eager against compiled, for an APS step (ViT-T/2 by
 default) and a MoCo v2 step (ResNet-18), as the Trainer compiles them (the whole module, in place):
 
 - compile_s: the first compiled step (tracing, AOTAutograd, code generation) less an eager step;
@@ -6,13 +6,13 @@ default) and a MoCo v2 step (ResNet-18), as the Trainer compiles them (the whole
 - recompiles: frames dynamo compiled after the first step, over `epochs` epochs of `steps` steps each (the model
   switched to eval mode and back between epochs, as an evaluation does): 0 means the step compiled once.
 
-    python -m tools.bench --compile-cost --device cpu --skip-model --skip-pipeline      # inductor on the CPU
+    python -m bench --compile-cost --device cpu --skip-model --skip-pipeline      # inductor on the CPU
 """
 import torch
 
 from models.moco import build_moco, shuffle_permutation
 from samplers.aps import kept_per_view
-from tools import bench_pipeline as P
+from bench import pipeline as P
 from utils.rng import BatchRandom
 from utils.runtime import compile_in_place, make_grad_scaler
 

@@ -1,4 +1,4 @@
-"""tools.bench --memory: the peak memory and step time of the papers' heaviest steps with each memory saving.
+"""python -m bench --memory: the peak memory and step time of the papers' heaviest steps with each memory saving.
 
 Steps: APS with ViT-S/2 and ViT-B/2 (32 px, batch 512 pairs, one sampling round) and MoCo v2 with ResNet-50 (224 px,
 batch 256, BN in 8 splits); each with no saving, --grad-checkpointing, --accum-steps 2/4/8, and both. On a GPU the
@@ -8,8 +8,8 @@ optimizer and inputs exist): the CPU allocator keeps what it freed, so one proce
 fair comparison. `step_mib` is the peak above what the process held before its first step: the activations, the
 gradients and the optimizer's state.
 
-    python -m tools.bench --memory --device cpu --skip-model --skip-pipeline
-    python -m tools.bench_memory --one '{"step": "aps-vit-small", ...}'      # one configuration (what --memory runs)
+    python -m bench --memory --device cpu --skip-model --skip-pipeline
+    python -m bench.memory --one '{"step": "aps-vit-small", ...}'      # one configuration (what --memory runs)
 """
 import argparse
 import json
@@ -22,7 +22,7 @@ import torch
 from methods.aps import APSPretraining
 from methods.moco import MoCoPretraining
 from models.moco import build_moco, shuffle_permutation
-from tools import bench_pipeline as P
+from bench import pipeline as P
 from utils.dist import resolve_device
 from utils.recompute import enable_grad_checkpointing
 from utils.rng import BatchRandom
@@ -137,7 +137,7 @@ def memory_table(device: torch.device, amp: str, scale: int, steps: int, only=No
 
 def run_one(spec: dict) -> dict:
     """measure(spec) in a fresh process (its own peak)."""
-    out = subprocess.run([sys.executable, "-m", "tools.bench_memory", "--one", json.dumps(spec)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", json.dumps(spec)], cwd=ROOT,
                          capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"memory bench {spec['step']} {spec['saving']} failed: {out.stderr.strip()[-2000:]}")
@@ -145,6 +145,6 @@ def run_one(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="one configuration of tools.bench --memory (JSON spec)")
+    parser = argparse.ArgumentParser(description="one configuration of bench --memory (JSON spec)")
     parser.add_argument("--one", required=True)
     print(json.dumps(measure(json.loads(parser.parse_args().one))), flush=True)

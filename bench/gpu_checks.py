@@ -1,6 +1,6 @@
-"""Correctness on a GPU, one JSON line per check (tools.gpu_report's first phase; also runs alone):
+"""Correctness on a GPU, one JSON line per check (bench.gpu_report's first phase; also runs alone):
 
-    python -m tools.gpu_checks --out DIR [--skip-compile]
+    python -m bench.gpu_checks --out DIR [--skip-compile]
 
 - train/<script>/<precision>: one short epoch of each script on digits, on the device path, in bf16, fp16 and
   bf16 with --compile, with torch.cuda's sync debug mode set to "error" around every step and batch (a host
@@ -296,7 +296,7 @@ def deterministic(tmp: str):
 
 
 def get_args_parser():
-    p = ArgumentParser(description=__doc__.split("\n")[0], prog="python -m tools.gpu_checks")
+    p = ArgumentParser(description=__doc__.split("\n")[0], prog="python -m bench.gpu_checks")
     p.add_argument("--out", type=output_folder(), required=True,
                    help="where the runs go; checks.jsonl is written there")
     p.add_argument("--skip-compile", action="store_true", help="leave out the --compile runs (minutes of compiling)")
