@@ -7,20 +7,18 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from augment.recipes import add_finetune_view_args, eval_view, finetune_view_from_args
-from data import add_data_args, apply_preset, per_rank_batch_size
+from data import add_data_args, per_rank_batch_size
 from data.datasets import num_classes_of
-from data.pipeline import eval_loader, training_data
-from engine import Trainer, TrainSettings
+from data.pipeline import eval_loader
 from methods.classify import FineTuning, evaluate_saved, finetuned_classifier, saved_source
+from methods.run import Run
 from models.loading import build_classifier, vit_label
 from models.vit import add_vit_args, check_vit_flags, vit_overrides
-from utils.dist import data_parallel, get_world_size, init_distributed
+from utils.dist import get_world_size
 from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
-from utils.report import RunReporter
-from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process, describe_run, start_run
+from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process
 from utils.optim import OptimizerSpec
-from utils.runtime import amp_dtype, seed_everything
 from utils.schedule import warmup_cosine
 from models.registry import is_registry_name
 from utils.flags import count, fraction, input_file, momentum, nonnegative, positive, probability, rate
@@ -71,10 +69,10 @@ def get_args_parser():
 
 @exit_on_user_error
 def main(args):
-    device = init_distributed(args.device, args.deterministic)
     given = dict(arch=args.arch, patch_size=args.patch_size, img_size=args.img_size,   # what --eval checks
                  given=vit_overrides(args))
-    preset = apply_preset(args)
+    run = Run(args)
+    device, preset = run.device, run.preset
     mixing = args.mixup > 0 or args.cutmix > 0
     check_per_process(args.batch_size, 1, "training")
     if mixing and per_rank_batch_size(args.batch_size) % 2:
@@ -83,9 +81,7 @@ def main(args):
     check_vit_flags(args.arch or ("vit-small" if not (args.pretrained_weights or args.eval) else None), args.img_size,
                     args.patch_size, args.embed_dim, args.num_heads)
     recipe = finetune_view_from_args(args, preset)
-    seed_everything(args.seed)
-    start_run(args)
-    amp = amp_dtype(args.amp, device)
+    amp = run.begin().amp
 
     test_view = eval_view(preset, args.img_size, *preset.finetune_stats)
     eval_bs = max(1, per_rank_batch_size(args.batch_size))
@@ -94,14 +90,14 @@ def main(args):
         source = saved_source(args, "--eval", "a fine-tuned checkpoint")
         model, weights, note = finetuned_classifier(source, given, num_classes_of(test_loader.dataset))
         return evaluate_saved(model, weights, source, test_loader, device, amp, note)
-    data = training_data(args, recipe, device, holdout=args.val_split, few_labels=True)
+    data = run.training_data(recipe, holdout=args.val_split, few_labels=True)
     eval_loaders = {"test": test_loader}
     if data.held_out is not None:
         eval_loaders["val"] = eval_loader(args, test_view, device, eval_bs, train=True, indices=data.held_out)
 
     module, model_config = build_classifier(args.pretrained_weights, data.num_classes, args.arch, args.patch_size,
                                             args.img_size, args.drop_path, **vit_overrides(args))
-    module.to(device)
+    module = run.place(module)
     args.arch = model_config["arch"]
     args.base_lr = args.base_lr or BASE_LR[args.arch]
     lr = args.base_lr * args.batch_size / 512
@@ -111,17 +107,14 @@ def main(args):
                   switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
                   num_classes=data.num_classes) if mixing else None
     criterion = SoftTargetCrossEntropy() if mixing else torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
-    what = f"{vit_label(model_config)}/{args.patch_size} at {args.img_size} px, {data.num_classes} classes"
-    description = describe_run(f"{what}, {'pretrained' if args.pretrained_weights else 'from scratch'}", data, lr,
-                               device, amp)
     schedule = partial(warmup_cosine, warmup_epochs=args.warmup_epochs, epochs=args.epochs, base=lr,
                        min_value=args.min_lr, start_value=args.warmup_lr)
-    method = FineTuning(module, data_parallel(module, device), criterion, schedule, eval_loaders, device, amp, mixup,
-                        ema, model_config=model_config, select_metric="val_acc1" if data.held_out is not None else None,
+    method = FineTuning(module, run.parallel(module), criterion, schedule, eval_loaders, device, amp, mixup, ema,
+                        model_config=model_config, select_metric="val_acc1" if data.held_out is not None else None,
                         records=data.records, weight_decay=args.weight_decay, layer_decay=args.layer_decay)
-    settings = TrainSettings.from_args(args, args.eval_every, description, identity=VIT_IDENTITY, lr_flag="--base-lr")
-    trainer = Trainer(method, optimizer, data.loader, settings, device, amp, RunReporter(args.output_dir))
-    return trainer.finish(trainer.fit())
+    what = f"{vit_label(model_config)}/{args.patch_size} at {args.img_size} px, {data.num_classes} classes"
+    return run.train(method, optimizer, f"{what}, {'pretrained' if args.pretrained_weights else 'from scratch'}", lr,
+                     eval_every=args.eval_every, identity=VIT_IDENTITY, lr_flag="--base-lr")
 
 
 if __name__ == "__main__":

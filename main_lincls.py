@@ -10,22 +10,20 @@ from functools import partial
 import torch
 
 from augment.recipes import eval_view, lincls_view
-from data import add_data_args, apply_preset, build_eval_loader, per_rank_batch_size
+from data import add_data_args, build_eval_loader, per_rank_batch_size
 from data.device_loaders import TensorLoader
-from data.pipeline import eval_loader, training_data
-from engine import Trainer, TrainSettings
+from data.pipeline import eval_loader
 from methods.classify import LinearProbing, evaluate_saved, saved_checkpoint
+from methods.run import Run
 from models.linear import PROBE_ARCHS, BackboneGuard, LinearProbe, backbone_and_fc, backbone_img_size, build_probe
 from models.loading import open_checkpoint
 from models.norm import convert_sync_batchnorm
-from utils.dist import data_parallel, get_world_size, init_distributed
+from utils.dist import get_world_size
 from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
 from utils.knn import feature_dataset
-from utils.report import RunReporter
-from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process, describe_run, start_run
+from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process
 from utils.optim import add_sgd_args, sgd_from_args
-from utils.runtime import amp_dtype, seed_everything
 from utils.schedule import cosine_per_epoch
 from models.registry import is_registry_name
 from utils.flags import count, input_file, positive
@@ -63,13 +61,11 @@ def get_args_parser():
 
 @exit_on_user_error
 def main(args):
-    device = init_distributed(args.device, args.deterministic)
     given_img_size, given_patch = args.img_size, args.patch_size
-    preset = apply_preset(args)
+    run = Run(args)
+    device, preset = run.device, run.preset
     check_per_process(args.batch_size, 2 if args.head_bn else 1, "--head-bn's batch norm")
-    seed_everything(args.seed)
-    start_run(args)
-    amp = amp_dtype(args.amp, device)
+    amp = run.begin().amp
     eval_bs = min(256, max(1, per_rank_batch_size(args.batch_size)))
     if args.evaluate:
         path, ckpt = saved_checkpoint(args, "--evaluate", "a trained classifier")
@@ -81,11 +77,11 @@ def main(args):
 
     source = open_checkpoint(args.pretrained) if args.pretrained else None      # read from disk once
     args.img_size = given_img_size or backbone_img_size(source) or preset.img_size
-    data = training_data(args, lincls_view(preset, args.img_size), device,  # cached features need no augmentation
-                         on_device=False if args.cache_features else None, few_labels=True)
+    data = run.training_data(lincls_view(preset, args.img_size),  # cached features need no augmentation
+                             on_device=False if args.cache_features else None, few_labels=True)
     backbone, fc, backbone_cfg = backbone_and_fc(source, data.num_classes, args.arch,
                                                  given_patch if source else args.patch_size, args.img_size)
-    probe = LinearProbe(backbone, fc, args.head_bn, args.chunk_size).to(device)
+    probe = run.place(LinearProbe(backbone, fc, args.head_bn, args.chunk_size))
     test_view = eval_view(preset, args.img_size)
     test_loader, loader = eval_loader(args, test_view, device, eval_bs), data.loader
     if args.cache_features:  # the backbone runs once over centre crops; the head trains on the features
@@ -98,17 +94,14 @@ def main(args):
     trained = probe.head if args.cache_features else probe
 
     lr, optimizer = sgd_from_args(args, "lars" if args.lars else "sgd")
-    what = (f"linear probe on {backbone_cfg['arch']} ({args.pretrained or 'random init'}), {data.num_classes} "
-            f"classes at {args.img_size} px, {'LARS' if args.lars else 'SGD'}"
-            f"{', cached features' if args.cache_features else ''}")
-    description = describe_run(what, data, lr, device, amp)
-    method = LinearProbing(probe, data_parallel(trained, device), torch.nn.CrossEntropyLoss(),
+    method = LinearProbing(probe, run.parallel(trained), torch.nn.CrossEntropyLoss(),
                            partial(cosine_per_epoch, epochs=args.epochs, base=lr), {"test": test_loader}, device, amp,
                            evaluated=trained, guard=BackboneGuard(probe.backbone), records=data.records,
                            model_config=dict(backbone=backbone_cfg, num_classes=data.num_classes, head_bn=args.head_bn))
-    settings = TrainSettings.from_args(args, args.eval_every, description, identity=VIT_IDENTITY)
-    trainer = Trainer(method, optimizer, loader, settings, device, amp, RunReporter(args.output_dir))
-    return trainer.finish(trainer.fit())
+    what = (f"linear probe on {backbone_cfg['arch']} ({args.pretrained or 'random init'}), {data.num_classes} "
+            f"classes at {args.img_size} px, {'LARS' if args.lars else 'SGD'}"
+            f"{', cached features' if args.cache_features else ''}")
+    return run.train(method, optimizer, what, lr, eval_every=args.eval_every, identity=VIT_IDENTITY, loader=loader)
 
 
 if __name__ == "__main__":

@@ -4,30 +4,24 @@ The baseline and all five switches: MultiCrop, ScaleMix, AsymAug, AsymBN and Mea
 reference's --dist-url/--multiprocessing-distributed/--world-size/--rank flags are accepted and ignored.
 """
 from augment.recipes import add_moco_view_args, moco_views_from_args
-from data import PRESETS, add_data_args, apply_preset
-from data.pipeline import knn_setup, training_data
-from engine import Trainer, TrainSettings
+from data import PRESETS, add_data_args
 from methods.moco import MoCoPretraining
+from methods.run import Run
 from models.moco import build_moco, check_queue, synchronise_key_projector
-from models.resnet import RESNETS, ResNetTrunk
-from utils.dist import data_parallel, get_world_size, init_distributed
+from models.resnet import ResNetTrunk, add_resnet_args, resolve_cifar_stem
 from utils.config import ArgumentParser
+from utils.dist import get_world_size
 from utils.errors import UserError, exit_on_user_error
-from utils.knn import add_knn_args
-from utils.report import RunReporter
-from utils.run import add_runtime_args, check_ordered, check_per_process, describe_run, start_run
-from utils.optim import add_sgd_args, sgd_from_args
-from utils.runtime import amp_dtype, seed_everything
 from utils.flags import count, momentum, positive
+from utils.knn import add_knn_args
+from utils.optim import add_sgd_args, sgd_from_args
+from utils.run import add_runtime_args, check_ordered, check_per_process
 
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
     add_data_args(p, batch_size=256, dataset=None, data_dir=True, subset="the kNN memory bank")
-    g = p.add_argument_group("model")
-    g.add_argument("-a", "--arch", default="resnet50", choices=RESNETS, help="torchvision ResNet")
-    g.add_argument("--cifar-stem", default=None, action="store_true",
-                   help="3x3 stride-1 first conv, no max-pool (default: on for 32 px datasets)")
+    g = add_resnet_args(p)
     g.add_argument("--mlp-hidden-dim", type=count(), default=2048, help="projector hidden width")
     g.add_argument("--moco-dim", type=count(), default=128, help="key dimension")
     g.add_argument("--moco-k", type=count(), default=65536, help="queue size (a multiple of the global batch)")
@@ -50,9 +44,8 @@ def get_args_parser():
 
 @exit_on_user_error
 def main(args):
-    device = init_distributed(args.device, args.deterministic)
-    preset = apply_preset(args)
-    args.cifar_stem = args.img_size <= 64 if args.cifar_stem is None else args.cifar_stem
+    run = Run(args)
+    resolve_cifar_stem(args)
     check_queue(args.moco_k, args.batch_size)
     check_ordered(args, "mini_crop_scale")
     check_per_process(args.batch_size, 2, "the projector's batch norm")
@@ -61,34 +54,28 @@ def main(args):
     if bn_splits > 1 and (args.batch_size % bn_splits or args.batch_size // bn_splits < 2):
         raise UserError(f"--batch-size {args.batch_size} does not split into --bn-splits {bn_splits} chunks of "
                         "2 or more; change one of them (--bn-splits 1 turns split BN off)")
-    recipe = moco_views_from_args(args, preset)
-    seed_everything(args.seed)
-    logger = start_run(args)
-    data = training_data(args, recipe, device)
+    recipe = moco_views_from_args(args, run.preset)
+    run.begin()
+    run.training_data(recipe)
 
     module = build_moco(args.arch, args.cifar_stem, bn_splits, args.mlp_hidden_dim, args.moco_dim, args.moco_k,
-                        args.moco_m, args.moco_t, device)
+                        args.moco_m, args.moco_t, run.device)
     if args.enable_asym_bn:
         if world == 1:
-            logger.warning("--enable-asym-bn does nothing with one process (there is nothing to synchronise)")
+            run.logger.warning("--enable-asym-bn does nothing with one process (there is nothing to synchronise)")
         else:  # the target (key) projector's BN only, over groups of --syncbn-group-size ranks
-            synchronise_key_projector(module, device, args.syncbn_group_size)
+            synchronise_key_projector(module, run.device, args.syncbn_group_size)
     lr, optimizer = sgd_from_args(args)
-    amp = amp_dtype(args.amp, device)
-    what = f"MoCo v2 {args.arch}{' (CIFAR stem)' if args.cifar_stem else ''} at {args.img_size} px, queue {args.moco_k}"
-    description = describe_run(what, data, lr, device, amp, {
-        "split BN": bn_splits, "multicrop": args.enable_multicrop, "scalemix": args.enable_scalemix,
-        "asym-aug": args.enable_asymm_aug, "asym-bn": args.enable_asym_bn and world > 1,
-        "mean-enc": args.enable_mean_encoding})
-    knn, notes = knn_setup(args, preset, device, ResNetTrunk(module.encoder_q), amp, data)
-    method = MoCoPretraining(module, data_parallel(module, device), lr, args.epochs, knn,
+    knn = run.knn(ResNetTrunk(module.encoder_q))
+    method = MoCoPretraining(module, run.parallel(module), lr, args.epochs, knn,
                              dict(arch=args.arch, cifar_stem=args.cifar_stem, mlp_hidden_dim=args.mlp_hidden_dim,
                                   moco_dim=args.moco_dim))
-    settings = TrainSettings.from_args(args, args.knn_every, description, notes,
-                                       identity=("dataset", "arch", "img_size"),
-                                       known_ranges={"moco_t": (0.01, 1.0)})     # MoCo's 0.07-0.2, with room
-    trainer = Trainer(method, optimizer, data.loader, settings, device, amp, RunReporter(args.output_dir))
-    return trainer.finish(trainer.fit())
+    what = f"MoCo v2 {args.arch}{' (CIFAR stem)' if args.cifar_stem else ''} at {args.img_size} px, queue {args.moco_k}"
+    return run.train(method, optimizer, what, lr, {
+        "split BN": bn_splits, "multicrop": args.enable_multicrop, "scalemix": args.enable_scalemix,
+        "asym-aug": args.enable_asymm_aug, "asym-bn": args.enable_asym_bn and world > 1,
+        "mean-enc": args.enable_mean_encoding}, identity=("dataset", "arch", "img_size"),
+        known_ranges={"moco_t": (0.01, 1.0)})     # MoCo's 0.07-0.2, with room
 
 
 if __name__ == "__main__":

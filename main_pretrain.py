@@ -1,21 +1,16 @@
 """APS pretraining of a ViT: asymmetric patch sampling + contrastive loss (docs/REFERENCE.md#aps-pretraining)."""
 from augment.recipes import add_aps_view_args, aps_pair_from_args
-from data import PRESETS, add_data_args, apply_preset
-from data.pipeline import knn_setup, training_data
-from engine import Trainer, TrainSettings
+from data import PRESETS, add_data_args
 from methods.aps import APSPretraining
+from methods.run import Run
 from models import APS, create_vit
-from models.norm import convert_sync_batchnorm
 from models.vit import add_vit_args, check_vit_flags, vit_overrides
 from samplers.aps import kept_per_view
-from utils.dist import data_parallel, get_world_size, init_distributed
 from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
 from utils.knn import add_knn_args
-from utils.report import RunReporter
-from utils.run import VIT_IDENTITY, add_runtime_args, check_ordered, check_per_process, describe_run, start_run
+from utils.run import VIT_IDENTITY, add_runtime_args, check_ordered, check_per_process
 from utils.optim import OptimizerSpec
-from utils.runtime import amp_dtype, seed_everything
 from utils.flags import count, fraction, momentum, nonnegative, positive
 
 BASE_LR = {"vit-tiny": 1e-3, "vit-small": 5e-4, "vit-base": 5e-4}
@@ -63,31 +58,24 @@ def validate(args):
 
 @exit_on_user_error
 def main(args):
-    device = init_distributed(args.device, args.deterministic)
-    preset = apply_preset(args)
+    run = Run(args)
     args.base_lr = args.base_lr or BASE_LR[args.arch]
     validate(args)
-    seed_everything(args.seed)  # same initial weights on every rank and every run
-    start_run(args)
-    data = training_data(args, aps_pair_from_args(args, preset), device)
+    run.begin()
+    data = run.training_data(aps_pair_from_args(args, run.preset))
 
     model_config = dict(arch=args.arch, img_size=args.img_size, patch_size=args.patch_size, **vit_overrides(args))
     encoder = create_vit(**model_config)
-    module = APS(encoder, args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim, args.temperature).to(device)
-    if get_world_size() > 1:
-        module = convert_sync_batchnorm(module, device)
+    module = run.place(APS(encoder, args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim, args.temperature),
+                       sync_bn=True)
     lr = args.base_lr * args.batch_size / 256
     optimizer = OptimizerSpec("adamw", lr, args.weight_decay, betas=tuple(args.betas))
-    amp = amp_dtype(args.amp, device)
-    what = f"{args.arch}/{args.patch_size} at {args.img_size} px, {len(data.loader)} batches x {args.nsampling} steps"
-    description = describe_run(what + " per epoch", data, lr, device, amp)
-    knn, notes = knn_setup(args, preset, device, module.encoder, amp, data)
-    method = APSPretraining(module, data_parallel(module, device), encoder.grid, args.sampling_ratio, args.nsampling,
+    knn = run.knn(module.encoder)
+    method = APSPretraining(module, run.parallel(module), encoder.grid, args.sampling_ratio, args.nsampling,
                             args.power, lr, args.warmup_epochs, args.epochs, knn, model_config)
-    settings = TrainSettings.from_args(args, args.knn_every, description, notes, identity=VIT_IDENTITY,
-                                       lr_flag="--base-lr", known_ranges={"temperature": (0.01, 1.0)})  # T ~ 0.05-0.5
-    trainer = Trainer(method, optimizer, data.loader, settings, device, amp, RunReporter(args.output_dir))
-    return trainer.finish(trainer.fit())
+    what = f"{args.arch}/{args.patch_size} at {args.img_size} px, {len(data.loader)} batches x {args.nsampling} steps"
+    return run.train(method, optimizer, what + " per epoch", lr, identity=VIT_IDENTITY, lr_flag="--base-lr",
+                     known_ranges={"temperature": (0.01, 1.0)})  # T ~ 0.05-0.5
 
 
 if __name__ == "__main__":

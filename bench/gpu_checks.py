@@ -141,15 +141,15 @@ def check(name: str, fn, out: Checks, needs: str = None):
 def run_script(module: str, argv: list):
     """main(args) of a script, in this process, with every step and batch under sync_errors()."""
     import importlib
-    from engine import Trainer
+    from engine import Callback, installed
+
+    class SyncErrors(Callback):
+        def step_context(self):
+            return sync_errors()
     script = importlib.import_module(module)
     args = script.get_args_parser().parse_args(argv)
-    old = Trainer.step_context
-    Trainer.step_context = staticmethod(sync_errors)
-    try:
+    with installed(SyncErrors()):
         return script.main(args)
-    finally:
-        Trainer.step_context = old
 
 
 def train_checks(out_dir: str, out: Checks, precisions=tuple(PRECISIONS), scripts=tuple(SCRIPTS), device="cuda"):

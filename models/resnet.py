@@ -13,6 +13,23 @@ from utils.errors import UserError
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
+def add_resnet_args(parser, arch: str = "resnet50"):
+    """The ResNet model flags of the MoCo-family scripts (an argument group, for the script's own model flags):
+    -a/--arch and --cifar-stem, whose default resolve_cifar_stem applies."""
+    g = parser.add_argument_group("model")
+    g.add_argument("-a", "--arch", default=arch, choices=RESNETS, help="torchvision ResNet")
+    g.add_argument("--cifar-stem", default=None, action="store_true",
+                   help="3x3 stride-1 first conv, no max-pool (default: on for 32 px datasets)")
+    return g
+
+
+def resolve_cifar_stem(args) -> bool:
+    """--cifar-stem, or its default: on for images of 64 px or less (CIFAR, digits, STL at 64), off above; set on
+    args, so that the run's config.yaml says which."""
+    args.cifar_stem = args.img_size <= 64 if args.cifar_stem is None else args.cifar_stem
+    return args.cifar_stem
+
+
 def moco_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, bn_splits: int = 1) -> nn.Sequential:
     """Linear-BN-ReLU-Linear-ReLU-Linear (BN after the first layer only); keys fc.0, fc.1, fc.3, fc.5.
     bn_splits > 1: split BN, as in the trunk."""

@@ -23,14 +23,13 @@ def main():
     sys.path.insert(0, ROOT)
     import engine
     epochs = []
-    plain = engine.Trainer.save
 
-    def save(self, epoch):                          # after each epoch's training and evaluation, on every rank
-        epochs.append(snapshot())
-        return plain(self, epoch)
-    engine.Trainer.save = save
+    class Snapshots(engine.Callback):
+        def epoch_end(self, trainer, epoch):        # after each epoch's training and evaluation, on every rank
+            epochs.append(snapshot())
     try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        with engine.installed(Snapshots()):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     finally:
         with open(f"{out}.{os.environ.get('RANK', '0')}.json", "w") as f:
             json.dump({"epochs": epochs, "end": snapshot()}, f, indent=1, default=str)

@@ -1,7 +1,8 @@
 """The contract for a new method: its own files only. A throw-away SimSiam (a ResNet, a projector, a predictor at a
 fixed lr, a stop-gradient loss) is written into a temporary folder as its model, its method and its script, with
 nothing else in the repo edited, and must: train, resume exactly, be probed by main_lincls.py, pass the flag tests
-(every flag's domain, each numeric flag's in-domain edges on a dry run) and the host-sync test of its step."""
+(every flag's domain, each numeric flag's in-domain edges on a dry run) and the host-sync test every script passes
+(tests/test_host_sync.py: its own method, model and batch, stepped on `meta`)."""
 import textwrap
 
 import pytest
@@ -57,28 +58,23 @@ SCRIPT = '''
 from dataclasses import replace
 
 from augment.recipes import MOCO_V2_VIEW, Pair
-from data import PRESETS, add_data_args, apply_preset
-from data.pipeline import knn_setup, training_data
-from engine import Trainer, TrainSettings
-from models.resnet import RESNETS
+from data import PRESETS, add_data_args
+from methods.run import Run
+from models.resnet import add_resnet_args, resolve_cifar_stem
 from simsiam_method import SimSiamPretraining
 from simsiam_model import SimSiam
 from utils.config import ArgumentParser
-from utils.dist import data_parallel, init_distributed
 from utils.errors import exit_on_user_error
 from utils.flags import count
 from utils.knn import add_knn_args
 from utils.optim import add_sgd_args, sgd_from_args
-from utils.report import RunReporter
-from utils.run import add_runtime_args, check_per_process, describe_run, start_run
-from utils.runtime import amp_dtype, seed_everything
+from utils.run import add_runtime_args, check_per_process
 
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__)
     add_data_args(p, batch_size=256, subset="the kNN memory bank")
-    g = p.add_argument_group("model")
-    g.add_argument("-a", "--arch", default="resnet18", choices=RESNETS, help="torchvision ResNet")
+    g = add_resnet_args(p, arch="resnet18")
     g.add_argument("--proj-dim", type=count(), default=2048, help="projector width")
     g.add_argument("--pred-hidden-dim", type=count(), default=512, help="predictor hidden width")
     g = p.add_argument_group("optimisation")
@@ -91,23 +87,17 @@ def get_args_parser():
 
 @exit_on_user_error
 def main(args):
-    device = init_distributed(args.device, args.deterministic)
-    preset = apply_preset(args)
+    run = Run(args)
     check_per_process(args.batch_size, 2, "the heads' batch norm")
-    seed_everything(args.seed)
-    start_run(args)
-    view = replace(MOCO_V2_VIEW, size=args.img_size, mean=preset.mean, std=preset.std, flip_late=False)
-    data = training_data(args, Pair(view), device)                 # two views, no crop boxes
-    cifar_stem = args.img_size <= 64
-    module = SimSiam(args.arch, cifar_stem, args.proj_dim, args.pred_hidden_dim).to(device)
-    (lr, optimizer), amp = sgd_from_args(args), amp_dtype(args.amp, device)
-    knn, notes = knn_setup(args, preset, device, module.encoder, amp, data)
-    method = SimSiamPretraining(module, data_parallel(module, device), lr, args.epochs, knn=knn,
-                                model_config=dict(arch=args.arch, cifar_stem=cifar_stem))
-    settings = TrainSettings.from_args(args, args.knn_every, describe_run("SimSiam", data, lr, device, amp), notes,
-                                       identity=("dataset", "arch", "img_size"))
-    trainer = Trainer(method, optimizer, data.loader, settings, device, amp, RunReporter(args.output_dir))
-    return trainer.finish(trainer.fit())
+    run.begin()
+    view = replace(MOCO_V2_VIEW, size=args.img_size, mean=run.preset.mean, std=run.preset.std, flip_late=False)
+    run.training_data(Pair(view))                                   # two views, no crop boxes
+    module = run.place(SimSiam(args.arch, resolve_cifar_stem(args), args.proj_dim, args.pred_hidden_dim),
+                       sync_bn=True)
+    lr, optimizer = sgd_from_args(args)
+    method = SimSiamPretraining(module, run.parallel(module), lr, args.epochs, knn=run.knn(module.encoder),
+                                model_config=dict(arch=args.arch, cifar_stem=args.cifar_stem))
+    return run.train(method, optimizer, "SimSiam", lr, identity=("dataset", "arch", "img_size"))
 '''
 
 
@@ -161,20 +151,10 @@ def test_a_new_method_passes_the_flag_tests(simsiam, tmp_path, capsys):
     test_flags.test_in_domain_edges_pass_the_check_and_a_dry_run_never_tracebacks("main_simsiam", tmp_path, capsys)
 
 
-def test_a_new_methods_step_makes_no_host_sync(simsiam, device_guard):
-    from dataclasses import replace
-
-    import test_gpu_paths as gpu
-    from augment import batched
-    from augment.recipes import MOCO_V2_VIEW, Pair
-    from simsiam_method import SimSiamPretraining
-    from simsiam_model import SimSiam
-    from utils.rng import BatchRandom
-    module = SimSiam("resnet18", True, 16, 8).to(gpu.META)
-    view = replace(MOCO_V2_VIEW, size=16, mean=gpu.PRESET.mean, std=gpu.PRESET.std, flip_late=False)
-    views = batched.batched_pipeline(Pair(view))(gpu.images(device=gpu.META), BatchRandom("cpu", 0, 1).reseed(0))
-    method = SimSiamPretraining(module, module, lr=0.1, epochs=1)
-    opt = torch.optim.SGD(method.param_groups(), lr=0.1)
-    device_guard.reset()
-    gpu.step_through(method, (views, None), BatchRandom(gpu.META, 0, 1).reseed(0, 0, 0, 2), opt)
-    gpu.no_trouble(device_guard)
+def test_a_new_methods_step_makes_no_host_sync(simsiam, tmp_path, device_guard):
+    import test_flags
+    from test_host_sync import assert_step_makes_no_host_sync, script_trainer
+    trainer = script_trainer(simsiam, ["--dataset", "digits", "--num-workers", "0", "--device", "cpu", "--epochs", "1",
+                                       *test_flags.TINY["main_simsiam"], "--output-dir", str(tmp_path)])
+    assert type(trainer.method).__name__ == "SimSiamPretraining"
+    assert_step_makes_no_host_sync(trainer, device_guard)

@@ -118,7 +118,7 @@ def test_skip_nonfinite_skips_up_to_n_steps_then_stops(tmp_path, caplog, make_tr
         before[step] = trainer.method.module.weight.detach().clone()
     trainer.method.after_step = remember
     trainer.fit()                                          # two bad steps: skipped, the run completes
-    assert trainer.skipped_nonfinite == 2 and load_file(str(tmp_path / "a" / "checkpoint.pth"))["epoch"] == 3
+    assert trainer.guard.skipped == 2 and load_file(str(tmp_path / "a" / "checkpoint.pth"))["epoch"] == 3
     assert 3 not in before and 7 not in before             # skipped steps made no update
     assert "skipped step 3: non-finite loss (1 of --skip-nonfinite 2)" in caplog.text
     trainer, _ = make_trainer(tmp_path / "b", nan_at({4, 8, 9}), K=1, epochs=3, lr_log=[], skip_nonfinite=2)

@@ -1,0 +1,76 @@
+"""The order every script's main follows, written once: start (processes, device, dataset preset) -> the script's
+own checks -> begin (seed, output folder, logger, precision) -> training data -> the script's model -> the kNN
+monitor -> the script's method -> Trainer -> finish (closing line, report.md, curves.png). A script holds its flags,
+its checks, its model and its method, and calls these steps in this order:
+
+    run = Run(args)                                  # torchrun's processes, the device, the dataset's preset
+    ...                                              # the script's checks of its flags (one line each)
+    run.begin()                                      # same initial weights on every rank; logs every flag
+    data = run.training_data(views)
+    module = run.place(MyModel(...), sync_bn=True)   # on the device; SyncBN under several processes
+    knn = run.knn(module.encoder)                    # the pretraining scripts' monitor (or None)
+    method = MyMethod(module, run.parallel(module), lr, args.epochs, knn, model_config)
+    return run.train(method, optimizer, "what trains", lr, identity=("dataset", "arch", "img_size"))
+"""
+from data import apply_preset
+from data.pipeline import knn_setup, training_data
+from engine import Trainer, TrainSettings
+from models.norm import convert_sync_batchnorm
+from utils.dist import data_parallel, get_world_size, init_distributed
+from utils.report import RunReporter
+from utils.run import describe_run, start_run
+from utils.runtime import amp_dtype, seed_everything
+
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.device = init_distributed(args.device, args.deterministic)
+        self.preset = apply_preset(args)
+        self.amp, self.data, self.logger, self.notes = None, None, None, []
+
+    def begin(self):
+        """Seed (the same initial weights on every rank and every run), create the output folder, log every flag;
+        the precision of --amp on this device."""
+        seed_everything(self.args.seed)
+        self.logger = start_run(self.args)
+        self.amp = amp_dtype(self.args.amp, self.device)
+        return self
+
+    def training_data(self, recipe, **options):
+        """data.pipeline.training_data of the run's flags (options: holdout, on_device, few_labels)."""
+        self.data = training_data(self.args, recipe, self.device, **options)
+        return self.data
+
+    def place(self, module, sync_bn: bool = False):
+        """The module on the run's device; sync_bn: its batch norms synchronised over the processes when there are
+        several (statistics over the global batch, as with one process)."""
+        module = module.to(self.device)
+        return convert_sync_batchnorm(module, self.device) if sync_bn and get_world_size() > 1 else module
+
+    def parallel(self, module):
+        """What the method calls: the module under DDP when there are several processes, else itself."""
+        return data_parallel(module, self.device)
+
+    def knn(self, backbone):
+        """The pretraining scripts' kNN monitor of `backbone` (None when --knn-every 0, or with a note for
+        report.md when there are no labels to monitor with)."""
+        knn, self.notes = knn_setup(self.args, self.preset, self.device, backbone, self.amp, self.data)
+        return knn
+
+    def describe(self, what: str, lr: float, details: dict = None) -> str:
+        return describe_run(what, self.data, lr, self.device, self.amp, details)
+
+    def train(self, method, optimizer, what: str, lr: float, details: dict = None, eval_every: int = None,
+              identity=(), lr_flag: str = "--lr", known_ranges: dict = None, loader=None) -> dict:
+        """Train `method` (optimizer: a utils.optim.OptimizerSpec) to the end, or to the dry run's one forward
+        pass, and finish; the last metrics. what/lr/details: the opening line (utils.run.describe_run); eval_every:
+        default --knn-every; identity: the flags a found checkpoint must share to be resumed; loader: default the
+        training data's."""
+        args = self.args
+        settings = TrainSettings.from_args(args, args.knn_every if eval_every is None else eval_every,
+                                           self.describe(what, lr, details), self.notes, identity=identity,
+                                           lr_flag=lr_flag, known_ranges=known_ranges)
+        trainer = Trainer(method, optimizer, self.data.loader if loader is None else loader, settings, self.device,
+                          self.amp, RunReporter(args.output_dir))
+        return trainer.finish(trainer.fit())
