@@ -18,7 +18,7 @@ from utils.dist import get_world_size
 from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
 from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process
-from utils.optim import OptimizerSpec
+from utils.optim import add_adamw_args, adamw_from_args
 from utils.schedule import warmup_cosine
 from models.registry import is_registry_name
 from utils.flags import count, fraction, input_file, momentum, nonnegative, positive, probability, rate
@@ -39,9 +39,7 @@ def get_args_parser():
     g.add_argument("--epochs", "--nepoch", dest="epochs", type=count(), default=100, help="fine-tuning epochs")
     g.add_argument("--base-lr", type=positive(), default=None,
                    help="lr per 512 images (default 2e-3 tiny, 1e-3 small, 5e-4 base); lr = base * batch / 512")
-    g.add_argument("--weight-decay", type=nonnegative(), default=0.05, help="AdamW weight decay (not on norms, biases, "
-                                                                     "pos_embed, cls_token)")
-    g.add_argument("--opt-eps", type=positive(), default=1e-8, help="AdamW epsilon")
+    add_adamw_args(g, weight_decay=0.05, decay_on="not on norms, biases, pos_embed, cls_token", eps=True)
     g.add_argument("--warmup-epochs", type=nonnegative(), default=5, help="linear warmup epochs")
     g.add_argument("--warmup-lr", type=nonnegative(), default=1e-6, help="lr at the start of the warmup")
     g.add_argument("--min-lr", type=nonnegative(), default=1e-5, help="lr at the end of the cosine")
@@ -101,7 +99,7 @@ def main(args):
     args.arch = model_config["arch"]
     args.base_lr = args.base_lr or BASE_LR[args.arch]
     lr = args.base_lr * args.batch_size / 512
-    optimizer = OptimizerSpec("adamw", lr, args.weight_decay, eps=args.opt_eps)     # the method's groups decay
+    optimizer = adamw_from_args(args, lr)     # the method's groups say which parameters decay
     ema = ModelEmaV3(module, decay=args.model_ema_decay) if args.model_ema else None
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                   switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,

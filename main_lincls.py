@@ -23,10 +23,10 @@ from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
 from utils.knn import feature_dataset
 from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process
-from utils.optim import add_sgd_args, sgd_from_args
+from utils.optim import add_lars_args, add_sgd_args, sgd_from_args
 from utils.schedule import cosine_per_epoch
 from models.registry import is_registry_name
-from utils.flags import count, input_file, positive
+from utils.flags import count, input_file
 
 
 def get_args_parser():
@@ -46,8 +46,7 @@ def get_args_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", "--nepoch", dest="epochs", type=count(), default=90, help="training epochs")
     add_sgd_args(g, lr=0.1, weight_decay=0.0)
-    g.add_argument("--lars", action="store_true", help="LARS (trust ratio on the weight matrix) around SGD")
-    g.add_argument("--trust-coefficient", type=positive(), default=0.001, help="LARS trust coefficient")
+    add_lars_args(g)
     g.add_argument("--cache-features", action="store_true",
                    help="extract the features of the centre-cropped images once and train on them (fast; not the "
                         "reference protocol, which augments every epoch)")

@@ -10,8 +10,8 @@ from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
 from utils.knn import add_knn_args
 from utils.run import VIT_IDENTITY, add_runtime_args, check_ordered, check_per_process
-from utils.optim import OptimizerSpec
-from utils.flags import count, fraction, momentum, nonnegative, positive
+from utils.optim import add_adamw_args, adamw_from_args
+from utils.flags import count, fraction, nonnegative, positive
 
 BASE_LR = {"vit-tiny": 1e-3, "vit-small": 5e-4, "vit-base": 5e-4}
 
@@ -34,8 +34,7 @@ def get_args_parser():
     g.add_argument("--warmup-epochs", type=nonnegative(), default=20, help="linear warmup epochs")
     g.add_argument("--base-lr", type=positive(), default=None,
                    help="lr per 256 images (default 1e-3 tiny, 5e-4 small/base); lr = base * batch / 256")
-    g.add_argument("--weight-decay", type=nonnegative(), default=0.05, help="AdamW weight decay (on all parameters)")
-    g.add_argument("--betas", type=momentum(), nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"), help="AdamW betas")
+    add_adamw_args(g, weight_decay=0.05, decay_on="on all parameters", betas=True)
     add_aps_view_args(p)
     add_knn_args(p, sorted(PRESETS))
     add_runtime_args(p)
@@ -69,7 +68,7 @@ def main(args):
     module = run.place(APS(encoder, args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim, args.temperature),
                        sync_bn=True)
     lr = args.base_lr * args.batch_size / 256
-    optimizer = OptimizerSpec("adamw", lr, args.weight_decay, betas=tuple(args.betas))
+    optimizer = adamw_from_args(args, lr)
     knn = run.knn(module.encoder)
     method = APSPretraining(module, run.parallel(module), encoder.grid, args.sampling_ratio, args.nsampling,
                             args.power, lr, args.warmup_epochs, args.epochs, knn, model_config)

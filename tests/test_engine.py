@@ -142,3 +142,50 @@ def test_a_method_owns_its_parameter_groups_with_lr_scale_fixed_lr_and_weight_de
         b = b - 0.5 * g_b                                         # fixed lr, no decay
     assert torch.allclose(model.weight.detach(), w, atol=1e-6) and torch.allclose(model.bias.detach(), b, atol=1e-6)
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [2.0 * 0.05, 0.5]
+
+
+def test_callbacks_see_every_moment_in_order_and_an_installed_one_leaves_with_its_block(tmp_path, make_trainer):
+    import contextlib
+    import os
+
+    from engine import Callback, installed
+    events = []
+
+    class Recorder(Callback):
+        @contextlib.contextmanager
+        def step_context(self):
+            events.append("ctx")
+            yield
+
+        def fit_start(self, trainer):
+            events.append(("start", trainer.global_step))
+
+        def after_backward(self, trainer):           # the gradients are there, the optimiser has not stepped yet
+            grads = [p.grad for p in trainer.method.module.parameters()]
+            events.append(("backward", trainer.global_step, all(g is not None for g in grads)))
+
+        def epoch_end(self, trainer, epoch):         # before the epoch's checkpoint
+            ckpt = tmp_path / "checkpoint.pth"
+            events.append(("epoch", epoch, load_file(str(ckpt))["epoch"] if os.path.exists(ckpt) else None))
+
+    def steps(model, batch):
+        for _ in range(2):
+            yield model(batch[0]).pow(2).mean(), {}
+
+    with installed(Recorder()):
+        trainer, _ = make_trainer(tmp_path, steps, K=2, epochs=2, lr_log=[])
+    trainer.fit()
+    # by hand: 5 batches of 2 steps an epoch; each batch's load, each step's forward and its backward in the context;
+    # one more load finds the end of the epoch
+    expected = [("start", 0)]
+    for epoch in range(2):
+        for batch in range(5):
+            expected.append("ctx")
+            for t in range(2):
+                expected += ["ctx", "ctx", ("backward", epoch * 10 + batch * 2 + t, True)]
+        expected += ["ctx", ("epoch", epoch, None if epoch == 0 else 1)]
+    assert events == expected
+    events.clear()
+    later, _ = make_trainer(tmp_path / "later", steps, K=2, epochs=1, lr_log=[])    # built outside the block
+    later.fit()
+    assert events == []

@@ -146,3 +146,25 @@ def test_configure_device_turns_on_cudnn_benchmark_for_cuda_only(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
     configure_device(torch.device("cuda", 0))                 # a flag only: no GPU needed to set it
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_the_shared_optimiser_flag_groups_give_the_spec_their_flags_say():
+    import argparse
+
+    from utils.optim import (OptimizerSpec, add_adamw_args, add_lars_args, add_sgd_args, adamw_from_args,
+                             sgd_from_args)
+    p = argparse.ArgumentParser()
+    add_adamw_args(p, weight_decay=0.05, decay_on="on all parameters", betas=True)
+    args = p.parse_args(["--betas", "0.8", "0.95"])
+    assert adamw_from_args(args, 0.5) == OptimizerSpec("adamw", 0.5, 0.05, betas=(0.8, 0.95), eps=1e-8)
+    assert "--opt-eps" not in p.format_help() and "AdamW weight decay (on all parameters)" in p.format_help()
+    p = argparse.ArgumentParser()
+    add_adamw_args(p, weight_decay=0.0, decay_on="x", eps=True)
+    assert adamw_from_args(p.parse_args(["--opt-eps", "1e-6"]), 1.0) == OptimizerSpec("adamw", 1.0, 0.0, eps=1e-6)
+    p = argparse.ArgumentParser()
+    add_sgd_args(p, lr=0.1, weight_decay=0.0)
+    add_lars_args(p)
+    args = p.parse_args(["--lars", "--trust-coefficient", "0.02", "--wd", "1e-4"])
+    args.batch_size = 512
+    lr, spec = sgd_from_args(args, "lars" if args.lars else "sgd")
+    assert lr == 0.2 and spec == OptimizerSpec("lars", 0.2, 1e-4, momentum=0.9, trust_coefficient=0.02)

@@ -63,3 +63,27 @@ def sgd_from_args(args, kind: str = "sgd") -> tuple:
     lr = args.lr * args.batch_size / 256
     return lr, OptimizerSpec(kind, lr, args.weight_decay, momentum=args.momentum,
                              trust_coefficient=getattr(args, "trust_coefficient", 0.001))
+
+
+def add_adamw_args(group, weight_decay: float, decay_on: str, betas: bool = False, eps: bool = False):
+    """AdamW's flags: --weight-decay (decay_on: which parameters it applies to, for the help), and where a script
+    offers them, --betas B1 B2 and --opt-eps."""
+    group.add_argument("--weight-decay", type=nonnegative(), default=weight_decay,
+                       help=f"AdamW weight decay ({decay_on})")
+    if betas:
+        group.add_argument("--betas", type=momentum(), nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+                           help="AdamW betas")
+    if eps:
+        group.add_argument("--opt-eps", type=positive(), default=1e-8, help="AdamW epsilon")
+
+
+def adamw_from_args(args, lr: float) -> OptimizerSpec:
+    """The OptimizerSpec of add_adamw_args' flags at `lr` (the flags a script leaves out: torch's defaults)."""
+    return OptimizerSpec("adamw", lr, args.weight_decay, betas=tuple(getattr(args, "betas", (0.9, 0.999))),
+                         eps=getattr(args, "opt_eps", 1e-8))
+
+
+def add_lars_args(group):
+    """--lars (LARS around SGD: sgd_from_args(args, "lars")) and --trust-coefficient."""
+    group.add_argument("--lars", action="store_true", help="LARS (trust ratio on the weight matrix) around SGD")
+    group.add_argument("--trust-coefficient", type=positive(), default=0.001, help="LARS trust coefficient")
