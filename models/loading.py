@@ -23,7 +23,10 @@ Formats (each row names the key prefixes its files must have):
   ours-moco     a main_moco.py checkpoint: {"model": {encoder_q.*, encoder_k.*, queue, queue_ptr}, ...}
   reference-moco the Asym-Siam authors' file (docs/REFERENCE.md#moco-checkpoint): {"arch", "state_dict":
                 {module.encoder_q.*, ...}}
-ViT formats give an APS ViT (cls feature); MoCo formats give a torchvision ResNet with fc = Identity.
+  from outside (models/outside.py): torchvision-resnet, timm-vit-model (MAE, DeiT), moco-v3-vit/-resnet,
+                dino-vit/-resnet, exported-vit/-resnet (hub folders and .safetensors files); a file from outside has
+                its layout (q/k/v biases, a class position, average pooling, timm's epsilon) read off its keys
+ViT formats give an APS ViT (cls feature); ResNet formats give a torchvision ResNet with fc = Identity.
 Only `torch.load(weights_only=True)` is ever used (whole-module pickles through models.pickled's allowlist of
 inert stand-ins): nothing in a file can run code.
 """
@@ -33,6 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from models import outside
 from models.pickled import read_module_tree
 from models.registry import is_registry_name, resolve
 from models.resnet import create_resnet
@@ -174,6 +178,7 @@ class Format:
     needs: tuple
     convert: Callable[[dict], tuple]
     ours: bool = False
+    hints: Optional[Callable[[dict], dict]] = None     # create_vit arguments the file's keys do not hold (heads)
 
     def fits(self, loaded: dict) -> bool:
         keys = self.keys(loaded)
@@ -187,13 +192,28 @@ def _model(c):
 
 FORMATS = (
     Format("ours-aps", "vit", _model, ("encoder.", "projector.", "predictor."), _ours_aps, ours=True),
-    Format("ours-vit", "vit", _model, ("pos_embed", "patch_embed.", "blocks."), _ours_vit, ours=True),
+    Format("ours-vit", "vit", lambda c: _model(c) if "model_config" in c else None,
+           ("pos_embed", "patch_embed.", "blocks."), _ours_vit, ours=True),
     Format("reference-aps", "vit", lambda c: keys_of(c) if TREE not in c or _tree_state(
         c, (".ViTEncoderPredHead", ".ViTEncoderProjHead")) else None, ("base_encoder.",), _reference_aps),
     Format("reference-aps-classifier", "vit", lambda c: _tree_state(c, ("module.model.Vit",)),
            ("fc.weight", "pos_embedding", "transformer."), _reference_classifier),
-    Format("timm-vit", "vit", lambda c: None if TREE in c else c, ("pos_embed", "patch_embed.proj.weight", "blocks."),
-           lambda c: (c, [], {}, None)),
+    Format("timm-vit", "vit", lambda c: None if TREE in c else outside.plain(c),
+           ("pos_embed", "patch_embed.proj.weight", "blocks."), lambda c: (c, [], {}, None)),
+    # files from outside (models/outside.py)
+    Format("timm-vit-model", "vit", lambda c: _model(c) if "model_config" not in c and RECORD not in c else None,
+           ("pos_embed", "patch_embed.proj.weight", "blocks."), outside.timm_vit_model),
+    Format("torchvision-resnet", "resnet", outside.plain, ("conv1.weight", "bn1.", "layer1.", "layer4."),
+           lambda c: outside.torchvision_resnet(c)),
+    Format("moco-v3-vit", "vit", lambda c: c.get("state_dict"), ("module.base_encoder.pos_embed",),
+           outside.moco_v3_vit, hints=outside.moco_v3_hints),
+    Format("moco-v3-resnet", "resnet", lambda c: c.get("state_dict"), ("module.base_encoder.conv1.",),
+           outside.moco_v3_resnet),
+    Format("dino-vit", "vit", lambda c: c.get("teacher"), ("backbone.pos_embed",), outside.dino_teacher),
+    Format("dino-resnet", "resnet", lambda c: c.get("teacher"), ("backbone.conv1.",), outside.dino_teacher),
+    Format("exported-vit", "vit", outside.exported_state, ("pos_embed", "patch_embed.proj.weight"), outside.exported,
+           hints=outside.exported_hints),
+    Format("exported-resnet", "resnet", outside.exported_state, ("conv1.weight", "layer1."), outside.exported),
     Format("ours-moco", "resnet", _model, ("encoder_q.", "encoder_k.", "queue"),
            lambda c: _resnet_trunk(c["model"], "encoder_q."), ours=True),
     Format("reference-moco", "resnet", lambda c: c.get("state_dict"), ("module.encoder_q.",),   # (any MoCo v1/v2)
@@ -281,6 +301,10 @@ def load_weights(source):
         raise UserError(f"weights {source} does not exist and is not a registry name; check the path, or see "
                         "`python -m tools.weights list`")
     path = resolve(source)
+    if os.path.isdir(path):
+        return source, outside.read_hub_folder(path)
+    if path.endswith(".safetensors"):
+        return source, outside.read_safetensors(path)
     try:
         return source, load_file(path, "weights")
     except PickledObjects:
@@ -312,8 +336,10 @@ class Checkpoint:
         --depth / --embed-dim / --num-heads."""
         if self.family != "vit":
             raise UserError(f"{self.name} holds a ResNet ({self.format.name}); this needs a ViT checkpoint (APS)")
-        return checked_vit_config(self.name, self.state, self.saved, arch, patch_size, img_size,
-                                  tree_hints(self.loaded, self.name), given)
+        hints = tree_hints(self.loaded, self.name)
+        if not self.format.ours and not self.saved:     # a file from outside: its layout, read off its keys
+            hints = {**outside.vit_hints(self.state), **(self.format.hints(self.loaded) if self.format.hints else {}), **hints}
+        return checked_vit_config(self.name, self.state, self.saved, arch, patch_size, img_size, hints, given)
 
     def resnet_config(self, arch: str = None) -> dict:
         """create_resnet's arch and stem, read off the trunk and checked against -a."""
