@@ -21,7 +21,7 @@ from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process
 from utils.optim import add_adamw_args, adamw_from_args
 from utils.schedule import warmup_cosine
 from models.registry import is_registry_name
-from utils.flags import count, fraction, input_file, momentum, nonnegative, positive, probability, rate
+from utils.flags import count, fraction, input_weights, momentum, nonnegative, positive, probability, rate
 
 BASE_LR = {"vit-tiny": 2e-3, "vit-small": 1e-3, "vit-base": 5e-4}  # per 512 images
 
@@ -31,7 +31,7 @@ def get_args_parser():
     add_data_args(p, batch_size=128, subset="the training set")
     g = add_vit_args(p, arch=None, arch_help="ViT size (depth 12); default: what --pretrained-weights or --eval's "
                                               "file holds, else vit-small")
-    g.add_argument("--pretrained-weights", type=input_file(empty="train from scratch", registry=is_registry_name),
+    g.add_argument("--pretrained-weights", type=input_weights(empty="train from scratch", registry=is_registry_name),
                    default="", help="APS checkpoint: ours or the reference's, pretrained or fine-tuned")
     g.add_argument("--drop-path", type=rate(), default=0.1,
                    help="stochastic depth rate (applied, unlike the reference)")

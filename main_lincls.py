@@ -26,7 +26,7 @@ from utils.run import VIT_IDENTITY, add_runtime_args, check_per_process
 from utils.optim import add_lars_args, add_sgd_args, sgd_from_args
 from utils.schedule import cosine_per_epoch
 from models.registry import is_registry_name
-from utils.flags import count, input_file
+from utils.flags import count, input_weights
 
 
 def get_args_parser():
@@ -36,7 +36,7 @@ def get_args_parser():
     g.add_argument("-a", "--arch", default=None, choices=PROBE_ARCHS,
                    help="backbone; read off --pretrained when left out (then it must match); needed for a random init")
     g.add_argument("--pretrained", "--pretrained-weights", dest="pretrained", default="",
-                   type=input_file(empty="a random init", registry=is_registry_name),
+                   type=input_weights(empty="a random init", registry=is_registry_name),
                    help="backbone checkpoint: ours (main_moco.py, main_pretrain.py, main_finetune.py) or the "
                         "reference's (Asym-Siam, APS)")
     g.add_argument("--patch-size", type=count(), default=None, help="ViT patch size (checked against the checkpoint)")

@@ -82,6 +82,7 @@ def base_argv(module: str, sub: str, places) -> list:
             ("tools.same_runs", "compare"): ["compare", folder, folder], ("tools.weights", "list"): ["list"],
             ("tools.weights", "download"): ["download", "asym-siam/baseline-r50-100ep"],
             ("tools.weights", "convert"): ["convert", f, str(places / "out.pth")],
+            ("tools.weights", "export"): ["export", f, str(places / "out.safetensors")],
             ("tools.weights", "inspect"): ["inspect", f]}.get((module, sub), [])
 
 
@@ -137,7 +138,8 @@ def expected_in(domain: Domain, text: str, places) -> bool:
         if text == "":
             return False
         is_file, is_dir = os.path.isfile(text), os.path.isdir(text)
-        return {"input-file": is_file, "input-folder": is_dir, "folder": not is_file, "data-root": True, "output-folder": not is_file,
+        hub = is_dir and os.path.isfile(os.path.join(text, "config.json"))
+        return {"input-file": is_file, "input-weights": is_file or hub, "input-folder": is_dir, "folder": not is_file, "data-root": True, "output-folder": not is_file,
                 "output-file": not is_dir and os.path.isdir(os.path.dirname(os.path.abspath(text)))}[domain.kind]
     return None                                                   # text: the domain's own check decides
 

@@ -19,12 +19,12 @@ from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
 from utils.plots import pyplot, save
 from models.registry import is_registry_name
-from utils.flags import count, folder, input_file, integer, output_file
+from utils.flags import count, folder, input_file, input_weights, integer, output_file
 
 
 def get_args_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], prog="python -m tools.show_attention")
-    p.add_argument("weights", type=input_file(registry=is_registry_name),
+    p.add_argument("weights", type=input_weights(registry=is_registry_name),
                    help="a ViT checkpoint (path or registry name)")
     p.add_argument("--dataset", default="digits", choices=sorted(PRESETS), help="test images from this dataset")
     p.add_argument("--data-root", type=folder(), default=None, help="dataset folder (see main_pretrain.py --help)")

@@ -7,6 +7,8 @@
     python -m tools.weights convert IN OUT              # a plain state dict: a classifier, or a backbone
     python -m tools.weights inspect IN                  # format, arch, sizes, classes, parameters, sha256
     python -m tools.weights convert --to detectron2 IN out.pkl   # a ResNet-50 for detectron2
+    python -m tools.weights export IN OUT.safetensors --format safetensors   # timm / torchvision layout
+    python -m tools.weights export IN OUT_FOLDER --format hf      # a hub folder: model.safetensors, config.json, card
 
 Downloads go to <dest>/<file>.part, resume from there (HTTP Range), are verified (the published md5 prefix for
 Asym-Siam; the hub's sha256 for APS) and only then renamed into place: nothing unverified is ever loaded.
@@ -16,6 +18,7 @@ import json
 import os
 import pickle
 
+from tools.export import FORMATS as EXPORT_FORMATS, export
 from models.loading import classifier_state, describe_weights, load_backbone, open_checkpoint
 from models.resnet import to_detectron2
 from models.registry import (APS_PREFIX, APS_REPO, REGISTRY, aps_listing, asym_siam_url, cache_path, download,
@@ -24,7 +27,7 @@ from utils.checkpoint import save_checkpoint
 from utils.download import file_digest
 from utils.config import ArgumentParser
 from utils.errors import UserError, exit_on_user_error
-from utils.flags import folder, input_file, output_file, output_folder, positive, text
+from utils.flags import folder, input_weights, output_file, output_folder, positive, text
 
 
 TARGETS = ("torchvision", "timm", "detectron2")
@@ -108,13 +111,22 @@ def get_args_parser():
                     help="cache folder (default: $ASYM_SSL_WEIGHTS or torch.hub's)")
     dl.add_argument("--timeout", type=positive(), default=30.0, help="network timeout in seconds")
     cv = sub.add_parser("convert", help="write a checkpoint's backbone (or classifier) as a plain state dict")
-    cv.add_argument("src", type=input_file(registry=is_registry_name), help="checkpoint path or registry name")
+    cv.add_argument("src", type=input_weights(registry=is_registry_name), help="checkpoint path or registry name")
     cv.add_argument("out", type=output_file(), help="output file (.pth; .pkl for detectron2)")
     cv.add_argument("--to", choices=TARGETS, default=None,
                     help="torchvision (ResNets) / timm (ViTs): the plain state dict; detectron2: a ResNet-50 "
                          "backbone in detectron2's layout")
+    ex = sub.add_parser("export", help="write a checkpoint for other libraries: .safetensors in timm's/torchvision's "
+                                       "layout, or a Hugging Face hub folder")
+    ex.add_argument("src", type=input_weights(registry=is_registry_name), help="checkpoint path, hub folder or "
+                                                                                 "registry name")
+    ex.add_argument("out", type=text("a path to write (a .safetensors file, or a new folder for --format hf)"),
+                    help="output file or folder")
+    ex.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors",
+                    help="safetensors: one file (timm/torchvision keys, our config in its metadata); hf: a folder "
+                         "in the hub's layout (docs/WEIGHTS.md#export)")
     ins = sub.add_parser("inspect", help="what a file holds (format, arch, sizes, classes, parameters, sha256)")
-    ins.add_argument("src", type=input_file(registry=is_registry_name),
+    ins.add_argument("src", type=input_weights(registry=is_registry_name),
                      help="checkpoint path or registry name (downloaded first)")
     return p
 
@@ -130,6 +142,8 @@ def main(args):
             print("\t".join(row))
     elif args.command == "download":
         print(download(args.name, args.dest, args.timeout))
+    elif args.command == "export":
+        print(export(args.src, args.out, args.format))
     elif args.command == "inspect":
         print("\n".join(inspect(args.src)))
     else:

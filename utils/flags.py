@@ -174,6 +174,11 @@ class Path(Domain):
             if os.path.isdir(value):
                 return "is a folder, not a file"
             return "" if os.path.isfile(value) else "does not exist"
+        if self.kind == "input-weights":
+            if os.path.isdir(value):
+                return "" if os.path.isfile(os.path.join(value, "config.json")) else \
+                    "is a folder without config.json, not a checkpoint file or a hub folder"
+            return "" if os.path.isfile(value) else "does not exist"
         if self.kind == "input-folder":
             if os.path.isfile(value):
                 return "is a file, not a folder"
@@ -194,6 +199,8 @@ class Path(Domain):
 
     def domain_text(self) -> str:
         return {"input-file": "an existing file" + (" or a registry name" if self.registry else ""),
+                "input-weights": "an existing checkpoint file, a folder in the hub's layout (config.json + "
+                                 "model.safetensors)" + (", or a registry name" if self.registry else ""),
                 "input-folder": "an existing folder", "folder": "a folder (existing, or to download into)",
                 "data-root": "a dataset's folder (existing, or to download into), or a list file (--dataset filelist)",
                 "output-folder": "a folder to write in (created if missing)",
@@ -214,6 +221,12 @@ def input_file(empty: str = None, registry=None) -> Path:
     """An existing file (not a folder); empty: what '' means, if it may be left empty; registry(name) -> True
     for names of released weights (downloaded when used)."""
     return Path("input-file", {"": empty} if empty else None, registry)
+
+
+def input_weights(empty: str = None, registry=None) -> Path:
+    """Weights to read: an existing file, or a folder in the hub's layout (one with config.json); empty and
+    registry as input_file's."""
+    return Path("input-weights", {"": empty} if empty else None, registry)
 
 
 def input_folder(empty: str = None) -> Path:
