@@ -6,7 +6,7 @@ reference's --dist-url/--multiprocessing-distributed/--world-size/--rank flags a
 from augment.recipes import add_moco_view_args, moco_views_from_args
 from data import PRESETS, add_data_args
 from methods.moco import MoCoPretraining
-from methods.run import Run
+from methods.run import Run, add_init_weights_arg
 from models.moco import build_moco, check_queue, synchronise_key_projector
 from models.resnet import ResNetTrunk, add_resnet_args, resolve_cifar_stem
 from utils.config import ArgumentParser
@@ -36,6 +36,7 @@ def get_args_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", "--nepoch", dest="epochs", type=count(), default=100, help="pretraining epochs")
     add_sgd_args(g, lr=0.03, weight_decay=1e-4)
+    add_init_weights_arg(g)
     add_moco_view_args(p)
     add_knn_args(p, sorted(PRESETS))
     add_runtime_args(p, reference_launcher=True)
@@ -65,6 +66,8 @@ def main(args):
             run.logger.warning("--enable-asym-bn does nothing with one process (there is nothing to synchronise)")
         else:  # the target (key) projector's BN only, over groups of --syncbn-group-size ranks
             synchronise_key_projector(module, run.device, args.syncbn_group_size)
+    if run.init_weights(module.encoder_q, whole=module, fresh=("queue",)):
+        module.encoder_k.load_state_dict(module.encoder_q.state_dict())    # the key encoder starts as the query one
     lr, optimizer = sgd_from_args(args)
     knn = run.knn(ResNetTrunk(module.encoder_q))
     method = MoCoPretraining(module, run.parallel(module), lr, args.epochs, knn,

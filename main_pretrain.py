@@ -2,7 +2,7 @@
 from augment.recipes import add_aps_view_args, aps_pair_from_args
 from data import PRESETS, add_data_args
 from methods.aps import APSPretraining
-from methods.run import Run
+from methods.run import Run, add_init_weights_arg
 from models import APS, create_vit
 from models.vit import add_vit_args, check_vit_flags, vit_overrides
 from samplers.aps import kept_per_view
@@ -35,6 +35,7 @@ def get_args_parser():
     g.add_argument("--base-lr", type=positive(), default=None,
                    help="lr per 256 images (default 1e-3 tiny, 5e-4 small/base); lr = base * batch / 256")
     add_adamw_args(g, weight_decay=0.05, decay_on="on all parameters", betas=True)
+    add_init_weights_arg(g)
     add_aps_view_args(p)
     add_knn_args(p, sorted(PRESETS))
     add_runtime_args(p)
@@ -67,6 +68,7 @@ def main(args):
     encoder = create_vit(**model_config)
     module = run.place(APS(encoder, args.proj_hidden_dim, args.proj_dim, args.pred_hidden_dim, args.temperature),
                        sync_bn=True)
+    run.init_weights(module.encoder, whole=module)
     lr = args.base_lr * args.batch_size / 256
     optimizer = adamw_from_args(args, lr)
     knn = run.knn(module.encoder)
