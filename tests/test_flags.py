@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = tuple(sorted(f[:-3] for f in os.listdir(ROOT) if f.startswith("main_") and f.endswith(".py")))
 TOOLS = ("bench.speed", "tools.show_aps", "tools.show_attention", "tools.show_features", "tools.plot_runs",
          "tools.same_runs", "tools.weights", "bench.gpu_report", "bench.gpu_checks", "tools.check_data", "tools.make_shards",
-         "tools.reproduce")
+         "tools.reproduce", "tools.embed")
 SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction, argparse._HelpAction,
             argparse._CountAction, argparse._VersionAction, argparse._SubParsersAction)
 PROBES = ("0", "-1", "nan", "inf", "-inf", "1e30", "", "0.5", "1", "abc")
@@ -83,6 +83,7 @@ def base_argv(module: str, sub: str, places) -> list:
             ("tools.weights", "download"): ["download", "asym-siam/baseline-r50-100ep"],
             ("tools.weights", "convert"): ["convert", f, str(places / "out.pth")],
             ("tools.weights", "export"): ["export", f, str(places / "out.safetensors")],
+            ("tools.embed", ""): [f, "--out", str(places / "e.npy")],
             ("tools.weights", "inspect"): ["inspect", f]}.get((module, sub), [])
 
 
