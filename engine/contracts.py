@@ -7,6 +7,7 @@ import torch
 
 from utils.errors import UserError
 from utils.rng import BatchRandom
+from utils.trackers import parse_loggers
 
 
 class Method:
@@ -110,6 +111,7 @@ class TrainSettings:
     identity: tuple = ()                        # flags (dests) a checkpoint found by auto-resume must share
     lr_flag: str = "--lr"                       # the flag a non-finite loss's advice names
     known_ranges: dict = field(default_factory=dict)  # flag dest -> (low, high) the method is known to train in
+    loggers: tuple = ("tensorboard",)           # where scalars go besides log.jsonl (utils.trackers)
 
     @classmethod
     def from_args(cls, args, eval_every: int, description: str = "", notes=(), identity=(), lr_flag: str = "--lr",
@@ -122,4 +124,5 @@ class TrainSettings:
                    clip_grad=getattr(args, "clip_grad", None), accum_steps=getattr(args, "accum_steps", 1),
                    flags=dict(vars(args)),
                    description=description, dry_run=args.dry_run, notes=tuple(notes), identity=tuple(identity),
-                   lr_flag=lr_flag, known_ranges=dict(known_ranges or {}))
+                   lr_flag=lr_flag, known_ranges=dict(known_ranges or {}),
+                   loggers=parse_loggers(getattr(args, "logger", "tensorboard")))

@@ -15,11 +15,15 @@ from engine.hooks import Callbacks
 from engine.progress import EpochLog
 from engine.state import RunState
 from utils.checkpoint import LATEST
+from utils.config import CONFIG
 from utils.dist import cleanup, get_rank, get_world_size, is_dist
 from utils.errors import UserError
 from utils.log import RunLog, get_logger
 from utils.optim import OptimizerSpec, set_lr
+from utils.plots import CURVES
+from utils.preempt import Preempted
 from utils.recompute import enable_grad_checkpointing, recomputes_buffers
+from utils.report import REPORT
 from utils.rng import BatchRandom
 from utils.runtime import autocast, compile_in_place, make_grad_scaler, peak_memory_mib, seed_everything
 from utils.transfer import tree_to_device
@@ -51,7 +55,7 @@ class Trainer:
         self.guard = NonFiniteGuard(settings, device, method.name)
         self.hooks = Callbacks(callbacks)
         self.rng = BatchRandom(device)
-        self.log = RunLog(settings.output_dir)
+        self.log = RunLog(settings.output_dir, settings.loggers)
         self.logger = get_logger()
         self.last_metrics, self.start_metrics = {}, {}
         self.train_seconds, self.train_images = 0.0, 0      # this process's training time and images (for report.md)
@@ -145,6 +149,9 @@ class Trainer:
         self.state.stop.install()
         try:
             return self._fit()
+        except BaseException as e:                  # the trackers' runs end too (resumable after a preemption)
+            self.log.end("preempted" if isinstance(e, Preempted) else "failed")
+            raise
         finally:
             self.state.stop.restore()
 
@@ -180,6 +187,7 @@ class Trainer:
             return self.dry_run()
         self.reporter.started(settings.flags)
         self.state.resume()
+        self.log.start(settings.flags, resumed=self.start_epoch > 0 or self.skip_batches > 0)
         if self.start_epoch == 0 and not self.skip_batches and settings.eval_every > 0 and method.evaluate_at_start:
             self.evaluate_start()
         if self.start_epoch >= epochs:
@@ -235,5 +243,6 @@ class Trainer:
             metrics=metrics, start_metrics=self.start_metrics, seconds=self.train_seconds,
             images_per_s=self.train_images / max(self.train_seconds, 1e-9) * get_world_size(),
             peak_memory_mib=peak_memory_mib(self.device), epochs=f"{settings.epochs}{resumed}", notes=settings.notes)
+        self.log.end("finished", metrics, [os.path.join(settings.output_dir, f) for f in (CURVES, REPORT, CONFIG)])
         cleanup()
         return metrics

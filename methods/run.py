@@ -26,6 +26,7 @@ from utils.flags import input_weights
 from utils.report import RunReporter
 from utils.run import describe_run, start_run
 from utils.runtime import amp_dtype, seed_everything
+from utils.trackers import parse_loggers, require
 
 
 def add_init_weights_arg(group):
@@ -43,6 +44,7 @@ class Run:
         if getattr(args, "init_weights", "") and args.resume:
             raise UserError("--resume and --init-weights together: --resume continues a run, --init-weights starts a "
                             "new one from other weights; pass one of them")
+        require(parse_loggers(getattr(args, "logger", "tensorboard")))   # a missing tracker: one line, first
         self.device = init_distributed(args.device, args.deterministic)
         self.preset = apply_preset(args)
         self.amp, self.data, self.logger, self.notes = None, None, None, []
@@ -72,8 +74,8 @@ class Run:
 
     def init_weights(self, backbone, whole=None, fresh=()) -> bool:
         """--init-weights: `backbone` (or `whole`, from one of our checkpoints of the same method, but for the
-        entries under `fresh`) from the file; the line saying what was loaded is a note (logged, in report.md); False when there is nothing to load
-        (no flag, or a checkpoint in the output folder that the run resumes instead)."""
+        entries under `fresh`) from the file; the line saying what was loaded is a note (logged, in report.md).
+        False when there is nothing to load (no flag, or a checkpoint in the output folder that the run resumes)."""
         source = getattr(self.args, "init_weights", "")
         if not source:
             return False

@@ -338,7 +338,8 @@ class Checkpoint:
             raise UserError(f"{self.name} holds a ResNet ({self.format.name}); this needs a ViT checkpoint (APS)")
         hints = tree_hints(self.loaded, self.name)
         if not self.format.ours and not self.saved:     # a file from outside: its layout, read off its keys
-            hints = {**outside.vit_hints(self.state), **(self.format.hints(self.loaded) if self.format.hints else {}), **hints}
+            known = self.format.hints(self.loaded) if self.format.hints else {}
+            hints = {**outside.vit_hints(self.state), **known, **hints}
         return checked_vit_config(self.name, self.state, self.saved, arch, patch_size, img_size, hints, given)
 
     def resnet_config(self, arch: str = None) -> dict:

@@ -57,8 +57,8 @@ def test_moco_v3s_vit_small_has_twelve_heads_and_its_resnet_drops_the_projector(
     proj = {"head.0.weight": torch.zeros(16, 384), "head.1.weight": torch.ones(16)}
     sd = {f"module.{part}.{k}": v for part in ("base_encoder", "momentum_encoder")
           for k, v in {**vit.state_dict(), **proj}.items()}
-    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": {**sd, "module.predictor.0.weight": torch.zeros(4, 16)},
-                "optimizer": {}}, tmp_path / "mocov3.pth.tar")
+    sd["module.predictor.0.weight"] = torch.zeros(4, 16)
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": sd, "optimizer": {}}, tmp_path / "mocov3.pth.tar")
     ours = load_backbone(str(tmp_path / "mocov3.pth.tar"))
     assert ours.blocks[0].attn.num_heads == 12
     features_equal(ours, vit)                                # with timm's 6 heads for width 384 this would differ

@@ -1,5 +1,7 @@
 """--init-weights: a fresh run (schedule, optimiser, epoch) whose backbone, and heads where a checkpoint of the same
 method fits, start from another file; what was loaded is one line in the log and in report.md."""
+import math
+
 import pytest
 import torch
 import torchvision
@@ -25,10 +27,12 @@ def test_aps_starts_from_its_own_checkpoint_whole_on_a_fresh_schedule(tmp_path):
     state = trainer.method.module.state_dict()
     assert all(torch.equal(state[k], v) for k, v in source.items())             # backbone and heads
     assert trainer.global_step == 0 and trainer.start_epoch == 0 and not trainer.optimizer.state
-    metrics = main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv + ["--output-dir", str(tmp_path / "c")]))
-    assert metrics["train_loss"] == metrics["train_loss"]
+    parser = main_pretrain.get_args_parser()
+    metrics = main_pretrain.main(parser.parse_args(argv + ["--output-dir", str(tmp_path / "c")]))
+    assert math.isfinite(metrics["train_loss"])                              # it trained from there
     report = (tmp_path / "c" / "report.md").read_text()
-    assert f"--init-weights {tmp_path / 'src.pth'} (ours-aps): loaded {len(source)} of {len(source)} tensors of the model" in report
+    src = tmp_path / "src.pth"
+    assert f"--init-weights {src} (ours-aps): loaded {len(source)} of {len(source)} tensors of the model" in report
     ckpt = torch.load(tmp_path / "c" / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1                                                   # epochs counted from 0, not 7
 

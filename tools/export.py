@@ -1,7 +1,8 @@
 """Weights out of our code (`python -m tools.weights export`): any checkpoint the reader takes (ours, the releases,
 the public layouts of models/outside.py) as a .safetensors file in timm's (ViTs) or torchvision's (ResNets) layout,
-or as a folder in the Hugging Face hub's layout (model.safetensors, config.json with timm's pretrained config, a
-README.md model card).
+as a folder in the Hugging Face hub's layout (model.safetensors, config.json with timm's pretrained config, a
+README.md model card), or as ONNX (the backbone, or a fine-tuned classifier; a dynamic batch axis; checked against
+PyTorch with onnxruntime, an optional extra).
 
 Loading the exports elsewhere (docs/WEIGHTS.md#export):
     timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file="vit.safetensors"), **MODEL_ARGS)
@@ -24,7 +25,9 @@ from models.outside import HUB_CONFIG, HUB_WEIGHTS, OURS_KEY, TIMM_NORM_EPS
 from models.vit import ARCHS
 from utils.errors import UserError
 
-FORMATS = ("safetensors", "hf")
+FORMATS = ("safetensors", "hf", "onnx")
+ONNX_OPSET = 17
+ONNX_TOLERANCE = 1e-4
 TIMM_BASE = {"vit-tiny": "vit_tiny_patch16_224", "vit-small": "vit_small_patch16_224",
              "vit-base": "vit_base_patch16_224"}
 
@@ -32,12 +35,11 @@ TIMM_BASE = {"vit-tiny": "vit_tiny_patch16_224", "vit-small": "vit_small_patch16
 def vit_model_args(cfg: dict, num_classes: int) -> dict:
     """timm VisionTransformer arguments (JSON) that build our ViT `cfg` (create_vit's) with timm's own code."""
     base = ARCHS[cfg["arch"]]
-    args = dict(img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg.get("embed_dim", base["embed_dim"]),
-                depth=cfg.get("depth", 12), num_heads=cfg.get("num_heads", base["num_heads"]),
-                mlp_ratio=cfg.get("mlp_ratio", 4.0), qkv_bias=cfg.get("qkv_bias", False), class_token=True,
-                no_embed_class=cfg.get("no_embed_class", True), global_pool=cfg.get("global_pool", "token"),
-                num_classes=num_classes)
-    return args
+    return dict(img_size=cfg["img_size"], patch_size=cfg["patch_size"],
+                embed_dim=cfg.get("embed_dim", base["embed_dim"]), depth=cfg.get("depth", 12),
+                num_heads=cfg.get("num_heads", base["num_heads"]), mlp_ratio=cfg.get("mlp_ratio", 4.0),
+                qkv_bias=cfg.get("qkv_bias", False), class_token=True, no_embed_class=cfg.get("no_embed_class", True),
+                global_pool=cfg.get("global_pool", "token"), num_classes=num_classes)
 
 
 def norm_eps_of(cfg: dict) -> dict:
@@ -134,7 +136,8 @@ def model_card(config: dict, files: dict) -> str:
              f"({ours['source_format']}).", ""]
     if ours["family"] == "vit":
         eps = ours["norm_eps"]
-        lines += ["```python", "import timm, torch", 'model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)',
+        lines += ["```python", "import timm, torch",
+                  'model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)',
                   f"for name, m in model.named_modules():      # LayerNorm eps {eps['norm_eps']:g} as trained (timm's "
                   f"default is {TIMM_NORM_EPS:g})",
                   "    if isinstance(m, torch.nn.LayerNorm):",
@@ -156,12 +159,61 @@ def model_card(config: dict, files: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def onnx_runtime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise UserError("--format onnx checks the export with onnxruntime, which is not installed; pip install -r "
+                        "requirements-extras.txt (or pip install onnx onnxruntime)") from e
+    return onnxruntime
+
+
+def write_onnx(ck, out: str) -> str:
+    """The backbone (features) or, for a fine-tuned classifier, the classifier (logits) as ONNX with a dynamic batch
+    axis, checked against PyTorch on a batch of another size (at most ONNX_TOLERANCE apart)."""
+    ort = onnx_runtime()
+    if ck.family == "vit":
+        model = load_fine_tuned(ck)[0] if ck.head else load_backbone(ck)
+        size = ck.vit_config()["img_size"]
+    else:
+        model = load_backbone(ck)
+        size = 32 if model.config["cifar_stem"] else 224
+    model.eval()
+    output = "logits" if ck.head else "features"
+    torch.manual_seed(0)
+    traced, checked = torch.randn(2, 3, size, size), torch.randn(3, 3, size, size)
+    tmp = out + ".tmp"
+    try:
+        import warnings
+        with warnings.catch_warnings():                    # torch's notes on the TorchScript-based exporter
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (traced,), tmp, input_names=["images"], output_names=[output],
+                              dynamic_axes={"images": {0: "batch"}, output: {0: "batch"}}, opset_version=ONNX_OPSET,
+                              dynamo=False)
+        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": checked.numpy()})[0])
+        with torch.no_grad():
+            want = model(checked)
+        gap = float((got - want).abs().max())
+        if got.shape != want.shape or gap > ONNX_TOLERANCE:
+            raise UserError(f"the ONNX export of {ck.name} gives {output} {gap:.2g} away from PyTorch's (more than "
+                            f"{ONNX_TOLERANCE:g}); nothing written; report it with `python -m tools.weights inspect`")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return (f"wrote {out}: {ck.family} {output} at {size} px, input 'images' [batch, 3, {size}, {size}], checked "
+            f"with onnxruntime on a batch of 3 (max difference {gap:.1e})")
+
+
 def export(src, out: str, fmt: str) -> str:
     """Write `src` (a path, registry name or hub folder) as `fmt` (safetensors: one file; hf: a folder) at `out`;
     the line to print."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt} is not one of {', '.join(FORMATS)}")
     ck = open_checkpoint(src)
+    if fmt == "onnx":
+        return write_onnx(ck, out)
     state, config = exported_vit(ck) if ck.family == "vit" else exported_resnet(ck)
     if fmt == "safetensors":
         tmp = out + ".tmp"

@@ -9,6 +9,7 @@
     python -m tools.weights convert --to detectron2 IN out.pkl   # a ResNet-50 for detectron2
     python -m tools.weights export IN OUT.safetensors --format safetensors   # timm / torchvision layout
     python -m tools.weights export IN OUT_FOLDER --format hf      # a hub folder: model.safetensors, config.json, card
+    python -m tools.weights export IN OUT.onnx --format onnx      # checked with onnxruntime (requirements-extras.txt)
 
 Downloads go to <dest>/<file>.part, resume from there (HTTP Range), are verified (the published md5 prefix for
 Asym-Siam; the hub's sha256 for APS) and only then renamed into place: nothing unverified is ever loaded.
@@ -124,7 +125,8 @@ def get_args_parser():
                     help="output file or folder")
     ex.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors",
                     help="safetensors: one file (timm/torchvision keys, our config in its metadata); hf: a folder "
-                         "in the hub's layout (docs/WEIGHTS.md#export)")
+                         "in the hub's layout; onnx: the backbone or classifier, a dynamic batch, checked with "
+                         "onnxruntime (docs/WEIGHTS.md#export)")
     ins = sub.add_parser("inspect", help="what a file holds (format, arch, sizes, classes, parameters, sha256)")
     ins.add_argument("src", type=input_weights(registry=is_registry_name),
                      help="checkpoint path or registry name (downloaded first)")

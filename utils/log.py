@@ -36,22 +36,36 @@ def setup_logger(output_dir: str = None) -> logging.Logger:
 
 
 class RunLog:
-    """TensorBoard + JSON lines in `output_dir`; a no-op on ranks other than 0 or without a folder."""
+    """TensorBoard + JSON lines in `output_dir`, and the trackers `loggers` names (utils.trackers: wandb, mlflow); a
+    no-op on ranks other than 0 or without a folder."""
 
-    def __init__(self, output_dir: str = None):
+    def __init__(self, output_dir: str = None, loggers=("tensorboard",)):
+        from utils.trackers import KINDS, Trackers, _module
         self.enabled = bool(output_dir) and is_main_process()
         self.tb = None
         self.jsonl = None
+        self.trackers = None
         if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+            for name in loggers:
+                if name in KINDS:
+                    _module(name)                   # a missing package: one line now, not after the first epoch
+            if "tensorboard" in loggers:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
             self.jsonl = open(os.path.join(output_dir, "log.jsonl"), "a")
+            self.trackers = Trackers(output_dir, loggers)
+
+    def start(self, flags: dict, resumed: bool):
+        """Open the trackers (continuing their runs when the training run resumes) and give them the config."""
+        if self.trackers is not None:
+            self.trackers.start(flags, resumed)
 
     def scalars(self, metrics: dict, step: int, prefix: str = "train/"):
-        if self.tb is None:
-            return
-        for k, v in metrics.items():
-            self.tb.add_scalar(prefix + k, v, step)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(prefix + k, v, step)
+        if self.trackers is not None:
+            self.trackers.scalars(metrics, step, prefix)
 
     def record(self, entry: dict):
         """One JSON line (per epoch, or per evaluation)."""
@@ -61,10 +75,18 @@ class RunLog:
         self.jsonl.flush()
 
     def close(self):
+        """TensorBoard and the JSON lines (the trackers stay open for the final metrics: end)."""
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
         if self.jsonl is not None:
             self.jsonl.close()
+            self.jsonl = None
+
+    def end(self, status: str, metrics: dict = None, files=()):
+        """Close the trackers: finished (with the final metrics and files), preempted or failed."""
+        if self.trackers is not None:
+            self.trackers.end(status, metrics, files)
 
 
 class MeanMeter:

@@ -8,7 +8,8 @@ from utils.dist import add_reference_launcher_args, get_world_size, is_main_proc
 from utils.errors import UserError
 from utils.log import setup_logger
 from utils.runtime import AMP_CHOICES, add_compile_arg
-from utils.flags import count, device_name, input_file, integer, positive
+from utils.flags import count, device_name, input_file, integer, positive, text
+from utils.trackers import loggers_problem
 
 
 # what auto-resume must find unchanged in a checkpoint it finds (the ViT scripts; MoCo has no patch size)
@@ -32,6 +33,10 @@ def add_runtime_args(parser, reference_launcher: bool = False, resume_names=None
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="autocast precision; auto = bf16 on GPU, off (fp32) on CPU; fp16 adds a grad scaler")
     g.add_argument("--print-freq", type=count(), default=20, help="iterations between progress lines / TB points")
+    g.add_argument("--logger", type=text("a comma-separated list of tensorboard, wandb, mlflow", check=loggers_problem),
+                   default="tensorboard",
+                   help="where scalars, the config, curves.png and the final metrics go besides log.jsonl; wandb and "
+                        "mlflow need pip install -r requirements-extras.txt (docs/RUNNING.md#trackers)")
     add_compile_arg(g, "the training model and the device augmentation")
     g.add_argument("--deterministic", action="store_true",
                    help="reproducible GPU kernels: cuDNN benchmark off, deterministic cuDNN/cuBLAS and torch "
