@@ -46,7 +46,7 @@ class Run:
                             "new one from other weights; pass one of them")
         require(parse_loggers(getattr(args, "logger", "tensorboard")))   # a missing tracker: one line, first
         self.device = init_distributed(args.device, args.deterministic)
-        self.preset = apply_preset(args)
+        self.preset = apply_preset(args) if "dataset" in vars(args) else None   # (a script of its own data flags)
         self.amp, self.data, self.logger, self.notes = None, None, None, []
 
     def begin(self):

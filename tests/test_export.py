@@ -78,6 +78,11 @@ def test_a_hub_folder_loads_in_timm_our_reader_finetuning_and_torch_hub(tmp_path
         "--batch-size", "8", "--epochs", "1", "--num-workers", "0", "--device", "cpu", "--dry-run",
         "--output-dir", str(tmp_path / "ft")])
     assert "dry_run_loss" in main_finetune.main(args)
+    import main_lincls
+    args = main_lincls.get_args_parser().parse_args([
+        "--pretrained", str(folder), "--dataset", "digits", "--batch-size", "8", "--epochs", "1", "--num-workers",
+        "0", "--device", "cpu", "--dry-run", "--output-dir", str(tmp_path / "probe")])
+    assert "dry_run_loss" in main_lincls.main(args)
     with pytest.raises(SystemExit) as e:                                          # a second export: refused
         run("export", str(path), str(folder), "--format", "hf")
     assert e.value.code == 2
@@ -107,3 +112,22 @@ def test_bad_exports_are_one_line(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1, err
+
+
+def test_onnx_exports_a_vit_and_a_resnet_with_a_dynamic_batch_equal_to_pytorch(tmp_path, aps_checkpoint,
+                                                                                 moco_checkpoints, capsys):
+    import onnxruntime
+    path, encoder = aps_checkpoint
+    moco = moco_checkpoints(tmp_path)                                              # a CIFAR-stem ResNet-18
+    for src, out, x, model in ((path, "vit.onnx", torch.randn(5, 3, 16, 16), encoder),
+                               (tmp_path / "ours.pth", "r18.onnx", torch.randn(4, 3, 32, 32), None)):
+        run("export", str(src), str(tmp_path / out), "--format", "onnx")
+        assert "checked with onnxruntime" in capsys.readouterr().out
+        session = onnxruntime.InferenceSession(str(tmp_path / out), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].shape[0] == "batch"
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        if model is None:
+            model = create_resnet("resnet18", cifar_stem=True)
+            model.load_state_dict({k[len("encoder_q."):]: v for k, v in moco.state_dict().items()
+                                   if k.startswith("encoder_q.") and ".fc." not in k and not k.startswith("encoder_q.fc")})
+        assert torch.allclose(got, ours(model, x), atol=1e-4)

@@ -54,9 +54,17 @@ def tiny_flags(parser) -> list:
     return out + ["--batch-size", "8" if "--moco-k" in flags else "32"]
 
 
+def data_flags(parser) -> list:
+    """The embedded data of a script's parser: --dataset digits where it has that flag (a script with data flags of
+    its own, main_segprobe.py, has an embedded default already)."""
+    flags = {o: a for a in parser._actions for o in a.option_strings}
+    return ["--dataset", "digits"] if "digits" in (getattr(flags.get("--dataset"), "choices", None) or ()) else []
+
+
 class TinyFlags(dict):
     def __missing__(self, script):
-        return tiny_flags(importlib.import_module(script).get_args_parser())
+        parser = importlib.import_module(script).get_args_parser()
+        return data_flags(parser) + tiny_flags(parser)
 
 
 TINY = TinyFlags()
@@ -227,7 +235,7 @@ def test_in_domain_edges_pass_the_check_and_a_dry_run_never_tracebacks(script, t
     parser, actions = flags_of(script)
     for _, a in actions:
         POSITIONALS[id(a)] = [b for _, b in actions if not b.option_strings]
-    base = ["--dataset", "digits", "--num-workers", "0", "--device", "cpu", *TINY[script], "--dry-run",
+    base = ["--num-workers", "0", "--device", "cpu", *TINY[script], "--dry-run",
             "--output-dir", str(tmp_path / "out")]
     tried, stopped, failures = 0, [], []
     for _, action in actions:

@@ -52,7 +52,7 @@ def assert_step_makes_no_host_sync(trainer, guard):
 def test_every_scripts_step_makes_no_host_sync(script, tmp_path, device_guard):
     import importlib
     module = importlib.import_module(script)
-    trainer = script_trainer(module, ["--dataset", "digits", "--num-workers", "0", "--device", "cpu",
-                                      "--epochs", "1", *TINY[script], "--output-dir", str(tmp_path)])
+    trainer = script_trainer(module, ["--num-workers", "0", "--device", "cpu", "--epochs", "1", *TINY[script],
+                                      "--output-dir", str(tmp_path)])
     assert trainer.global_step == 0 and not list(tmp_path.glob("checkpoint*.pth"))     # caught before training
     assert_step_makes_no_host_sync(trainer, device_guard)

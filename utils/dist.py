@@ -110,6 +110,15 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if not is_dist():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
 def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
     if not is_dist():
         return x

@@ -20,3 +20,8 @@ def warmup_cosine(epoch: float, warmup_epochs: float, epochs: float, base: float
 def cosine_per_epoch(epoch: float, epochs: float, base: float) -> float:
     """MoCo and its linear probe: base * (1 + cos(pi * floor(epoch) / epochs)) / 2, constant within an epoch."""
     return base * 0.5 * (1.0 + math.cos(math.pi * math.floor(epoch) / epochs))
+
+
+def poly(epoch: float, epochs: int, base: float, power: float = 0.9) -> float:
+    """lr = base * (1 - epoch / epochs) ** power: mmsegmentation's poly decay, per step, to 0 at the end."""
+    return base * max(0.0, 1.0 - epoch / epochs) ** power

@@ -38,13 +38,17 @@ def loggers_problem(text: str) -> str:
     return ""
 
 
+def missing(name: str) -> UserError:
+    return UserError(f"--logger {name} needs the {name} package, which is not installed; pip install -r {EXTRAS} "
+                     f"(or pip install {name})")
+
+
 def _module(name: str):
     import importlib
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise UserError(f"--logger {name} needs the {name} package, which is not installed; pip install -r "
-                        f"{EXTRAS} (or pip install {name})") from e
+        raise missing(name) from e
 
 
 def require(names) -> tuple:
@@ -52,7 +56,7 @@ def require(names) -> tuple:
     import importlib.util
     for name in names:
         if name in KINDS and importlib.util.find_spec(name) is None:
-            _module(name)
+            raise missing(name)
     return tuple(names)
 
 
@@ -96,7 +100,10 @@ class Wandb:
 class Mlflow:
     def __init__(self, output_dir: str, run_id: str = None, name: str = None):
         mlflow = _module("mlflow")
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or "file:" + os.path.abspath(os.path.join(output_dir, "mlruns"))
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:                 # our default, a file store in the run's folder (mlflow 3 asks to be told so)
+            uri = "file:" + os.path.abspath(os.path.join(output_dir, "mlruns"))
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
