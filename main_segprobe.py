@@ -42,6 +42,8 @@ def get_args_parser():
     g.add_argument("-a", "--arch", default=None, choices=PROBE_ARCHS, help="backbone of a random init (checked "
                                                                           "against --pretrained)")
     g.add_argument("--patch-size", type=count(), default=None, help="ViT patch size of a random init (default 8)")
+    g.add_argument("--random-init", action="store_true",
+                   help="the baseline: --pretrained's architecture with fresh random weights (seeded)")
     g.add_argument("--layers", type=count(), default=1, help="ViT: the last N blocks' tokens, concatenated")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", "--nepoch", dest="epochs", type=count(), default=20, help="training epochs")
@@ -61,7 +63,7 @@ def main(args):
     run = Run(args)
     check_per_process(args.batch_size, 2, "the probe's batch norm")
     source = open_checkpoint(args.pretrained) if args.pretrained else None
-    backbone, cfg = dense_backbone(source, args.arch, args.patch_size or 8, args.img_size)
+    backbone, cfg = dense_backbone(source, args.arch, args.patch_size, args.img_size, args.random_init)
     stride = getattr(getattr(backbone, "patch_embed", None), "patch_size", (32,))[0]
     if cfg["family"] == "vit" and args.img_size % stride:
         raise UserError(f"--img-size {args.img_size} is not a multiple of the ViT's patch {stride}; pass a multiple")
@@ -80,7 +82,8 @@ def main(args):
     method = SegmentationProbing(probe, run.parallel(probe), partial(poly, epochs=args.epochs, base=lr), val_loader,
                                  run.device, run.amp, classes, BackboneGuard(probe.features), args.eval_scales,
                                  model_config=dict(backbone=cfg, num_classes=classes, layers=args.layers))
-    what = (f"segmentation probe on {cfg['arch']} ({args.pretrained or 'random init'}), {args.seg_dataset}, "
+    weights = "random init" if args.random_init or not args.pretrained else args.pretrained
+    what = (f"segmentation probe on {cfg['arch']} ({weights}), {args.seg_dataset}, "
             f"{classes} classes at {args.img_size} px, {args.layers} layer(s)")
     return run.train(method, optimizer, what, lr, eval_every=args.eval_every, identity=("seg_dataset", "img_size"))
 

@@ -98,7 +98,7 @@ def voc_pairs(root: str, train: bool) -> list:
     if not os.path.isfile(split):
         raise UserError(f"{split} does not exist; --seg-dataset voc reads a VOC2012 folder (JPEGImages/, "
                         "SegmentationClass/, ImageSets/Segmentation/)")
-    ids = [line.split()[0] for _, line in text_lines(split, "--data-root split file") if line.strip()]
+    ids = [line.split()[0] for _, line in text_lines(split, "VOC split file", "save it as UTF-8 text, one image id a line")]
     images, masks = _stems(os.path.join(root, "JPEGImages"), (".jpg", ".jpeg")), \
         _stems(os.path.join(root, "SegmentationClass"), (".png",))
     missing = [i for i in ids if i not in images]

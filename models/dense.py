@@ -59,8 +59,10 @@ class SegProbe(nn.Module):
         return F.interpolate(logits, size=size or x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def dense_backbone(source, arch: str = None, patch_size: int = None, img_size: int = None) -> tuple:
-    """(backbone, its config) from a checkpoint (any file the reader takes) or, source None, a random init of `arch`.
+def dense_backbone(source, arch: str = None, patch_size: int = None, img_size: int = None,
+                   random_init: bool = False) -> tuple:
+    """(backbone, its config) from a checkpoint (any file the reader takes) or, source None, a random init of `arch`;
+    random_init: the checkpoint's architecture with fresh weights (the baseline a probe is compared with).
     A ViT is built with timm's dynamic image size: its position embedding, kept at the pre-training grid, is
     interpolated to each input's grid, so the probe runs at any --img-size that is a multiple of the patch."""
     from models.loading import load_backbone, open_checkpoint
@@ -72,11 +74,15 @@ def dense_backbone(source, arch: str = None, patch_size: int = None, img_size: i
         if arch in RESNETS:
             cfg = dict(family="resnet", arch=arch, cifar_stem=img_size <= 64)
             return create_resnet(arch, cfg["cifar_stem"]), cfg
+        patch_size = patch_size or 8
         cfg = dict(family="vit", arch=arch, img_size=img_size, patch_size=patch_size)
         return create_vit(arch, img_size, patch_size, dynamic_img_size=True), cfg
     ck = open_checkpoint(source)
     if ck.family == "resnet":
-        model = load_backbone(ck, arch)
-        return model, dict(family="resnet", **model.config)
+        cfg = ck.resnet_config(arch)
+        model = create_resnet(cfg["arch"], cfg["cifar_stem"]) if random_init else load_backbone(ck, arch)
+        return model, dict(family="resnet", **cfg)
     cfg = {k: v for k, v in ck.vit_config(arch, patch_size).items() if k not in ("num_classes", "drop_path_rate")}
-    return load_backbone(ck, arch, patch_size, dynamic_img_size=True), dict(family="vit", **cfg)
+    model = create_vit(**cfg, dynamic_img_size=True) if random_init else load_backbone(ck, arch, patch_size,
+                                                                                        dynamic_img_size=True)
+    return model, dict(family="vit", **cfg)
