@@ -4,6 +4,7 @@ Layout: conv patch embedding, learned positional embedding for the L patches onl
 gets none: timm's `no_embed_class=True`), pre-norm blocks with qkv without bias, LayerNorm eps 1e-5,
 no drop path by default, a final LayerNorm; the feature is the cls output.
 """
+import math
 from functools import partial
 
 import torch
@@ -192,3 +193,30 @@ def _register(arch: str, patch: int, size: int):
 for _arch in ARCHS:  # aps_vit_{tiny,small,base}_patch2_32 and _patch16_224
     _register(_arch, 2, 32)
     _register(_arch, 16, 224)
+
+
+VITDET_PREFIX = "backbone.net."
+VITDET_PARTS = ("norm1.", "attn.qkv.", "attn.proj.", "norm2.", "mlp.fc1.", "mlp.fc2.")
+
+
+def to_vitdet(state: dict, prefix: str = VITDET_PREFIX) -> dict:
+    """A timm-layout ViT state dict (ours, or any the reader gives) -> the names detectron2's ViTDet backbone
+    (detectron2/modeling/backbone/vit.py, under `backbone.net.`) loads: patch_embed.proj, pos_embed with a
+    position for the class token in front (ViTDet drops it and interpolates the rest from this pre-training grid
+    to the detector's input, as it does for MAE's files), blocks.<i>.{norm1, attn.qkv, attn.proj, norm2,
+    mlp.fc1, mlp.fc2}; a zero q/k/v bias where the ViT has none (ViTDet's blocks have one). The class token,
+    the final norm and any head are not part of that backbone and are left out. Pure function."""
+    out = {}
+    pos = state["pos_embed"]
+    grid = math.isqrt(pos.shape[1])
+    if grid * grid == pos.shape[1]:                         # no class position (ours): a zero one in front
+        pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+    out[prefix + "pos_embed"] = pos
+    for k in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
+        out[prefix + k] = state[k]
+    for k, v in state.items():
+        if k.startswith("blocks.") and k.split(".", 2)[2].startswith(VITDET_PARTS):
+            out[prefix + k] = v
+            if k.endswith("attn.qkv.weight") and k.replace("weight", "bias") not in state:
+                out[prefix + k.replace("weight", "bias")] = torch.zeros(v.shape[0], dtype=v.dtype)
+    return out

@@ -116,3 +116,60 @@ def test_a_short_probe_run_under_one_and_two_processes(tmp_path, tiny_aps, torch
     two = json.loads((tmp_path / "2" / "log.jsonl").read_text().splitlines()[-1])
     assert two["miou"] == pytest.approx(one["miou"], abs=0.05) and two["pixel_acc"] == pytest.approx(
         one["pixel_acc"], abs=0.05)
+
+
+class ViTDetLayout(torch.nn.Module):
+    """detectron2's ViTDet backbone as its source lays it out, re-written here (global attention, no relative
+    positions): no class token, no final norm, an absolute position embedding whose first (class) position is
+    dropped and the rest read at the pre-training grid, blocks of norm1 / attn.qkv (with bias) / attn.proj /
+    norm2 / mlp.fc1 / mlp.fc2, output [B, D, H, W]."""
+
+    def __init__(self, dim, depth, heads, patch, grid, eps):
+        super().__init__()
+        nn = torch.nn
+        self.heads = heads
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            b = nn.Module()
+            b.norm1, b.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
+            b.attn = nn.Module()
+            b.attn.qkv, b.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            b.mlp = nn.Module()
+            b.mlp.fc1, b.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+            self.blocks.append(b)
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).permute(0, 2, 3, 1)                   # [B, H, W, D]
+        B, H, W, D = x.shape
+        x = (x + self.pos_embed[:, 1:].reshape(1, H, W, D)).reshape(B, H * W, D)
+        for b in self.blocks:
+            q, k, v = b.attn.qkv(b.norm1(x)).reshape(B, H * W, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            a = torch.softmax(q @ k.transpose(-2, -1) / (D // self.heads) ** 0.5, -1) @ v
+            x = x + b.attn.proj(a.transpose(1, 2).reshape(B, H * W, D))
+            x = x + b.mlp.fc2(torch.nn.functional.gelu(b.mlp.fc1(b.norm2(x))))
+        return x.reshape(B, H, W, D).permute(0, 3, 1, 2)
+
+
+def test_a_vit_exports_in_the_layout_vitdet_loads(tmp_path, tiny_aps, capsys):
+    from tools import weights
+    cfg = dict(arch="vit-tiny", img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2)
+    aps = tiny_aps()
+    torch.save({"model": aps.state_dict(), "model_config": cfg, "args": {}, "epoch": 1, "optimizer": {}},
+               tmp_path / "aps.pth")
+    weights.main(weights.get_args_parser().parse_args(["convert", "--to", "vitdet", str(tmp_path / "aps.pth"),
+                                                       str(tmp_path / "vitdet.pth")]))
+    assert "4x4 pre-training grid" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "vitdet.pth", weights_only=True)["model"]
+    assert all(k.startswith("backbone.net.") for k in saved)
+    det = ViTDetLayout(32, 2, 2, 4, 4, eps=1e-5)
+    det.load_state_dict({k[len("backbone.net."):]: v for k, v in saved.items()}, strict=True)   # every name, shape
+    vit, x = aps.encoder.eval(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        h = vit.patch_embed(x) + vit.pos_embed                              # ours on the patch tokens alone
+        for blk in vit.blocks:
+            h = blk(h)
+        ours = h.reshape(2, 4, 4, 32).permute(0, 3, 1, 2)
+        assert torch.allclose(det(x), ours, atol=1e-5)

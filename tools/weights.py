@@ -7,6 +7,7 @@
     python -m tools.weights convert IN OUT              # a plain state dict: a classifier, or a backbone
     python -m tools.weights inspect IN                  # format, arch, sizes, classes, parameters, sha256
     python -m tools.weights convert --to detectron2 IN out.pkl   # a ResNet-50 for detectron2
+    python -m tools.weights convert --to vitdet IN vit.pth       # a ViT for detectron2's ViTDet
     python -m tools.weights export IN OUT.safetensors --format safetensors   # timm / torchvision layout
     python -m tools.weights export IN OUT_FOLDER --format hf      # a hub folder: model.safetensors, config.json, card
     python -m tools.weights export IN OUT.onnx --format onnx      # checked with onnxruntime (requirements-extras.txt)
@@ -16,12 +17,14 @@ Asym-Siam; the hub's sha256 for APS) and only then renamed into place: nothing u
 The registry is models/registry.py; the download machinery utils/download.py.
 """
 import json
+import math
 import os
 import pickle
 
 from tools.export import FORMATS as EXPORT_FORMATS, export
 from models.loading import classifier_state, describe_weights, load_backbone, open_checkpoint
 from models.resnet import to_detectron2
+from models.vit import VITDET_PREFIX, to_vitdet
 from models.registry import (APS_PREFIX, APS_REPO, REGISTRY, aps_listing, asym_siam_url, cache_path, download,
                              hub_endpoint, is_registry_name)
 from utils.checkpoint import save_checkpoint
@@ -31,7 +34,7 @@ from utils.errors import UserError, exit_on_user_error
 from utils.flags import folder, input_weights, output_file, output_folder, positive, text
 
 
-TARGETS = ("torchvision", "timm", "detectron2")
+TARGETS = ("torchvision", "timm", "detectron2", "vitdet")
 
 
 def convert(src: str, out: str, to: str = None) -> str:
@@ -45,6 +48,8 @@ def convert(src: str, out: str, to: str = None) -> str:
     resnet = info["family"] == "resnet"
     if to == "detectron2":
         return convert_detectron2(ck, out, info)
+    if to == "vitdet":
+        return convert_vitdet(ck, out, info)
     if to is not None and (to == "torchvision") != resnet:
         kind = "a ResNet" if resnet else "a ViT"
         raise UserError(f"{src} holds {kind}; --to {to} is for {'ResNets' if to == 'torchvision' else 'ViTs'}: "
@@ -78,6 +83,18 @@ def convert_detectron2(ck, out: str, info: dict) -> str:
     except OSError as e:
         raise UserError(f"could not write {out}: {e.strerror or e}; choose a writable path") from e
     return f"wrote {out}: ResNet-50 backbone for detectron2, {len(state)} arrays (res2..res5, FrozenBN statistics)"
+
+
+def convert_vitdet(ck, out: str, info: dict) -> str:
+    """A ViT backbone in the layout detectron2's ViTDet loads ({"model": backbone.net.* tensors}, models.vit.to_vitdet)."""
+    if info["family"] != "vit":
+        raise UserError(f"{ck.name} holds a ResNet; --to vitdet is for ViTs (a ResNet-50: --to detectron2)")
+    state = to_vitdet({k: v.detach().contiguous() for k, v in load_backbone(ck).state_dict().items()})
+    save_checkpoint({"model": state, "__author__": "asym-ssl", "matching_heuristics": False}, out)
+    grid = math.isqrt(state[VITDET_PREFIX + "pos_embed"].shape[1] - 1)
+    return (f"wrote {out}: {info['arch']}/{info['patch_size']} backbone for detectron2's ViTDet, {len(state)} tensors "
+            f"(position embedding at its {grid}x{grid} pre-training grid; set pretrain_img_size={info['img_size']}, "
+            f"patch_size={info['patch_size']}, norm eps 1e-5)")
 
 
 def inspect(src: str) -> list:
@@ -116,7 +133,7 @@ def get_args_parser():
     cv.add_argument("out", type=output_file(), help="output file (.pth; .pkl for detectron2)")
     cv.add_argument("--to", choices=TARGETS, default=None,
                     help="torchvision (ResNets) / timm (ViTs): the plain state dict; detectron2: a ResNet-50 "
-                         "backbone in detectron2's layout")
+                         "backbone in detectron2's layout; vitdet: a ViT backbone as detectron2's ViTDet loads it")
     ex = sub.add_parser("export", help="write a checkpoint for other libraries: .safetensors in timm's/torchvision's "
                                        "layout, or a Hugging Face hub folder")
     ex.add_argument("src", type=input_weights(registry=is_registry_name), help="checkpoint path, hub folder or "
