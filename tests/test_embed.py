@@ -27,7 +27,7 @@ def run(*argv):
 
 def test_features_labels_and_index_are_the_backbones_on_each_image_in_order(tmp_path, vit_file):
     features, labels, paths = run(str(vit_file), "--dataset", "digits", "--out", str(tmp_path / "d.npy"),
-                                  "--num-workers", "0", "--batch-size", "64", "--device", "cpu",
+                                  "--num-workers", "0", "--batch-size", "64", "--device", "cpu", "--data-path", "cpu",
                                   "--output-dir", str(tmp_path / "o"))
     saved = np.load(tmp_path / "d.npy")
     test = build_dataset("digits", None, train=False, transform=pil_pipeline(eval_view(get_preset("digits"), 16)))
@@ -39,6 +39,10 @@ def test_features_labels_and_index_are_the_backbones_on_each_image_in_order(tmp_
     with torch.no_grad():
         by_hand = model(torch.stack([test[i][0] for i in picks]))
     assert np.allclose(saved[picks], by_hand.numpy(), atol=1e-5)
+    device, _, _ = run(str(vit_file), "--dataset", "digits", "--out", str(tmp_path / "dev.npy"), "--device", "cpu",
+                       "--batch-size", "64", "--output-dir", str(tmp_path / "o"))          # the device path (default)
+    gap = (device - features).abs().max().item()
+    assert gap < 0.05                # torchvision's antialiased uint8 resize is PIL's on the CPU (equal here), close on a GPU
     run(str(vit_file), "--dataset", "digits", "--split", "train", "--out", str(tmp_path / "t.safetensors"),
         "--num-workers", "0", "--device", "cpu", "--output-dir", str(tmp_path / "o"))
     st = safetensors.torch.load_file(str(tmp_path / "t.safetensors"))

@@ -8,8 +8,9 @@ a dataset we read, from any checkpoint the reader takes.
 Writes OUT (.npy: float32 [N, D]; .safetensors: `features` and `labels`), OUT's labels beside a .npy
 (<stem>.labels.npy, when the data has labels) and <stem>.index.txt: one line per row, the image's file path (image
 folders, file lists) or its index in the split (in-memory datasets). Images go through the evaluation view (resize
-and centre crop at the checkpoint's size, the dataset's normalisation), read in --num-workers workers; features are
-not normalised.
+and centre crop at the checkpoint's size, the dataset's normalisation): on the device for the in-memory sets (their
+uint8 images moved there, resized with antialiasing as PIL does; --data-path cpu: PIL instead), in --num-workers
+workers for files; features are not normalised.
 """
 import os
 import time
@@ -21,8 +22,9 @@ from augment.pil import pil_pipeline
 from augment.recipes import eval_view
 from data import add_data_args, apply_preset
 from data.datasets import build_dataset, is_labelled
-from data.loader import build_eval_loader, per_rank_batch_size
-from data.pipeline import reading
+from data.device_loaders import uint8_images
+from data.loader import ShardSampler, build_eval_loader, per_rank_batch_size
+from data.pipeline import reading, use_device_path
 from models.loading import load_backbone, open_checkpoint
 from models.registry import is_registry_name
 from utils.config import ArgumentParser
@@ -62,6 +64,32 @@ def row_names(dataset) -> list:
     """What each row is: the file path (image folders, lists), else its index in the split."""
     samples = getattr(dataset, "samples", None)
     return [str(s[0]) for s in samples] if samples is not None else [str(i) for i in range(len(dataset))]
+
+
+class DeviceImages:
+    """The device path of an in-memory dataset: its uint8 images moved to the device in ordered batches of this
+    process's shard, resized there (antialiased bilinear, as the PIL path's resize) and normalised."""
+
+    def __init__(self, dataset, batch: int, device, size: int, mean, std):
+        self.images, self.labels = uint8_images(dataset)
+        self.indices = ShardSampler(len(self.labels)).indices
+        self.batch_size, self.device, self.size = batch, device, size
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    def __len__(self):
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self):
+        from torchvision.transforms.v2.functional import resize
+        for start in range(self.indices.start, self.indices.stop, self.batch_size):
+            end = min(start + self.batch_size, self.indices.stop)
+            x = to_device(self.images[start:end], self.device)
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            if tuple(x.shape[-2:]) != (self.size, self.size):
+                x = resize(x, [self.size, self.size], antialias=True)
+            yield (x.float() / 255 - self.mean) / self.std, self.labels[start:end]
 
 
 @torch.no_grad()
@@ -125,10 +153,14 @@ def main(args):
     os.makedirs(args.output_dir, exist_ok=True)
     setup_logger(args.output_dir)
     model = load_backbone(ck).to(device)
+    view = eval_view(preset, args.img_size)
+    on_device = use_device_path(args) and view.crop == "resize"       # the in-memory sets (their eval view: a resize)
     dataset = build_dataset(args.dataset, args.data_root, train=args.split == "train", download=args.download,
-                            transform=pil_pipeline(eval_view(preset, args.img_size)), cache_dir=args.output_dir,
+                            transform=None if on_device else pil_pipeline(view), cache_dir=args.output_dir,
                             **reading(args))
-    loader = build_eval_loader(dataset, max(1, per_rank_batch_size(args.batch_size)), args.num_workers, device)
+    batch = max(1, per_rank_batch_size(args.batch_size))
+    loader = DeviceImages(dataset, batch, device, args.img_size, view.mean, view.std) if on_device else \
+        build_eval_loader(dataset, batch, args.num_workers, device)
     features, labels = embed(model, loader, device, amp_dtype(args.amp, device), args.print_freq)
     labelled = is_labelled(dataset)
     paths = []
