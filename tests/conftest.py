@@ -135,9 +135,9 @@ def moco_checkpoints():
 
 @pytest.fixture
 def make_trainer():
-    """make_trainer(folder, steps_fn, K, epochs, lr_log, **settings) -> (Trainer, optimizer): a Linear(2, 1) over
-    5 batches of 2, K steps per batch from steps_fn(model, batch); the lr schedule logs each epoch it is asked
-    for in lr_log."""
+    """make_trainer(folder, steps_fn, K, epochs, lr_log, reporter=None, **settings) -> (Trainer, optimizer): a
+    Linear(2, 1) over 5 batches of 2, K steps per batch from steps_fn(model, batch); the lr schedule logs each epoch
+    it is asked for in lr_log."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from engine import Method, Trainer, TrainSettings
@@ -154,14 +154,15 @@ def make_trainer():
             self.lr_log.append(e)
             return 0.1 * (1 - e / self.epochs)
 
-    def make(folder, steps_fn, K, epochs, lr_log, **settings):
+    def make(folder, steps_fn, K, epochs, lr_log, reporter=None, **settings):
         torch.manual_seed(0)
         model = torch.nn.Linear(2, 1)
         data = TensorDataset(torch.randn(10, 2), torch.zeros(10))
         loader = DataLoader(data, batch_size=2, shuffle=False)
         settings = TrainSettings(output_dir=str(folder), epochs=epochs, batch_size=2, print_freq=1, **settings)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        return Trainer(Toy(model, steps_fn, K, epochs, lr_log), opt, loader, settings, torch.device("cpu"), None), opt
+        return Trainer(Toy(model, steps_fn, K, epochs, lr_log), opt, loader, settings, torch.device("cpu"), None,
+                       reporter), opt
     return make
 
 

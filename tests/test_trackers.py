@@ -1,6 +1,7 @@
 """--logger: the trackers get the run's scalars, config, pictures and final metrics, and a resumed run continues
 the same tracker run. Offline, with the real libraries: wandb's offline mode (its run file read back) and MLflow's
-file store (read back through its client)."""
+file store (read back through its client). The runs are the loop's toy with the scripts' reporter (the trackers
+sit in the loop's RunLog, which every script shares); the flag itself is tried on main_moco.py."""
 import json
 import struct
 
@@ -9,13 +10,27 @@ import pytest
 import main_moco
 from test_flags import TINY
 
-BASE = ["--num-workers", "0", "--device", "cpu", *TINY["main_moco"], "--batch-size", "64", "--moco-k", "128",
-        "--print-freq", "5"]                                          # 22 steps an epoch
+BASE = ["--num-workers", "0", "--device", "cpu", *TINY["main_moco"]]
 
 
 def train(tmp_path, *argv):
     args = main_moco.get_args_parser().parse_args(BASE + ["--output-dir", str(tmp_path / "run"), *argv])
     return main_moco.main(args)
+
+
+def toy_run(make_trainer, folder, epochs: int, loggers: tuple) -> dict:
+    """The loop's toy (a Linear(2, 1), 5 batches an epoch, a progress line per batch) with the run's reporter: the
+    trackers see what a script's run gives them; a second call with more epochs resumes the first."""
+    from utils.report import RunReporter
+
+    def steps(model, batch):
+        yield model(batch[0]).pow(2).mean(), {}
+
+    folder.mkdir(exist_ok=True)
+    flags = {"moco_k": 16, "epochs": epochs, "logger": ",".join(loggers)}
+    trainer, _ = make_trainer(folder, steps, K=1, epochs=epochs, lr_log=[], reporter=RunReporter(str(folder)),
+                              loggers=loggers, flags=flags)
+    return trainer.finish(trainer.fit())
 
 
 def log_records(path) -> list:
@@ -59,39 +74,41 @@ def wandb_records(folder) -> tuple:
     return history, config, summary
 
 
-def test_mlflow_gets_every_scalar_the_config_the_files_and_a_resume_continues_its_run(tmp_path, monkeypatch):
+def test_mlflow_gets_every_scalar_the_config_the_files_and_a_resume_continues_its_run(tmp_path, monkeypatch,
+                                                                                      make_trainer):
     from mlflow.tracking import MlflowClient
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    train(tmp_path, "--epochs", "1", "--logger", "tensorboard,mlflow")
+    toy_run(make_trainer, tmp_path / "run", 1, ("tensorboard", "mlflow"))
     run_id = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
     client = MlflowClient(tracking_uri="file:" + str(tmp_path / "run" / "mlruns"))
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.params["moco_k"] == "128" and run.data.params["epochs"] == "1"
+    assert run.info.status == "FINISHED" and run.data.params["moco_k"] == "16" and run.data.params["epochs"] == "1"
     losses = client.get_metric_history(run_id, "train/loss")
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert len(losses) >= 1 and [m.step for m in losses] == sorted(m.step for m in losses)
+    assert [m.step for m in losses] == [1, 2, 3, 4, 5]                              # a progress line per step
     assert client.get_metric_history(run_id, "final/train_loss")[0].value == pytest.approx(logged[-1]["train_loss"])
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"curves.png", "report.md", "config.yaml"} <= artifacts
-    train(tmp_path, "--epochs", "2", "--logger", "tensorboard,mlflow")                   # auto-resume, one more epoch
+    toy_run(make_trainer, tmp_path / "run", 2, ("tensorboard", "mlflow"))              # auto-resume, one more epoch
     assert json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"] == run_id
     assert len(client.search_runs([run.info.experiment_id])) == 1
-    epochs = client.get_metric_history(run_id, "train/loss")
-    assert len(epochs) > len(losses) and client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 11)) and client.get_run(run_id).info.status == "FINISHED"
 
 
-def test_wandb_offline_gets_the_scalars_config_and_summary_and_a_resume_keeps_its_id(tmp_path, monkeypatch):
+def test_wandb_offline_gets_the_scalars_config_and_summary_and_a_resume_keeps_its_id(tmp_path, monkeypatch,
+                                                                                     make_trainer):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    train(tmp_path, "--epochs", "1", "--logger", "wandb")
+    toy_run(make_trainer, tmp_path / "run", 1, ("wandb",))
     first = json.loads((tmp_path / "run" / "trackers.json").read_text())["wandb"]
     history, config, summary = wandb_records(tmp_path / "run")
-    assert config["moco_k"] == 128 and config["logger"] == "wandb"                    # the resolved flags
+    assert config["moco_k"] == 16 and config["logger"] == "wandb"                     # the resolved flags
     assert any("train/loss" in row and "global_step" in row for row in history)
     assert summary["train_loss"] == pytest.approx(json.loads(
         (tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["train_loss"])
     assert not (tmp_path / "run" / "tensorboard").exists()                              # only what was asked for
-    train(tmp_path, "--epochs", "2", "--logger", "wandb")
+    toy_run(make_trainer, tmp_path / "run", 2, ("wandb",))
     assert json.loads((tmp_path / "run" / "trackers.json").read_text())["wandb"] == first
     runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(first) for r in runs)                # the same run, continued
@@ -107,3 +124,13 @@ def test_a_missing_tracker_package_is_one_line_before_any_work(tmp_path, capsys,
     assert e.value.code == 2 and err == ["error: --logger wandb needs the wandb package, which is not installed; pip "
                                          "install -r requirements-extras.txt (or pip install wandb)"]
     assert not (tmp_path / "run").exists()                                             # nothing written
+
+
+def test_every_scripts_logger_flag_reaches_the_loop():
+    import importlib
+
+    from engine import TrainSettings
+    from test_flags import SCRIPTS
+    for script in SCRIPTS:
+        args = importlib.import_module(script).get_args_parser().parse_args(["--logger", "mlflow,tensorboard,mlflow"])
+        assert TrainSettings.from_args(args, 0).loggers == ("mlflow", "tensorboard"), script
