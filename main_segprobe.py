@@ -20,6 +20,7 @@ from utils.errors import UserError, exit_on_user_error
 from utils.flags import count, data_root, input_weights, output_folder, positive
 from utils.optim import add_adamw_args, adamw_from_args
 from utils.run import add_runtime_args, check_per_process
+from utils.runtime import seed_everything
 from utils.schedule import poly
 
 
@@ -63,10 +64,12 @@ def main(args):
     run = Run(args)
     check_per_process(args.batch_size, 2, "the probe's batch norm")
     source = open_checkpoint(args.pretrained) if args.pretrained else None
+    seed_everything(args.seed)                      # a random init's weights are the seed's (begin seeds the rest)
     backbone, cfg = dense_backbone(source, args.arch, args.patch_size, args.img_size, args.random_init)
-    stride = getattr(getattr(backbone, "patch_embed", None), "patch_size", (32,))[0]
-    if cfg["family"] == "vit" and args.img_size % stride:
-        raise UserError(f"--img-size {args.img_size} is not a multiple of the ViT's patch {stride}; pass a multiple")
+    features = DenseFeatures(backbone, cfg["family"], args.layers)
+    if cfg["family"] == "vit" and args.img_size % features.stride:
+        raise UserError(f"--img-size {args.img_size} is not a multiple of the ViT's patch {features.stride}; pass a "
+                        "multiple")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.seg_dataset != "shapes" else (SHAPES_MEAN, SHAPES_STD)
     train, classes = build_seg_dataset(args.seg_dataset, args.data_root, True,
                                        JointTransform(args.img_size, mean, std, True), args.num_classes)
@@ -76,7 +79,7 @@ def main(args):
     loader = build_train_loader(train, args.batch_size, args.num_workers, args.seed, run.device)
     run.data = TrainData(train, loader, False, classes)
     val_loader = build_eval_loader(val, max(1, per_rank_batch_size(args.batch_size)), args.num_workers, run.device)
-    probe = run.place(SegProbe(DenseFeatures(backbone, cfg["family"], args.layers), classes), sync_bn=True)
+    probe = run.place(SegProbe(features, classes), sync_bn=True)
     lr = args.lr * args.batch_size / 16
     optimizer = adamw_from_args(args, lr)
     method = SegmentationProbing(probe, run.parallel(probe), partial(poly, epochs=args.epochs, base=lr), val_loader,

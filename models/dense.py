@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.loading import load_backbone, open_checkpoint
+from models.resnet import RESNETS, create_resnet
+from models.vit import create_vit
 from utils.errors import UserError
 
 
@@ -65,9 +68,6 @@ def dense_backbone(source, arch: str = None, patch_size: int = None, img_size: i
     random_init: the checkpoint's architecture with fresh weights (the baseline a probe is compared with).
     A ViT is built with timm's dynamic image size: its position embedding, kept at the pre-training grid, is
     interpolated to each input's grid, so the probe runs at any --img-size that is a multiple of the patch."""
-    from models.loading import load_backbone, open_checkpoint
-    from models.resnet import RESNETS, create_resnet
-    from models.vit import create_vit
     if source is None:
         if arch is None:
             raise UserError("a randomly initialised backbone needs -a/--arch")

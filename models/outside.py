@@ -108,7 +108,8 @@ def timm_vit_model(c):
     state, dropped = without(c["model"], MAE_DECODER)
     head = {k: v for k, v in state.items() if k.startswith("head.")}
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    trained = head if getattr(head.get("head.weight"), "dim", lambda: 0)() == 2 else {}
+    weight = head.get("head.weight")
+    trained = head if weight is not None and weight.dim() == 2 else {}
     return state, dropped + sorted(head), trained, None
 
 

@@ -173,3 +173,14 @@ def test_a_vit_exports_in_the_layout_vitdet_loads(tmp_path, tiny_aps, capsys):
             h = blk(h)
         ours = h.reshape(2, 4, 4, 32).permute(0, 3, 1, 2)
         assert torch.allclose(det(x), ours, atol=1e-5)
+
+
+def test_segmentation_evaluation_syncs_once_per_pass_not_per_batch(device_guard):
+    from methods.segment import segment_eval
+    from test_gpu_paths import META, syncs_of
+    vit = create_vit("vit-tiny", 16, 4, depth=1, embed_dim=32, num_heads=2, dynamic_img_size=True)
+    probe = SegProbe(DenseFeatures(vit, "vit"), 3).to(META)
+    loader = lambda n: [(torch.zeros(2, 3, 16, 16), torch.zeros(2, 16, 16, dtype=torch.long)) for _ in range(n)]  # noqa
+    one = syncs_of(device_guard, lambda: segment_eval(probe, loader(1), META, None, 3, scales=(1.0, 1.5)))
+    three = syncs_of(device_guard, lambda: segment_eval(probe, loader(3), META, None, 3, scales=(1.0, 1.5)))
+    assert one == three <= 1, device_guard.syncs

@@ -13,7 +13,6 @@ uint8 images moved there, resized with antialiasing as PIL does; --data-path cpu
 workers for files; features are not normalised.
 """
 import os
-import time
 
 import numpy as np
 import torch
@@ -28,15 +27,15 @@ from data.pipeline import reading, use_device_path
 from models.loading import load_backbone, open_checkpoint
 from models.registry import is_registry_name
 from utils.config import ArgumentParser
-from utils.dist import all_gather_uneven, cleanup, get_world_size, init_distributed, is_main_process
+from utils.dist import cleanup, get_world_size, init_distributed, is_main_process
 from utils.errors import UserError, exit_on_user_error
 from utils.flags import count, device_name, input_weights, text
+from utils.knn import extract_features
 from utils.log import get_logger, setup_logger
-from utils.runtime import AMP_CHOICES, amp_dtype, autocast
+from utils.runtime import AMP_CHOICES, amp_dtype
 from utils.transfer import to_device
 
 SPLITS = ("test", "train")
-PROGRESS_SECONDS = 30
 
 
 def get_args_parser():
@@ -74,8 +73,8 @@ class DeviceImages:
         self.images, self.labels = uint8_images(dataset)
         self.indices = ShardSampler(len(self.labels)).indices
         self.batch_size, self.device, self.size = batch, device, size
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.mean = to_device(torch.tensor(mean).view(1, -1, 1, 1), device)
+        self.std = to_device(torch.tensor(std).view(1, -1, 1, 1), device)
 
     def __len__(self):
         return -(-len(self.indices) // self.batch_size)
@@ -90,29 +89,6 @@ class DeviceImages:
             if tuple(x.shape[-2:]) != (self.size, self.size):
                 x = resize(x, [self.size, self.size], antialias=True)
             yield (x.float() / 255 - self.mean) / self.std, self.labels[start:end]
-
-
-@torch.no_grad()
-def embed(model, loader, device, amp, print_freq: int):
-    """(features [N, D] float32, labels [N]) of every row of `loader`, gathered over the processes in order, with
-    a progress line every print_freq batches and at least every 30 s."""
-    model.eval()
-    logger, feats, labels = get_logger(), [], []
-    start = last = time.perf_counter()
-    total = len(loader)
-    for i, (images, target) in enumerate(loader):
-        with autocast(device, amp):
-            feats.append(model(to_device(images, device)).float())
-        labels.append(to_device(target, device))
-        now = time.perf_counter()
-        if i + 1 == total or (i + 1) % print_freq == 0 or now - last >= PROGRESS_SECONDS:
-            done = (i + 1) * loader.batch_size
-            logger.info(f"embed [{i + 1}/{total}] {done / max(now - start, 1e-9):.1f} img/s (this process)")
-            last = now
-    dim = feats[0].shape[1] if feats else 0
-    f = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
-    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    return all_gather_uneven(f).cpu(), all_gather_uneven(y).cpu()
 
 
 def write(out: str, features: torch.Tensor, labels, names: list) -> list:
@@ -161,7 +137,9 @@ def main(args):
     batch = max(1, per_rank_batch_size(args.batch_size))
     loader = DeviceImages(dataset, batch, device, args.img_size, view.mean, view.std) if on_device else \
         build_eval_loader(dataset, batch, args.num_workers, device)
-    features, labels = embed(model, loader, device, amp_dtype(args.amp, device), args.print_freq)
+    features, labels = extract_features(model, loader, device, amp_dtype(args.amp, device), normalize=False,
+                                        print_freq=args.print_freq)
+    features, labels = features.cpu(), labels.cpu()
     labelled = is_labelled(dataset)
     paths = []
     if is_main_process():

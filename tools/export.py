@@ -98,9 +98,8 @@ def exported_resnet(ck):
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     pretrained = {"input_size": [3, 224, 224], "interpolation": "bilinear", "crop_pct": 0.875, "num_classes": 0,
                   "classifier": "fc", "first_conv": "conv1", **normalisation(ck)}
-    config = {"architecture": cfg["arch"], "num_classes": 0, "num_features": 2048 if cfg["arch"] in (
-        "resnet50", "resnet101", "resnet152") else 512, "global_pool": "avg", "model_args": {"num_classes": 0},
-              "pretrained_cfg": pretrained,
+    config = {"architecture": cfg["arch"], "num_classes": 0, "num_features": model.feature_dim, "global_pool": "avg",
+              "model_args": {"num_classes": 0}, "pretrained_cfg": pretrained,
               OURS_KEY: {"family": "resnet", "model_config": cfg, "source": ck.name, "source_format": ck.format.name,
                          "note": "CIFAR stem: torchvision's conv1 as Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool "
                                  "as Identity" if cfg["cifar_stem"] else ""}}

@@ -92,9 +92,10 @@ def convert_vitdet(ck, out: str, info: dict) -> str:
     state = to_vitdet({k: v.detach().contiguous() for k, v in load_backbone(ck).state_dict().items()})
     save_checkpoint({"model": state, "__author__": "asym-ssl", "matching_heuristics": False}, out)
     grid = math.isqrt(state[VITDET_PREFIX + "pos_embed"].shape[1] - 1)
+    eps = ck.vit_config().get("norm_eps", 1e-5)
     return (f"wrote {out}: {info['arch']}/{info['patch_size']} backbone for detectron2's ViTDet, {len(state)} tensors "
             f"(position embedding at its {grid}x{grid} pre-training grid; set pretrain_img_size={info['img_size']}, "
-            f"patch_size={info['patch_size']}, norm eps 1e-5)")
+            f"patch_size={info['patch_size']}, norm eps {eps:g})")
 
 
 def inspect(src: str) -> list:

@@ -102,11 +102,7 @@ def all_gather_uneven(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if not is_dist():
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x / get_world_size()
+    return all_reduce_sum(x) / get_world_size() if is_dist() else x
 
 
 @torch.no_grad()

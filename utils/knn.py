@@ -1,27 +1,40 @@
 """Weighted k-nearest-neighbour monitor (as in DINO's eval_knn), on L2-normalised features."""
+import time
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from utils.dist import all_gather_uneven
 from utils.failpoints import failpoint
+from utils.log import get_logger
 from utils.runtime import autocast
 from utils.transfer import to_device
 from utils.flags import count, positive, text
 
 
+PROGRESS_SECONDS = 30
+
+
 @torch.no_grad()
-def extract_features(model, loader, device, amp=None, normalize=True):
+def extract_features(model, loader, device, amp=None, normalize=True, print_freq: int = 0):
     """Features (L2-normalised unless normalize=False) and labels of this rank's shard of `loader`, gathered
-    over ranks in shard order."""
+    over ranks in shard order. print_freq > 0: a progress line every print_freq batches, at least every 30 s and
+    at the end."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    for images, target in loader:
+    start = last = time.perf_counter()
+    for i, (images, target) in enumerate(loader):
         with autocast(device, amp):
             f = model(to_device(images, device))  # f: [B, D]
         feats.append(F.normalize(f.float(), dim=1) if normalize else f.float())
         labels.append(to_device(target, device))
+        now = time.perf_counter()
+        if print_freq and (i + 1 == len(loader) or (i + 1) % print_freq == 0 or now - last >= PROGRESS_SECONDS):
+            rate = (i + 1) * loader.batch_size / max(now - start, 1e-9)
+            get_logger().info(f"features [{i + 1}/{len(loader)}] {rate:.1f} img/s (this process)")
+            last = now
     model.train(was_training)
     dim = feats[0].shape[1] if feats else 0
     f = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)

@@ -40,15 +40,13 @@ class RunLog:
     no-op on ranks other than 0 or without a folder."""
 
     def __init__(self, output_dir: str = None, loggers=("tensorboard",)):
-        from utils.trackers import KINDS, Trackers, _module
+        from utils.trackers import Trackers, require
         self.enabled = bool(output_dir) and is_main_process()
         self.tb = None
         self.jsonl = None
         self.trackers = None
         if self.enabled:
-            for name in loggers:
-                if name in KINDS:
-                    _module(name)                   # a missing package: one line now, not after the first epoch
+            require(loggers)                        # a missing package: one line now, not after the first epoch
             if "tensorboard" in loggers:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))

@@ -16,10 +16,12 @@ IGNORE = 255
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int = IGNORE) -> torch.Tensor:
     """[K, K] counts (row: the label, column: the prediction) of the pixels whose label is not `ignore`; pred and
     target are integer tensors of the same shape (no host sync)."""
-    keep = target != ignore
-    idx = torch.where(keep, target.long() * num_classes + pred.long(), torch.full_like(target.long(), num_classes ** 2))
-    counts = torch.bincount(idx.flatten(), minlength=num_classes ** 2 + 1)
-    return counts[:num_classes ** 2].view(num_classes, num_classes)
+    cells = num_classes ** 2
+    idx = torch.where(target != ignore, target.long() * num_classes + pred.long(), cells).flatten()
+    counts = torch.zeros(cells + 1, dtype=torch.long, device=target.device)      # the last cell: ignored pixels
+    # a fixed-size accumulation (bincount sizes its output from the data: a host sync per batch on a GPU)
+    counts.index_put_((idx,), torch.ones_like(idx), accumulate=True)
+    return counts[:cells].view(num_classes, num_classes)
 
 
 def scores(matrix: torch.Tensor) -> dict:
@@ -29,8 +31,7 @@ def scores(matrix: torch.Tensor) -> dict:
     tp = m.diag()
     union = m.sum(0) + m.sum(1) - tp
     iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-    present = ~iou.isnan()
-    miou = (iou[present].mean() if present.any() else torch.zeros((), dtype=m.dtype, device=m.device))
+    miou = iou.nanmean().nan_to_num(0.0)                    # no class with a union at all: 0
     acc = tp.sum() / m.sum().clamp(min=1)
     values = torch.cat([miou[None], acc[None], iou]).mul(100).tolist()
     return {"miou": values[0], "pixel_acc": values[1], "iou": values[2:]}

@@ -9,6 +9,7 @@ under <output-dir>/wandb. mlflow: `MLFLOW_TRACKING_URI` (default a file store in
 """
 import json
 import os
+import time
 
 from utils.errors import UserError
 
@@ -123,7 +124,6 @@ class Mlflow:
 
     def scalars(self, metrics: dict, step: int, prefix: str):
         from mlflow.entities import Metric
-        import time
         now = int(time.time() * 1000)
         rows = [Metric(prefix + k, float(v), now, int(step)) for k, v in metrics.items()]
         self.client.log_batch(self.id, metrics=rows)
@@ -133,7 +133,7 @@ class Mlflow:
             self.client.log_artifact(self.id, path)
 
     def summary(self, metrics: dict):
-        self.scalars({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, 0, "final/")
+        self.scalars(metrics, 0, "final/")
 
     def end(self, status: str):
         final = {"finished": "FINISHED", "preempted": "KILLED"}.get(status, "FAILED")
@@ -177,10 +177,11 @@ class Trackers:
 
     def end(self, status: str, metrics: dict = None, files=()):
         """Close every tracker: status finished (with the final metrics and files), preempted or failed."""
+        numbers = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        existing = [p for p in files if os.path.isfile(p)]
         for t in self.open.values():
-            if metrics:
-                t.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            existing = [p for p in files if os.path.isfile(p)]
+            if numbers:
+                t.summary(numbers)
             if existing:
                 t.files(existing, self.output_dir)
             t.end(status)
